@@ -1,0 +1,170 @@
+"""The base run config and the shared data/protocol presets that the files under `configs/` compose.
+
+Every config file has `get_config(arg=None)`; `arg` names a preset (`configs/icarl.py:digits`). A preset is
+a function that edits the base config, so a reader sees only what differs from the base.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with the defaults of the CIFAR-100 protocols (ResNet-32, SGD 0.1, 20 exemplars
+  per class, class order from seed 1993)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # parameter initialisation, augmentation and batch order
+  c.progress = True               # progress bars and per-step lines (process 0 only)
+  c.plots = True                  # PNG plots next to results.json
+
+  c.method = ml_collections.ConfigDict({'name': 'finetune'})
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar100'        # see incremental_jax.data.sources.SOURCES
+  c.data.data_dir = ''            # where the data set lives ('' = the source's default)
+  c.data.image_size = 0           # image folders: centre-crop size (0 = source default)
+  c.data.resize = 0               # image folders: shorter side before cropping (0 = image_size)
+  c.data.train_list = ''          # image folders: optional split list files ('path label' per line)
+  c.data.test_list = ''
+  c.data.num_workers = 0          # image decoding threads (0 = all cores)
+  c.data.test_fraction = 0.2      # digits: held-out fraction per class
+  c.data.split_seed = 0           # digits: seed of the train/test split
+  c.data.class_order = ()         # explicit permutation of class ids; () = seeded shuffle
+  c.data.class_order_seed = 1993  # seed of np.random.seed(s); np.random.permutation (the iCaRL protocol)
+  c.data.initial_classes = 50     # classes of the first task (B50); 0 = same as increment (B0)
+  c.data.increment = 10           # classes per later task; 0 = a single task with every class
+  c.data.sampler = 'shuffle'      # batch sampler (incremental_jax.data.pipeline.SAMPLERS)
+  c.data.sampler_kwargs = ml_collections.ConfigDict()
+  c.data.augment = ml_collections.ConfigDict({'crop_padding': 4, 'flip': True, 'brightness': 0.0})
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = 'cifar_resnet'  # 'cifar_resnet' (depth 6n+2) or 'resnet' (18/34/50)
+  c.model.depth = 32
+  c.model.width = 16
+  c.model.last_relu = True
+  c.model.shortcut = 'conv'       # 'conv' (1x1 conv + BN) or 'pad' (zero padding, option A)
+  c.model.stem = 'imagenet'       # resnet only: 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1)
+  c.model.head = 'linear'
+  c.model.head_kwargs = ml_collections.ConfigDict()
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.epochs = 160
+  c.optim.batch_size = 128
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 5e-4
+  c.optim.schedule = 'multistep'  # 'multistep', 'cosine' or 'constant'
+  c.optim.milestones = (80, 120)  # epochs (multistep)
+  c.optim.gamma = 0.1
+  c.optim.warmup_epochs = 0
+  c.optim.schedule_unit = 'epoch'  # 'epoch' (PyTorch-style per-epoch steps) or 'step'
+  c.optim.first_task_epochs = 0   # task 0 overrides (0/() = same as later tasks)
+  c.optim.first_task_lr = 0.0
+  c.optim.first_task_milestones = ()
+
+  c.memory = ml_collections.ConfigDict()
+  c.memory.per_class = 20         # exemplars per class (used when total == 0)
+  c.memory.total = 0              # fixed total budget (e.g. 2000), split over the seen classes
+  c.memory.selection = 'herding'  # 'herding' or 'random'
+  c.memory.nme_flip = True        # NME class means also from horizontally flipped exemplars
+
+  c.eval = ml_collections.ConfigDict({'batch_size': 256})
+  c.checkpoint = ml_collections.ConfigDict({'max_to_keep': 2})
+  return c
+
+
+# ---- shared presets --------------------------------------------------------------------------------------
+def digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """scikit-learn's 8x8 digits, embedded: 2 base classes then 4 tasks of 2, a small CIFAR ResNet, runs in about
+  a minute on 2 CPU cores."""
+  c.data.name = 'digits'
+  c.data.initial_classes = 2
+  c.data.increment = 2
+  c.data.augment.crop_padding = 1
+  c.data.augment.flip = False     # mirrored digits are other symbols
+  c.memory.nme_flip = False
+  c.model.depth = 8
+  c.model.width = 16
+  c.optim.epochs = 30
+  c.optim.batch_size = 32
+  c.optim.lr = 0.05
+  c.optim.milestones = (20, 25)
+  c.optim.weight_decay = 5e-4
+  c.eval.batch_size = 128
+  return c
+
+
+def cifar100(initial: int, increment: int) -> Callable:
+  """CIFAR-100 with `initial` base classes then tasks of `increment` (ResNet-32, class order seed 1993)."""
+
+  def preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.data.name = 'cifar100'
+    c.data.initial_classes = initial
+    c.data.increment = increment
+    return c
+
+  preset.__doc__ = f'CIFAR-100 B{initial} with {increment} classes per step.'
+  return preset
+
+
+def imagenet_subset(initial: int, increment: int, num_classes: int = 100) -> Callable:
+  """An ImageNet subset (ImageNet-100 by default) from a class-folder tree with split lists: ResNet-18 at 224."""
+
+  def preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.data.name = 'image_folder'
+    c.data.image_size = 224
+    c.data.resize = 256
+    c.data.initial_classes = initial
+    c.data.increment = increment
+    c.data.augment.crop_padding = 16
+    c.model.backbone = 'resnet'
+    c.model.depth = 18
+    c.model.width = 64
+    c.model.stem = 'imagenet'
+    c.optim.epochs = 90
+    c.optim.lr = 0.1
+    c.optim.milestones = (30, 60)
+    c.optim.weight_decay = 1e-4
+    c.memory.per_class = 20
+    return c
+
+  preset.__doc__ = f'ImageNet-{num_classes} B{initial} with {increment} classes per step.'
+  return preset
+
+
+def test_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The digits protocol shrunk for unit tests: 3 tasks, tiny network, a few epochs, no plots or bars."""
+  c = digits(c)
+  c.data.initial_classes = 4
+  c.data.increment = 3
+  c.model.width = 4
+  c.optim.epochs = 2
+  c.optim.milestones = ()
+  c.memory.per_class = 5
+  c.progress = False
+  c.plots = False
+  return c
+
+
+COMMON_PRESETS: dict[str, Callable] = {
+    'digits': digits,
+    'test': test_preset,
+    'cifar100_b50_s5': cifar100(50, 10),
+    'cifar100_b50_s10': cifar100(50, 5),
+    'cifar100_b50_s25': cifar100(50, 2),
+    'cifar100_b50_s50': cifar100(50, 1),
+    'cifar100_b0_s10': cifar100(0, 10),
+    'cifar100_b0_s20': cifar100(0, 5),
+    'imagenet100_b50_s10': imagenet_subset(50, 5),
+}
+
+
+def apply_preset(config: ml_collections.ConfigDict, arg: Optional[str], presets: dict[str, Callable],
+                 default: str) -> ml_collections.ConfigDict:
+  """Applies the preset named `arg` (or `default`); an unknown name lists the valid ones."""
+  name = arg or default
+  if name not in presets:
+    raise ValueError(f'Unknown preset {name!r}; valid presets: {sorted(presets)}.')
+  return presets[name](config)

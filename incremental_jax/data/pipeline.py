@@ -1,0 +1,71 @@
+"""Host-side input pipeline: epoch samplers (index arrays), batch gathering, sharding and prefetching.
+
+A sampler maps (example indices, their labels, batch size, numpy Generator) to an int array [steps, batch]
+of one epoch; every process computes the same array (same seed) and loads only its slice of each row.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from incremental_jax import parallel
+
+
+def shuffle_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
+                    **unused) -> np.ndarray:
+  """Reshuffles each epoch and drops the last partial batch (a set smaller than one batch is repeated to fill
+  one); steps per epoch = max(1, n // batch_size)."""
+  del labels
+  n = len(indices)
+  if n == 0:
+    raise ValueError('cannot sample batches from an empty set of examples.')
+  steps = max(1, n // batch_size)
+  perm = rng.permutation(n)
+  while len(perm) < steps * batch_size:
+    perm = np.concatenate([perm, rng.permutation(n)])
+  return np.asarray(indices)[perm[:steps * batch_size]].reshape(steps, batch_size)
+
+
+SAMPLERS: dict[str, Callable[..., np.ndarray]] = {'shuffle': shuffle_sampler}
+
+
+def get_sampler(name: str) -> Callable[..., np.ndarray]:
+  if name not in SAMPLERS:
+    raise ValueError(f'Unknown sampler {name!r}; valid names: {sorted(SAMPLERS)}.')
+  return SAMPLERS[name]
+
+
+def gather(images, labels: np.ndarray, idx: np.ndarray) -> dict:
+  """A host batch {'image': uint8 [n,H,W,C], 'label': int32 [n], 'index': int32 [n]} of examples `idx`."""
+  return {'image': np.asarray(images[idx]), 'label': labels[idx].astype(np.int32), 'index': idx.astype(np.int32)}
+
+
+def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], mesh, prefetch: int = 2) -> Iterator[dict]:
+  """Global, sharded device batches for each index row of `batches`; this process loads only its slice.
+  Loading runs `prefetch` batches ahead in a background thread (decoding lazy image folders overlaps the
+  device's work)."""
+
+  def load(row):
+    local = row[parallel.process_slice(len(row))]
+    return parallel.shard_batch(gather(images, labels, local), mesh, len(row))
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pending = collections.deque()
+    it = iter(batches)
+    for row in it:
+      pending.append(pool.submit(load, row))
+      if len(pending) > prefetch:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+def padded_rows(n: int, batch_size: int) -> tuple[np.ndarray, int]:
+  """Indices 0..n-1 in rows of `batch_size`, the last row padded by repeating index 0; returns (rows, n)."""
+  steps = max(1, -(-n // batch_size))
+  idx = np.zeros(steps * batch_size, np.int64)
+  idx[:n] = np.arange(n)
+  return idx.reshape(steps, batch_size), n

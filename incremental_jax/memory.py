@@ -1,0 +1,116 @@
+"""Exemplar memory: iCaRL herding selection, fixed-per-class or fixed-total budgets, and nearest-mean-of-
+exemplars (NME) classification (Rebuffi et al., "iCaRL", CVPR 2017, Algorithms 1, 4 and 5)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def herding_order(features: np.ndarray, m: int) -> np.ndarray:
+  """iCaRL herding (Alg. 4): indices of `m` rows of `features` [n, D], chosen greedily so that the running mean
+  of the chosen L2-normalised features stays closest to the class mean,
+
+      p_k = argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||,   mu = mean_x phi(x),
+
+  without repetition. The returned order is the priority order: a budget cut keeps a prefix.
+  """
+  phi = l2_normalize_rows(features)
+  n = len(phi)
+  m = min(int(m), n)
+  mu = phi.mean(axis=0)
+  chosen = np.zeros(n, bool)
+  running = np.zeros_like(mu)
+  order = []
+  for k in range(1, m + 1):
+    dist = np.linalg.norm(mu[None] - (running[None] + phi) / k, axis=1)
+    dist[chosen] = np.inf
+    i = int(np.argmin(dist))
+    order.append(i)
+    chosen[i] = True
+    running += phi[i]
+  return np.asarray(order, np.int64)
+
+
+def per_class_budget(memory_cfg, num_seen_classes: int) -> int:
+  """Exemplars per class: `memory.total // seen classes` when a fixed total is set, else `memory.per_class`."""
+  total = int(memory_cfg.get('total', 0) or 0)
+  if total > 0:
+    return total // num_seen_classes
+  return int(memory_cfg.per_class)
+
+
+@dataclasses.dataclass
+class Memory:
+  """Exemplars per (remapped) class, as indices into the train split in priority (herding) order."""
+  exemplars: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def indices(self) -> np.ndarray:
+    if not self.exemplars:
+      return np.zeros((0,), np.int64)
+    return np.concatenate([self.exemplars[c] for c in sorted(self.exemplars)]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return sum(len(v) for v in self.exemplars.values())
+
+  def classes(self) -> list[int]:
+    return sorted(self.exemplars)
+
+  def reduced(self, m: int) -> 'Memory':
+    """Keeps the first `m` exemplars of each class (iCaRL Alg. 5, ReduceExemplarSet)."""
+    return Memory({c: v[:m] for c, v in self.exemplars.items()})
+
+  def with_class(self, c: int, indices: np.ndarray) -> 'Memory':
+    return Memory({**self.exemplars, int(c): np.asarray(indices, np.int64)})
+
+  def to_array(self, num_classes: int) -> np.ndarray:
+    """int64 [num_classes, max_per_class] padded with -1 (a checkpointable form)."""
+    width = max([1] + [len(v) for v in self.exemplars.values()])
+    arr = np.full((num_classes, width), -1, np.int64)
+    for c, v in self.exemplars.items():
+      arr[c, :len(v)] = v
+    return arr
+
+  @classmethod
+  def from_array(cls, arr: np.ndarray) -> 'Memory':
+    arr = np.asarray(arr)
+    return cls({c: arr[c][arr[c] >= 0].astype(np.int64) for c in range(len(arr)) if (arr[c] >= 0).any()})
+
+
+def select_exemplars(features: np.ndarray, m: int, method: str = 'herding', seed: int = 0) -> np.ndarray:
+  """Positions (into `features`) of the m exemplars of one class: 'herding' or 'random'."""
+  if method == 'herding':
+    return herding_order(features, m)
+  if method == 'random':
+    return np.random.default_rng(seed).permutation(len(features))[:m]
+  raise ValueError(f"memory.selection must be 'herding' or 'random'; got {method!r}.")
+
+
+def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                flipped_features: np.ndarray | None = None) -> np.ndarray:
+  """NME prototypes [num_classes, D]: per class, the normalised mean of the normalised exemplar features,
+  averaged with that of their horizontally flipped copies when given (as iCaRL's code). Classes without
+  exemplars get a zero row."""
+  phi = l2_normalize_rows(features)
+  phi_flip = None if flipped_features is None else l2_normalize_rows(flipped_features)
+  means = np.zeros((num_classes, phi.shape[1]))
+  for c in np.unique(labels):
+    sel = labels == c
+    mu = phi[sel].mean(0)
+    if phi_flip is not None:
+      mu = (mu + phi_flip[sel].mean(0)) / 2
+    means[c] = mu
+  return l2_normalize_rows(means)
+
+
+def nme_predict(features: np.ndarray, means: np.ndarray, class_mask: np.ndarray) -> np.ndarray:
+  """Nearest mean of exemplars: argmin_c || phi(x)/||phi(x)|| - mu_c || over classes with class_mask > 0."""
+  phi = l2_normalize_rows(features)
+  d2 = (phi**2).sum(1, keepdims=True) - 2 * phi @ means.T + (means**2).sum(1)[None]
+  d2 = np.where(np.asarray(class_mask)[None] > 0, d2, np.inf)
+  return np.argmin(d2, axis=1)

@@ -1,0 +1,19 @@
+"""Methods, registered by name. A method is a `Method` subclass (see `methods.base`)."""
+from __future__ import annotations
+
+from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, snapshot
+from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
+
+METHODS: dict[str, type] = {
+    'finetune': Finetune,
+    'joint': Joint,
+    'lwf': LwF,
+    'icarl': ICaRL,
+}
+
+
+def build_method(config) -> Method:
+  name = config.method.name
+  if name not in METHODS:
+    raise ValueError(f'Unknown method {name!r}; valid names: {sorted(METHODS)}.')
+  return METHODS[name](config)

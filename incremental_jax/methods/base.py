@@ -1,0 +1,201 @@
+"""The method interface. A method is a composition of pure losses plus host-side task hooks; the train loop
+(`incremental_jax.run`) calls the hooks in this order for every task t:
+
+    ctx = method.before_task(ctx)                # e.g. imprint the new classes' weights
+    for phase in method.phases(ctx):             # e.g. the main training phase
+        train phase                              #   one compiled step per distinct phase
+    memory update (herding), if uses_memory
+    for phase in method.balancing_phases(ctx):   # e.g. class-balanced finetuning on the memory
+        train phase
+    ctx = method.after_task(ctx)                 # e.g. freeze a teacher snapshot
+    evaluate (CNN, and NME when uses_memory), checkpoint
+
+Traced code (losses, `teacher_forward`) sees only arrays: model outputs, the batch, a `TaskInfo` pytree and
+the teacher's outputs. Nothing in the loop branches on a method's name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from incremental_jax.memory import Memory
+
+
+@struct.dataclass
+class TaskInfo:
+  """Constants of the current task and phase, as arrays so that a new task does not recompile the step.
+
+  Attributes:
+    index: task index t (int32 scalar).
+    old, new, seen: float32 [C] masks over (remapped) classes: earlier tasks, task t, and both.
+    trainable: float32 [C] classes whose classifier parameters receive updates in this phase.
+    lr, epochs, steps_per_epoch: float32 scalars of the phase's learning-rate schedule.
+  """
+  index: jax.Array
+  old: jax.Array
+  new: jax.Array
+  seen: jax.Array
+  trainable: jax.Array
+  lr: jax.Array
+  epochs: jax.Array
+  steps_per_epoch: jax.Array
+
+  @property
+  def num_old(self) -> jax.Array:
+    return self.old.sum()
+
+  @property
+  def num_new(self) -> jax.Array:
+    return self.new.sum()
+
+  @property
+  def num_seen(self) -> jax.Array:
+    return self.seen.sum()
+
+
+# loss(outputs, batch, task, teacher_outputs, params) -> (scalar loss, {name: scalar metric})
+LossFn = Callable[[dict, dict, TaskInfo, Optional[dict], dict], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One training phase of a task.
+
+  Attributes:
+    name: identifies the compiled step (phases with one name share one compilation).
+    loss: the traced loss function (see LossFn).
+    indices: training examples (indices into the train split) of this phase.
+    optim: the optimiser config section (lr, epochs, schedule, milestones, gamma, warmup_epochs, momentum,
+      nesterov, weight_decay, batch_size).
+    train_backbone: False trains the head only, with the backbone in inference mode (BatchNorm statistics
+      frozen), e.g. class-balanced finetuning of the classifier.
+    use_teacher: whether the step evaluates the frozen teacher (when one exists).
+    trainable_classes: float [C] classes whose head parameters are updated; None means the method's default
+      (new classes if `freeze_old_classes`, else all seen classes).
+    sampler: the epoch sampler name (`incremental_jax.data.pipeline.SAMPLERS`); None uses the data config's.
+  """
+  name: str
+  loss: LossFn
+  indices: np.ndarray
+  optim: Any
+  train_backbone: bool = True
+  use_teacher: bool = True
+  trainable_classes: Optional[np.ndarray] = None
+  sampler: Optional[str] = None
+
+
+@dataclasses.dataclass
+class TaskContext:
+  """What host-side hooks read and may replace (with `dataclasses.replace`) for task `task`.
+
+  Attributes:
+    config: the run config.
+    task: the task index t.
+    scenario: the `Scenario` (class order and task sizes).
+    train_images, train_labels: the train split (labels remapped to class-order positions).
+    model: the functional `Model`.
+    state: the `TrainState` (params, batch_stats, optimiser state, step counters).
+    frozen: the frozen pytree the train step passes to `teacher_forward` (None when there is no teacher).
+    method_state: str-keyed dict of arrays a method keeps across tasks (checkpointed).
+    memory: the exemplar `Memory`.
+    embed: `embed(params, batch_stats, indices, flip=False) -> np.ndarray [n, D]`, embeddings of train images
+      in inference mode (for herding, imprinting, class means).
+    predict: `predict(params, batch_stats, images) -> dict of np arrays` (`logits`, `embedding`), inference mode.
+  """
+  config: Any
+  task: int
+  scenario: Any
+  train_images: Any
+  train_labels: np.ndarray
+  model: Any
+  state: Any
+  frozen: Any
+  method_state: dict
+  memory: Memory
+  embed: Callable
+  predict: Callable
+
+  def class_range(self, t: Optional[int] = None) -> tuple[int, int]:
+    t = self.task if t is None else t
+    return self.scenario.task_start(t), self.scenario.task_end(t)
+
+  def new_class_indices(self) -> np.ndarray:
+    """Train examples of the current task's classes."""
+    lo, hi = self.class_range()
+    return self.scenario.indices_of_classes(self.train_labels, lo, hi)
+
+  def seen_class_indices(self) -> np.ndarray:
+    """Train examples of every class seen so far (joint training)."""
+    return self.scenario.indices_of_classes(self.train_labels, 0, self.scenario.task_end(self.task))
+
+
+def snapshot(state) -> dict:
+  """A frozen copy of the model: parameters and batch statistics, no optimiser state (real copies, so the
+  teacher never aliases the donated training state)."""
+  return jax.tree.map(jnp.copy, {'params': state.params, 'batch_stats': state.batch_stats})
+
+
+class Method:
+  """Base class of all methods. Override what differs; the defaults give plain fine-tuning hooks.
+
+  Class attributes:
+    uses_memory: keep exemplars (config.memory) and evaluate NME.
+    teacher: 'none' or 'last' (the default `after_task` then freezes a snapshot of the model as teacher);
+      methods with other teachers set `frozen` themselves and override `teacher_forward`.
+    freeze_old_classes: old classes' classifier parameters get no updates (LUCIR, PODNet).
+  """
+  uses_memory: bool = False
+  teacher: str = 'none'
+  freeze_old_classes: bool = False
+
+  def __init__(self, config):
+    self.config = config
+    self.mcfg = config.method
+
+  # ---- traced -------------------------------------------------------------------------------------
+  def loss(self, outputs: dict, batch: dict, task: TaskInfo, teacher: Optional[dict], params: dict):
+    raise NotImplementedError
+
+  def teacher_forward(self, model, frozen: Any, images: jax.Array) -> dict:
+    """Outputs of the frozen teacher(s) on the augmented batch (inference mode; gradients are stopped by the
+    caller). Default: one snapshot {'params', 'batch_stats'}."""
+    return model.apply(frozen['params'], frozen['batch_stats'], images, train=False)[0]
+
+  # ---- host-side hooks ----------------------------------------------------------------------------
+  def train_indices(self, ctx: TaskContext) -> np.ndarray:
+    """Examples of the main phase: the new classes' data plus the exemplar memory."""
+    return np.concatenate([ctx.new_class_indices(), ctx.memory.indices()]).astype(np.int64)
+
+  def before_task(self, ctx: TaskContext) -> TaskContext:
+    return ctx
+
+  def phases(self, ctx: TaskContext) -> list[Phase]:
+    optim = first_task_optim(ctx.config.optim, ctx.task)
+    return [Phase('train', self.loss, self.train_indices(ctx), optim)]
+
+  def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
+    """Phases run after the memory update (class-balanced finetuning); none by default."""
+    return []
+
+  def after_task(self, ctx: TaskContext) -> TaskContext:
+    if self.teacher == 'last':
+      return dataclasses.replace(ctx, frozen=snapshot(ctx.state))
+    return ctx
+
+
+def first_task_optim(optim, task: int):
+  """The optimiser config of task `task`: for task 0, every non-empty `first_task_<field>` replaces `<field>`
+  (e.g. `first_task_epochs=200, first_task_milestones=(60, 120, 170)` as PyCIL's iCaRL)."""
+  overrides = {k[len('first_task_'):]: v for k, v in optim.items() if k.startswith('first_task_') and v}
+  if task != 0 or not overrides:
+    return optim
+  optim = optim.copy_and_resolve_references()
+  with optim.unlocked():
+    for k, v in overrides.items():
+      optim[k] = v
+  return optim

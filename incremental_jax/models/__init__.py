@@ -1,0 +1,123 @@
+"""Models: a backbone plus a classifier head, defined with flax.nnx and used functionally.
+
+`build_model(model_cfg, num_classes, image_shape)` returns a `Model`: a pure `apply(params, batch_stats, x,
+train) -> (outputs, new_batch_stats)` over plain string-keyed dicts, so training state, teachers and
+checkpoints are ordinary pytrees. `outputs` holds `stages`, `embedding`, `logits` and whatever the head adds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from incremental_jax.models import heads as heads_lib
+from incremental_jax.models import resnet
+
+BACKBONES: dict[str, Callable[..., nnx.Module]] = {
+    'cifar_resnet': resnet.cifar_resnet,
+    'resnet': resnet.imagenet_resnet,
+}
+
+
+HEADS: dict[str, Any] = {
+    'linear': heads_lib.LinearHead,
+}
+
+
+def _head_class(name: str):
+  if name not in HEADS:
+    raise ValueError(f'Unknown head {name!r}; valid names: {sorted(HEADS)}.')
+  return HEADS[name]
+
+
+class Classifier(nnx.Module):
+  """Backbone followed by a head; returns the backbone's outputs with the head's added."""
+
+  def __init__(self, backbone: nnx.Module, head: nnx.Module):
+    self.backbone, self.head = backbone, head
+
+  def __call__(self, x: jax.Array, train: bool = False) -> dict:
+    out = dict(self.backbone(x, train=train))
+    out.update(self.head(out['embedding']))
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A functional view of an nnx module: `init` gives fresh parameter dicts, `apply` is pure.
+
+  Attributes:
+    graphdef: the module's static structure.
+    params_template, stats_template: nnx.State of the initial variables (structure and dtypes).
+    head_class_axes: {param name: class axis} of the head's class-indexed parameters.
+    num_classes: classes of the head.
+    embedding_dim: size of the embedding.
+  """
+  graphdef: Any
+  params_template: Any
+  stats_template: Any
+  head_class_axes: dict
+  num_classes: int
+  embedding_dim: int
+
+  def init_variables(self) -> tuple[dict, dict]:
+    """The parameters and batch statistics the model was built with, as pure dicts."""
+    return self.params_template.to_pure_dict(), self.stats_template.to_pure_dict()
+
+  def merge(self, params: dict, batch_stats: dict) -> nnx.Module:
+    p = jax.tree.map(lambda v: v, self.params_template)
+    s = jax.tree.map(lambda v: v, self.stats_template)
+    nnx.replace_by_pure_dict(p, params)
+    nnx.replace_by_pure_dict(s, batch_stats)
+    return nnx.merge(self.graphdef, p, s, copy=True)
+
+  def apply(self, params: dict, batch_stats: dict, x: jax.Array, train: bool = False) -> tuple[dict, dict]:
+    """Forward pass. In training mode BatchNorm uses batch statistics and returns the updated running ones."""
+    module = self.merge(params, batch_stats)
+    out = module(x, train=train)
+    new_stats = nnx.state(module, nnx.BatchStat).to_pure_dict() if train else batch_stats
+    return out, new_stats
+
+
+def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], seed: int = 0) -> Model:
+  """Builds the network named by `model_cfg.backbone` with head `model_cfg.head` over `num_classes` classes.
+
+  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only). Head options come from
+  `model_cfg.head_kwargs` (a dict).
+  """
+  if model_cfg.backbone not in BACKBONES:
+    raise ValueError(f'Unknown backbone {model_cfg.backbone!r}; valid names: {sorted(BACKBONES)}.')
+  rngs = nnx.Rngs(params=seed)
+  kw = dict(depth=int(model_cfg.depth), width=int(model_cfg.width), last_relu=bool(model_cfg.get('last_relu', True)),
+            shortcut=str(model_cfg.get('shortcut', 'conv')))
+  if model_cfg.backbone == 'resnet':
+    kw['stem'] = str(model_cfg.get('stem', 'imagenet'))
+  backbone = BACKBONES[model_cfg.backbone](image_shape[-1], rngs=rngs, **kw)
+  head_cls = _head_class(model_cfg.head)
+  head = head_cls(backbone.embedding_dim, num_classes, rngs=rngs, **dict(model_cfg.get('head_kwargs', {}) or {}))
+  graphdef, params, stats = nnx.split(Classifier(backbone, head), nnx.Param, nnx.BatchStat)
+  return Model(graphdef=graphdef, params_template=params, stats_template=stats,
+               head_class_axes=dict(head_cls.class_axes), num_classes=num_classes,
+               embedding_dim=backbone.embedding_dim)
+
+
+def head_update_mask(model: Model, params: dict, class_mask: jax.Array, backbone: bool = True) -> dict:
+  """Multipliers (0/1) for parameter updates: class-indexed head parameters are masked to `class_mask`
+  [num_classes] along their class axis; the other parameters get 1 (or 0 when `backbone` is False, for
+  phases that train the head only)."""
+
+  def mask_for(path, leaf):
+    keys = [getattr(k, 'key', k) for k in path]
+    if keys[0] == 'head' and keys[-1] in model.head_class_axes:
+      axis = model.head_class_axes[keys[-1]] % leaf.ndim
+      shape = [1] * leaf.ndim
+      shape[axis] = leaf.shape[axis]
+      return jnp.reshape(class_mask.astype(leaf.dtype), shape)
+    if keys[0] == 'head':
+      return jnp.ones((), leaf.dtype)
+    return jnp.ones((), leaf.dtype) if backbone else jnp.zeros((), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(mask_for, params)

@@ -1,0 +1,160 @@
+"""ResNet backbones in flax.nnx: the CIFAR ResNet-20/32/56/110 (He et al. 2016, Sec. 4.2; the ResNet-32 of
+iCaRL/LUCIR/PODNet) and the ImageNet ResNet-18/34/50 (He et al. 2016, Table 1).
+
+A backbone maps images [B, H, W, C] to `{'stages': (feature map after each stage, ...), 'embedding': [B, D]}`;
+distillation methods read the stage maps (POD, auxiliary distillation, IE-KD factors). Sub-modules are named
+attributes (`stage2_block0`), never lists, so that parameter trees are string-keyed dicts that round-trip
+through checkpoints unchanged.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch ResNets initialise convolutions with kaiming_normal(mode='fan_out', nonlinearity='relu').
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
+                  use_bias=False, kernel_init=_CONV_INIT, rngs=rngs)
+
+
+def _bn(c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) in Flax's convention.
+  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+class Shortcut(nnx.Module):
+  """Projection when shape changes: 1x1 conv + BN ('conv', option B), or subsample + zero channel padding
+  ('pad', option A of He et al., the CIFAR ResNet of the original paper and of PODNet)."""
+
+  def __init__(self, cin: int, cout: int, stride: int, kind: str, rngs: nnx.Rngs):
+    self.kind, self.stride, self.pad = kind, stride, cout - cin
+    if kind == 'conv':
+      self.conv = _conv(cin, cout, 1, stride, rngs)
+      self.bn = _bn(cout, rngs)
+    elif kind != 'pad':
+      raise ValueError(f"shortcut must be 'conv' or 'pad'; got {kind!r}.")
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.kind == 'conv':
+      return self.bn(self.conv(x), use_running_average=not train)
+    x = x[:, ::self.stride, ::self.stride, :]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.pad)))
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convolutions with a residual connection; `relu_out=False` returns the pre-activation sum
+  (LUCIR removes the last ReLU so cosine-normalised features can be negative)."""
+  expansion = 1
+
+  def __init__(self, cin: int, planes: int, stride: int, shortcut: str, rngs: nnx.Rngs, relu_out: bool = True):
+    cout = planes * self.expansion
+    self.conv1, self.bn1 = _conv(cin, planes, 3, stride, rngs), _bn(planes, rngs)
+    self.conv2, self.bn2 = _conv(planes, planes, 3, 1, rngs), _bn(planes, rngs)
+    self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs) if (stride != 1 or cin != cout) else None
+    self.relu_out = relu_out
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    y = self.bn2(self.conv2(y), use_running_average=not train)
+    y = y + (self.shortcut(x, train) if self.shortcut is not None else x)
+    return jax.nn.relu(y) if self.relu_out else y
+
+
+class Bottleneck(nnx.Module):
+  """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50 and deeper), stride on the 3x3 convolution."""
+  expansion = 4
+
+  def __init__(self, cin: int, planes: int, stride: int, shortcut: str, rngs: nnx.Rngs, relu_out: bool = True):
+    cout = planes * self.expansion
+    self.conv1, self.bn1 = _conv(cin, planes, 1, 1, rngs), _bn(planes, rngs)
+    self.conv2, self.bn2 = _conv(planes, planes, 3, stride, rngs), _bn(planes, rngs)
+    self.conv3, self.bn3 = _conv(planes, cout, 1, 1, rngs), _bn(cout, rngs)
+    self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs) if (stride != 1 or cin != cout) else None
+    self.relu_out = relu_out
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=not train))
+    y = self.bn3(self.conv3(y), use_running_average=not train)
+    y = y + (self.shortcut(x, train) if self.shortcut is not None else x)
+    return jax.nn.relu(y) if self.relu_out else y
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+
+
+class ResNet(nnx.Module):
+  """A residual network: stem, then stages of blocks, then global average pooling.
+
+  Args:
+    in_channels: image channels.
+    stage_channels: planes of each stage (the first stage keeps the resolution, later ones halve it).
+    stage_blocks: number of blocks per stage.
+    block: 'basic' or 'bottleneck'.
+    stem: 'cifar' (3x3 conv, stride 1) or 'imagenet' (7x7 conv stride 2, then 3x3 max-pool stride 2).
+    shortcut: 'conv' or 'pad' (see Shortcut).
+    last_relu: False drops the ReLU at the end of the last block (LUCIR, PODNet).
+  """
+
+  def __init__(self, in_channels: int, stage_channels: Sequence[int], stage_blocks: Sequence[int], *,
+               block: str = 'basic', stem: str = 'cifar', shortcut: str = 'conv', last_relu: bool = True,
+               rngs: nnx.Rngs):
+    if stem not in ('cifar', 'imagenet'):
+      raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {stem!r}.")
+    if block not in BLOCKS:
+      raise ValueError(f'block must be one of {sorted(BLOCKS)}; got {block!r}.')
+    block_cls = BLOCKS[block]
+    self.stem_kind = stem
+    self.stem_conv = _conv(in_channels, stage_channels[0], 3 if stem == 'cifar' else 7, 1 if stem == 'cifar' else 2,
+                           rngs)
+    self.stem_bn = _bn(stage_channels[0], rngs)
+    self.layout = tuple(int(n) for n in stage_blocks)
+    cin = stage_channels[0]
+    for s, (planes, n) in enumerate(zip(stage_channels, stage_blocks)):
+      for b in range(n):
+        last = s == len(stage_blocks) - 1 and b == n - 1
+        stride = 2 if (s > 0 and b == 0) else 1
+        setattr(self, f'stage{s}_block{b}',
+                block_cls(cin, planes, stride, shortcut, rngs, relu_out=last_relu or not last))
+        cin = planes * block_cls.expansion
+    self.embedding_dim = cin
+
+  def __call__(self, x: jax.Array, train: bool = False) -> dict:
+    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    if self.stem_kind == 'imagenet':
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    stages = []
+    for s, n in enumerate(self.layout):
+      for b in range(n):
+        x = getattr(self, f'stage{s}_block{b}')(x, train)
+      stages.append(x)
+    return {'stages': tuple(stages), 'embedding': x.mean(axis=(1, 2))}
+
+
+def cifar_resnet(in_channels: int, depth: int = 32, width: int = 16, *, rngs: nnx.Rngs, **kw) -> ResNet:
+  """CIFAR ResNet of depth 6n+2 (20, 32, 44, 56, 110): three stages of n basic blocks, width/2w/4w channels."""
+  if depth < 8 or (depth - 2) % 6:
+    raise ValueError(f'CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110); got {depth}.')
+  n = (depth - 2) // 6
+  return ResNet(in_channels, (width, 2 * width, 4 * width), (n, n, n), block='basic', rngs=rngs, **kw)
+
+
+IMAGENET_LAYOUTS = {10: ('basic', (1, 1, 1, 1)), 18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
+                    50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3)),
+                    152: ('bottleneck', (3, 8, 36, 3))}
+
+
+def imagenet_resnet(in_channels: int, depth: int = 18, width: int = 64, *, rngs: nnx.Rngs, stem: str = 'imagenet',
+                    **kw) -> ResNet:
+  """ImageNet ResNet-18/34/50/101/152 (and a tiny 10-layer variant for tests); `stem='cifar'` gives the
+  small-image variant used for CIFAR ResNet-18 (BAKE)."""
+  if depth not in IMAGENET_LAYOUTS:
+    raise ValueError(f'ResNet depth must be one of {sorted(IMAGENET_LAYOUTS)}; got {depth}.')
+  block, layout = IMAGENET_LAYOUTS[depth]
+  return ResNet(in_channels, tuple(width * 2**i for i in range(4)), layout, block=block, stem=stem, rngs=rngs, **kw)

@@ -1,0 +1,56 @@
+"""Data parallelism over every device with a 1-D `jax.sharding.Mesh` ('data' axis): the batch is sharded,
+everything else replicated. The same code runs on one CPU, several GPUs and multi-host TPU pods; with
+`Auto` axis types the compiler makes batch-global quantities (BatchNorm statistics, BAKE's affinity)
+global across devices."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all devices of all processes)."""
+  if devices is None:
+    return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places a pytree of host or device arrays on every device of the mesh."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def process_slice(global_size: int) -> slice:
+  """The part of a global batch this process loads: contiguous, `global_size // process_count` examples."""
+  n = jax.process_count()
+  if global_size % n:
+    raise ValueError(f'global batch {global_size} is not divisible by the {n} processes.')
+  per = global_size // n
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh, global_size: int) -> dict:
+  """This process's part of a batch (numpy) -> global arrays sharded over the 'data' axis."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_size,) + v.shape[1:])
+          for k, v in local_batch.items()}
+
+
+def check_batch_divisible(batch_size: int, what: str = 'batch_size') -> None:
+  d = jax.device_count()
+  if batch_size % d:
+    raise ValueError(f'{what}={batch_size} is not divisible by the {d} devices; choose a multiple of {d}.')

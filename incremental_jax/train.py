@@ -1,0 +1,193 @@
+"""Training: the pure train step and the loop that runs one phase of a task over its epochs.
+
+`train_step(state, frozen, task, batch) -> (state, metrics)` is one `jax.jit` per distinct phase, with the
+state donated, the batch sharded over the mesh's 'data' axis and everything else replicated. The learning
+rate is computed inside the step from the phase's `TaskInfo` (base lr, epochs, steps per epoch), so tasks of
+different sizes reuse the same compiled step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from incremental_jax import parallel
+from incremental_jax.data import pipeline
+from incremental_jax.methods.base import Phase, TaskInfo
+from incremental_jax.models import Model, head_update_mask
+
+
+@struct.dataclass
+class TrainState:
+  """step: global step (seeds the augmentation); phase_step: step within the phase (drives the schedule)."""
+  step: jax.Array
+  phase_step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def make_optimizer(optim_cfg) -> optax.GradientTransformation:
+  """PyTorch `torch.optim.SGD` without its learning rate: weight decay added to the gradient (coupled L2),
+  then heavy-ball (or Nesterov) momentum. The step multiplies the result by the scheduled learning rate."""
+  return optax.chain(optax.add_decayed_weights(float(optim_cfg.weight_decay)),
+                     optax.trace(decay=float(optim_cfg.momentum), nesterov=bool(optim_cfg.get('nesterov', False))))
+
+
+def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array:
+  """The learning rate at `phase_step`: task.lr times the schedule factor at the current epoch.
+
+  Schedules (`optim.schedule`): 'multistep' (times `gamma` at each epoch of `milestones`), 'cosine' (half
+  cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
+  `schedule_unit='epoch'` (default) the factor changes once per epoch like PyTorch's epoch-stepped schedulers;
+  'step' makes it continuous.
+  """
+  epoch = phase_step.astype(jnp.float32) / task.steps_per_epoch
+  if optim_cfg.get('schedule_unit', 'epoch') == 'epoch':
+    epoch = jnp.floor(epoch)
+  kind = optim_cfg.get('schedule', 'constant')
+  if kind == 'multistep':
+    passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
+    factor = jnp.power(float(optim_cfg.get('gamma', 0.1)), passed)
+  elif kind == 'cosine':
+    factor = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(epoch / task.epochs, 1.0)))
+  elif kind == 'constant':
+    factor = jnp.ones(())
+  else:
+    raise ValueError(f"optim.schedule must be 'multistep', 'cosine' or 'constant'; got {kind!r}.")
+  warmup = float(optim_cfg.get('warmup_epochs', 0) or 0)
+  if warmup > 0:
+    continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
+    factor = factor * jnp.minimum(1.0, (continuous + 1.0 / task.steps_per_epoch) / warmup)
+  return task.lr * factor
+
+
+def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, seed: int,
+                    has_teacher: bool) -> Callable:
+  """The pure train step of `phase`: augment on device, run the frozen teacher, differentiate the phase's
+  loss, apply SGD with the scheduled learning rate, and mask updates (frozen classes, head-only phases)."""
+  tx = make_optimizer(phase.optim)
+  base_key = jax.random.key(seed)
+
+  def train_step(state: TrainState, frozen: Any, task: TaskInfo, batch: dict):
+    key = jax.random.fold_in(base_key, state.step)
+    x = augment_fn(key, batch['image'])
+    teacher_out = None
+    if has_teacher and phase.use_teacher:
+      teacher_out = jax.lax.stop_gradient(method.teacher_forward(model, frozen, x))
+
+    def loss_of(params):
+      outputs, new_stats = model.apply(params, state.batch_stats, x, train=phase.train_backbone)
+      loss, metrics = phase.loss(outputs, batch, task, teacher_out, params)
+      return loss, (metrics, new_stats)
+
+    (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = learning_rate(phase.optim, task, state.phase_step)
+    mask = head_update_mask(model, state.params, task.trainable, backbone=phase.train_backbone)
+    params = jax.tree.map(lambda p, u, m: p - lr * m * u, state.params, updates, mask)
+    metrics = {**metrics, 'loss': loss, 'lr': lr}
+    return state.replace(step=state.step + 1, phase_step=state.phase_step + 1, params=params,
+                         batch_stats=new_stats, opt_state=opt_state), metrics
+
+  return train_step
+
+
+@dataclasses.dataclass
+class PhaseResult:
+  state: TrainState
+  epoch_metrics: list  # per epoch: {metric: mean over the epoch's steps}
+
+
+class Trainer:
+  """Compiles and runs phases: one compiled step per distinct phase (name, teacher present, static optimiser
+  fields); `compile_count` says how many were built in this process."""
+
+  def __init__(self, model: Model, method, mesh, augment_fn: Callable, seed: int, show_progress: bool = True):
+    self.model, self.method, self.mesh = model, method, mesh
+    self.augment_fn, self.seed, self.show_progress = augment_fn, seed, show_progress
+    self._steps: dict = {}
+    self._opt_init: dict = {}
+    self.compile_count = 0
+
+  def _compiled_step(self, phase: Phase, has_teacher: bool):
+    # lr and epochs are traced (TaskInfo); every other optimiser field is baked into the compiled step.
+    static_optim = tuple(sorted((k, str(v)) for k, v in phase.optim.items() if k not in ('lr', 'epochs')))
+    key = (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, static_optim)
+    if key not in self._steps:
+      step = make_train_step(self.model, self.method, phase, self.augment_fn, self.seed, has_teacher)
+      repl = parallel.replicated(self.mesh)
+      self._steps[key] = jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+      self.compile_count += 1
+    return self._steps[key]
+
+  def init_opt_state(self, phase: Phase, params):
+    if phase.name not in self._opt_init:
+      self._opt_init[phase.name] = jax.jit(make_optimizer(phase.optim).init,
+                                           out_shardings=parallel.replicated(self.mesh))
+    return self._opt_init[phase.name](params)
+
+  def run_phase(self, state: TrainState, frozen: Any, task: TaskInfo, phase: Phase, images, labels: np.ndarray,
+                rng_seed: tuple, desc: str = '', on_epoch_end: Optional[Callable] = None) -> PhaseResult:
+    """Trains `phase` for `phase.optim.epochs` epochs over `phase.indices`. The sampler of epoch e draws from
+    `np.random.default_rng(rng_seed + (e,))`, so a run is reproducible and resumable."""
+    optim = phase.optim
+    batch_size = int(optim.batch_size)
+    parallel.check_batch_divisible(batch_size)
+    sampler = pipeline.get_sampler(phase.sampler or self.method.config.data.get('sampler', 'shuffle'))
+    sampler_kw = dict(self.method.config.data.get('sampler_kwargs', {}) or {})
+    epochs = int(optim.epochs)
+    plan = [sampler(phase.indices, labels[phase.indices], batch_size, np.random.default_rng(rng_seed + (e,)),
+                    **sampler_kw) for e in range(epochs)]
+    steps_per_epoch = len(plan[0]) if plan else 1
+    task = task.replace(lr=jnp.float32(optim.lr), epochs=jnp.float32(epochs),
+                        steps_per_epoch=jnp.float32(steps_per_epoch))
+    task = parallel.replicate(task, self.mesh)
+    has_teacher = frozen is not None
+    step_fn = self._compiled_step(phase, has_teacher)
+    state = state.replace(phase_step=jnp.zeros((), jnp.int32), opt_state=self.init_opt_state(phase, state.params))
+    history = []
+    bar = _progress(epochs * steps_per_epoch, desc, self.show_progress)
+    for e, rows in enumerate(plan):
+      epoch_metrics = []
+      for batch in pipeline.device_batches(images, labels, rows, self.mesh):
+        state, metrics = step_fn(state, frozen, task, batch)
+        epoch_metrics.append(metrics)
+        bar.update(1)
+      means = {k: float(v) for k, v in jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)),
+                                                                     *epoch_metrics)).items()}
+      history.append(means)
+      bar.set_postfix(epoch=e + 1, loss=f"{means['loss']:.4f}", refresh=False)
+      if not np.isfinite(means['loss']):
+        raise FloatingPointError(f'{desc}: the loss became {means["loss"]} in epoch {e + 1}; stopping. '
+                                 'The last complete checkpoint is kept; lower optim.lr or check the data.')
+      if on_epoch_end is not None:
+        on_epoch_end(e, state)
+    bar.close()
+    return PhaseResult(state=state, epoch_metrics=history)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit='step', leave=True, disable=not enabled or jax.process_index() != 0,
+              dynamic_ncols=True)
+
+
+def init_train_state(model: Model, mesh, tx: optax.GradientTransformation) -> TrainState:
+  """The initial state: the model's initial variables and a fresh optimiser state (reset by every phase)."""
+  params, stats = model.init_variables()
+  state = TrainState(step=jnp.zeros((), jnp.int32), phase_step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=stats, opt_state=tx.init(params))
+  return parallel.replicate(state, mesh)
+
+
+def make_task_info(scenario, t: int, trainable: np.ndarray) -> TaskInfo:
+  masks = scenario.class_masks(t)
+  return TaskInfo(index=jnp.int32(t), old=jnp.asarray(masks['old']), new=jnp.asarray(masks['new']),
+                  seen=jnp.asarray(masks['seen']), trainable=jnp.asarray(trainable, jnp.float32),
+                  lr=jnp.float32(0), epochs=jnp.float32(1), steps_per_epoch=jnp.float32(1))

@@ -1,0 +1,61 @@
+"""Checks of a run's config, made before any data is loaded or any step compiled, so that a typo costs
+seconds and the message says what to change."""
+from __future__ import annotations
+
+import jax
+
+from incremental_jax.data import pipeline, sources
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the field and the valid choices."""
+
+
+def _require(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+def validate_config(config) -> None:
+  """Field-level checks that need no data."""
+  from incremental_jax.methods import METHODS
+  from incremental_jax.models import BACKBONES, HEADS
+  _require(config.method.name in METHODS,
+           f'method.name={config.method.name!r} is not a method; valid names: {sorted(METHODS)}.')
+  _require(config.data.name in sources.SOURCES,
+           f'data.name={config.data.name!r} is not a data set; valid names: {sorted(sources.SOURCES)}.')
+  _require(config.model.backbone in BACKBONES,
+           f'model.backbone={config.model.backbone!r} is unknown; valid names: {sorted(BACKBONES)}.')
+  _require(config.model.head in HEADS, f'model.head={config.model.head!r} is unknown; valid names: {sorted(HEADS)}.')
+  sampler = config.data.get('sampler', 'shuffle')
+  _require(sampler in pipeline.SAMPLERS, f'data.sampler={sampler!r} is unknown; valid names: {sorted(pipeline.SAMPLERS)}.')
+  optim = config.optim
+  _require(optim.schedule in ('multistep', 'cosine', 'constant'),
+           f"optim.schedule={optim.schedule!r}; valid: 'multistep', 'cosine', 'constant'.")
+  _require(int(optim.epochs) >= 1, f'optim.epochs must be >= 1; got {optim.epochs}.')
+  _require(float(optim.lr) > 0, f'optim.lr must be > 0; got {optim.lr}.')
+  for name, size in (('optim.batch_size', optim.batch_size), ('eval.batch_size', config.eval.batch_size)):
+    _require(int(size) >= 1, f'{name} must be >= 1; got {size}.')
+    _require(int(size) % jax.device_count() == 0,
+             f'{name}={size} is not divisible by the {jax.device_count()} devices; use a multiple of '
+             f'{jax.device_count()}.')
+  mem = config.memory
+  _require(int(mem.per_class) >= 0, f'memory.per_class must be >= 0; got {mem.per_class}.')
+  _require(int(mem.get('total', 0) or 0) >= 0, f'memory.total must be >= 0; got {mem.total}.')
+  _require(mem.get('selection', 'herding') in ('herding', 'random'),
+           f"memory.selection={mem.selection!r}; valid: 'herding', 'random'.")
+
+
+def validate_against_data(config, dataset, scenario) -> None:
+  """Checks that need the data set's size (memory budgets)."""
+  from incremental_jax.methods import METHODS
+  method_cls = METHODS[config.method.name]
+  if not getattr(method_cls, 'uses_memory', False):
+    return
+  total = int(config.memory.get('total', 0) or 0)
+  _require(total == 0 or total >= scenario.num_classes,
+           f'memory.total={total} is smaller than the {scenario.num_classes} classes: the last task would keep '
+           f'no exemplar per class. Use at least {scenario.num_classes} (or memory.per_class).')
+  _require(total > 0 or int(config.memory.per_class) >= 1,
+           f'{config.method.name} keeps exemplars: set memory.per_class >= 1 or memory.total >= '
+           f'{scenario.num_classes}.')
