@@ -17,6 +17,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and r
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
+_CACHE = flags.DEFINE_string(
+    'compilation_cache', os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
+                                      'incremental_jax', 'xla'),
+    'Persistent XLA compilation cache (re-runs and resumes skip compilation); empty disables it. '
+    'JAX_COMPILATION_CACHE_DIR, when set, takes precedence.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -27,6 +32,9 @@ def default_workdir(config) -> str:
 def main(argv):
   del argv
   import jax
+  if _CACHE.value and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   if _COORDINATOR.value or _NUM_PROCESSES.value or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)

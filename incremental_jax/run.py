@@ -26,7 +26,6 @@ from incremental_jax import validate
 from incremental_jax.data import augment, scenario as scenario_lib, sources
 from incremental_jax.methods import build_method
 from incremental_jax.methods.base import TaskContext
-from incremental_jax.models import build_model
 
 
 @dataclasses.dataclass
@@ -91,8 +90,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   scenario, ds = data.scenario, data.dataset
   validate.validate_against_data(config, ds, scenario)
   mesh = parallel.make_mesh()
-  model = build_model(config.model, scenario.num_classes, ds.image_shape, seed=config.seed)
   method = build_method(config)
+  model = method.build_model(scenario.num_classes, ds.image_shape)
   aug_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
   preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
   predict = eval_lib.make_predict_fn(model, mesh, preprocess, int(config.eval.batch_size))
@@ -125,7 +124,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
     t0 = time.time()
     ctx = TaskContext(config=config, task=t, scenario=scenario, train_images=ds.train_images,
                       train_labels=data.train_labels, model=model, state=state, frozen=frozen,
-                      method_state=method_state, memory=memory, embed=embed, predict=predict)
+                      method_state=method_state, memory=memory, embed=embed, predict=predict, mesh=mesh,
+                      augment_fn=aug_fn, workdir=workdir)
     ctx = method.before_task(ctx)
     epoch_losses = {}
     ctx, epoch_losses = _run_phases(trainer, method, ctx, method.phases(ctx), data, epoch_losses)

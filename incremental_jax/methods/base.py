@@ -105,7 +105,11 @@ class TaskContext:
     memory: the exemplar `Memory`.
     embed: `embed(params, batch_stats, indices, flip=False) -> np.ndarray [n, D]`, embeddings of train images
       in inference mode (for herding, imprinting, class means).
-    predict: `predict(params, batch_stats, images) -> dict of np arrays` (`logits`, `embedding`), inference mode.
+    predict: `predict(params, batch_stats, images, flip=False) -> dict of np arrays` (`logits`, `embedding`),
+      inference mode.
+    mesh: the device mesh (hooks that train auxiliary networks build their own `train.Trainer` on it).
+    augment_fn: `(key, uint8 images) -> float images`, the run's on-device augmentation.
+    workdir: the run's directory (for auxiliary checkpoints or artefacts).
   """
   config: Any
   task: int
@@ -119,6 +123,9 @@ class TaskContext:
   memory: Memory
   embed: Callable
   predict: Callable
+  mesh: Any = None
+  augment_fn: Optional[Callable] = None
+  workdir: str = ''
 
   def class_range(self, t: Optional[int] = None) -> tuple[int, int]:
     t = self.task if t is None else t
@@ -156,6 +163,11 @@ class Method:
   def __init__(self, config):
     self.config = config
     self.mcfg = config.method
+
+  def build_model(self, num_classes: int, image_shape: tuple[int, int, int]):
+    """The trained network; methods with extra trainable modules (e.g. IE-KD's encoders) override this."""
+    from incremental_jax.models import build_model
+    return build_model(self.config.model, num_classes, image_shape, seed=self.config.seed)
 
   # ---- traced -------------------------------------------------------------------------------------
   def loss(self, outputs: dict, batch: dict, task: TaskInfo, teacher: Optional[dict], params: dict):

@@ -47,14 +47,15 @@ class Classifier(nnx.Module):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-  """A functional view of an nnx module: `init` gives fresh parameter dicts, `apply` is pure.
+  """A functional view of an nnx module: `init_variables` gives fresh parameter dicts, `apply` is pure.
 
   Attributes:
     graphdef: the module's static structure.
-    params_template, stats_template: nnx.State of the initial variables (structure and dtypes).
+    params_template, stats_template: abstract nnx.State of the variables (structure, shapes and dtypes).
     head_class_axes: {param name: class axis} of the head's class-indexed parameters.
     num_classes: classes of the head.
     embedding_dim: size of the embedding.
+    initializer: a jitted function returning the initial (params, batch_stats) as pure dicts.
   """
   graphdef: Any
   params_template: Any
@@ -62,10 +63,11 @@ class Model:
   head_class_axes: dict
   num_classes: int
   embedding_dim: int
+  initializer: Callable[[], tuple[dict, dict]]
 
   def init_variables(self) -> tuple[dict, dict]:
-    """The parameters and batch statistics the model was built with, as pure dicts."""
-    return self.params_template.to_pure_dict(), self.stats_template.to_pure_dict()
+    """The initial parameters and batch statistics, as pure dicts."""
+    return self.initializer()
 
   def merge(self, params: dict, batch_stats: dict) -> nnx.Module:
     p = jax.tree.map(lambda v: v, self.params_template)
@@ -78,8 +80,23 @@ class Model:
     """Forward pass. In training mode BatchNorm uses batch statistics and returns the updated running ones."""
     module = self.merge(params, batch_stats)
     out = module(x, train=train)
-    new_stats = nnx.state(module, nnx.BatchStat).to_pure_dict() if train else batch_stats
+    new_stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)) if train else batch_stats
     return out, new_stats
+
+
+def functional_model(construct: Callable[[], nnx.Module], head_class_axes: dict, num_classes: int,
+                     embedding_dim: int) -> Model:
+  """Wraps a module constructor: the structure is traced abstractly (no eager initialisation, which compiles
+  every initializer separately) and the variables are created by one jitted call."""
+  abstract = nnx.eval_shape(construct)
+  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+
+  def initialize():
+    _, p, s = nnx.split(construct(), nnx.Param, nnx.BatchStat)
+    return nnx.to_pure_dict(p), nnx.to_pure_dict(s)
+
+  return Model(graphdef=graphdef, params_template=params, stats_template=stats, head_class_axes=head_class_axes,
+               num_classes=num_classes, embedding_dim=embedding_dim, initializer=jax.jit(initialize))
 
 
 def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], seed: int = 0) -> Model:
@@ -90,18 +107,22 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
   """
   if model_cfg.backbone not in BACKBONES:
     raise ValueError(f'Unknown backbone {model_cfg.backbone!r}; valid names: {sorted(BACKBONES)}.')
-  rngs = nnx.Rngs(params=seed)
   kw = dict(depth=int(model_cfg.depth), width=int(model_cfg.width), last_relu=bool(model_cfg.get('last_relu', True)),
             shortcut=str(model_cfg.get('shortcut', 'conv')))
   if model_cfg.backbone == 'resnet':
     kw['stem'] = str(model_cfg.get('stem', 'imagenet'))
-  backbone = BACKBONES[model_cfg.backbone](image_shape[-1], rngs=rngs, **kw)
   head_cls = _head_class(model_cfg.head)
-  head = head_cls(backbone.embedding_dim, num_classes, rngs=rngs, **dict(model_cfg.get('head_kwargs', {}) or {}))
-  graphdef, params, stats = nnx.split(Classifier(backbone, head), nnx.Param, nnx.BatchStat)
-  return Model(graphdef=graphdef, params_template=params, stats_template=stats,
-               head_class_axes=dict(head_cls.class_axes), num_classes=num_classes,
-               embedding_dim=backbone.embedding_dim)
+  head_kw = dict(model_cfg.get('head_kwargs', {}) or {})
+  backbone_fn = BACKBONES[model_cfg.backbone]
+
+  def construct():
+    # The 'rbg' generator compiles ~8x faster than threefry on CPU; initialisation runs once, replicated.
+    rngs = nnx.Rngs(params=jax.random.key(seed, impl='rbg'))
+    backbone = backbone_fn(image_shape[-1], rngs=rngs, **kw)
+    return Classifier(backbone, head_cls(backbone.embedding_dim, num_classes, rngs=rngs, **head_kw))
+
+  embedding_dim = nnx.eval_shape(lambda: backbone_fn(image_shape[-1], rngs=nnx.Rngs(0), **kw)).embedding_dim
+  return functional_model(construct, dict(head_cls.class_axes), num_classes, embedding_dim)
 
 
 def head_update_mask(model: Model, params: dict, class_mask: jax.Array, backbone: bool = True) -> dict:

@@ -1,0 +1,46 @@
+"""Shared fixtures. Runs on whatever devices the process has (1 CPU device by default); tests that need
+several devices start a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+import functools
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+# One persistent XLA compilation cache for the session (in-process and subprocess tests alike): the same
+# tiny programs are compiled by many tests. Set before JAX is imported, so JAX reads it from the environment.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.pytest_cache', 'xla'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_run(config_module: str, preset: str, overrides: tuple, tmp_root: str) -> dict:
+  import importlib
+  import incremental_jax
+  cfg = importlib.import_module(f'configs.{config_module}').get_config(preset)
+  cfg.progress = False
+  cfg.plots = False
+  for key, value in overrides:
+    node = cfg
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  workdir = os.path.join(tmp_root, f'{config_module}_{preset}_{abs(hash(overrides))}')
+  return incremental_jax.train_and_evaluate(cfg, workdir)
+
+
+@pytest.fixture(scope='session')
+def digits_run(tmp_path_factory):
+  """`digits_run('icarl', preset='digits', **overrides) -> results`, each distinct run computed once per session
+  (method tests share the finetune baseline)."""
+  root = str(tmp_path_factory.mktemp('digits_runs'))
+
+  def run(config_module: str, preset: str = 'digits', **overrides):
+    return _digits_run(config_module, preset, tuple(sorted((k.replace('__', '.'), v) for k, v in overrides.items())), root)
+
+  return run

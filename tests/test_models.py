@@ -1,0 +1,71 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from incremental_jax.models import build_model, head_update_mask
+
+
+def _jit_apply(model, train):
+  return jax.jit(lambda p, s, x: model.apply(p, s, x, train=train))
+
+
+def _cfg(**kw):
+  base = dict(backbone='cifar_resnet', depth=32, width=16, head='linear', last_relu=True, shortcut='conv')
+  base.update(kw)
+  return ConfigDict(base)
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_resnet32_size_and_outputs():
+  model = build_model(_cfg(), 100, (32, 32, 3))
+  params, stats = model.init_variables()
+  # stem 3*3*3*16 + BN 32; stage 1: 5 * (2 * 2304 + 64); stage 2: (4608 + 9216 + 128 + 512 + 64) + 4 * 18560;
+  # stage 3: (18432 + 36864 + 256 + 2048 + 128) + 4 * 73984; head 64 * 100 + 100
+  assert _count(params) == 464 + 23_360 + 88_768 + 353_664 + 6_500
+  out, new_stats = _jit_apply(model, True)(params, stats, jnp.ones((2, 32, 32, 3)))
+  assert out['logits'].shape == (2, 100) and out['embedding'].shape == (2, 64)
+  assert [s.shape for s in out['stages']] == [(2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64)]
+  # training mode updates the running statistics, inference mode leaves them alone
+  assert not np.allclose(jax.tree.leaves(new_stats)[0], jax.tree.leaves(stats)[0])
+  _, same = _jit_apply(model, False)(params, stats, jnp.ones((2, 32, 32, 3)))
+  jax.tree.map(np.testing.assert_array_equal, same, stats)
+
+
+def test_last_relu_off_gives_negative_features_and_pad_shortcut_has_no_projection():
+  model = build_model(_cfg(depth=8, width=4, last_relu=False, shortcut='pad'), 5, (8, 8, 1))
+  params, stats = model.init_variables()
+  assert 'shortcut' not in str(jax.tree_util.tree_structure(params))
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 1))
+  out, _ = _jit_apply(model, True)(params, stats, x)
+  assert float(out['stages'][-1].min()) < 0
+  relu_model = build_model(_cfg(depth=8, width=4), 5, (8, 8, 1))
+  out2, _ = _jit_apply(relu_model, True)(*relu_model.init_variables(), x)
+  assert float(out2['stages'][-1].min()) >= 0
+
+
+@pytest.mark.parametrize('depth,expected', [(18, 11_689_512), (50, 25_557_032)])
+def test_imagenet_resnet_sizes_match_torchvision(depth, expected):
+  model = build_model(_cfg(backbone='resnet', depth=depth, width=64, stem='imagenet'), 1000, (224, 224, 3))
+  assert _count(model.params_template) == expected  # torchvision resnet18 / resnet50 (shapes only, no init)
+
+
+def test_bad_depth_and_names_are_clear_errors():
+  with pytest.raises(ValueError, match='6n\\+2'):
+    build_model(_cfg(depth=30), 10, (8, 8, 1))
+  with pytest.raises(ValueError, match='valid names'):
+    build_model(_cfg(head='nope'), 10, (8, 8, 1))
+
+
+def test_head_update_mask():
+  model = build_model(_cfg(depth=8, width=4), 6, (8, 8, 1))
+  params, _ = model.init_variables()
+  mask = head_update_mask(model, params, jnp.array([0, 0, 1, 1, 0, 0.]))
+  assert mask['head']['kernel'].shape == (1, 6) and mask['head']['kernel'].tolist() == [[0, 0, 1, 1, 0, 0]]
+  assert float(mask['backbone']['stem_conv']['kernel']) == 1.0
+  head_only = head_update_mask(model, params, jnp.ones(6), backbone=False)
+  assert float(head_only['backbone']['stem_conv']['kernel']) == 0.0

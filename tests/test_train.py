@@ -1,0 +1,123 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from incremental_jax import parallel, train
+from incremental_jax.data import augment
+from incremental_jax.data.scenario import Scenario
+from incremental_jax.methods.base import Phase
+from incremental_jax.methods.baselines import Finetune
+from incremental_jax.models import build_model
+from incremental_jax import config as cfglib
+
+
+def _task(**kw):
+  base = dict(index=jnp.int32(0), old=jnp.zeros(4), new=jnp.ones(4), seen=jnp.ones(4), trainable=jnp.ones(4),
+              lr=jnp.float32(0.1), epochs=jnp.float32(10), steps_per_epoch=jnp.float32(4))
+  base.update(kw)
+  return train.TaskInfo(**base)
+
+
+def _lr(optim, step, **kw):
+  return float(train.learning_rate(ConfigDict(optim), _task(**kw), jnp.int32(step)))
+
+
+def test_multistep_schedule_per_epoch():
+  optim = dict(schedule='multistep', milestones=(3, 6), gamma=0.1)
+  # 4 steps per epoch: epochs 0-2 at 0.1, 3-5 at 0.01, 6+ at 0.001
+  assert [_lr(optim, s) for s in (0, 11, 12, 23, 24, 39)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_cosine_schedule_epoch_and_step_units():
+  assert _lr(dict(schedule='cosine'), 20) == pytest.approx(0.05)  # epoch 5 of 10: half
+  assert _lr(dict(schedule='cosine'), 23) == pytest.approx(0.05)  # still epoch 5 (per-epoch steps)
+  cont = _lr(dict(schedule='cosine', schedule_unit='step'), 22)  # epoch 5.5
+  assert cont == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 0.55)), rel=1e-5)
+
+
+def test_warmup_is_linear_over_steps():
+  optim = dict(schedule='constant', warmup_epochs=2)
+  assert _lr(optim, 0) == pytest.approx(0.1 / 8)
+  assert _lr(optim, 3) == pytest.approx(0.1 * 4 / 8)
+  assert _lr(optim, 8) == pytest.approx(0.1)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  config = cfglib.test_preset(cfglib.base_config())
+  config.method.name = 'finetune'
+  config.data.augment.crop_padding = 0
+  model = build_model(config.model, 4, (8, 8, 1), seed=0)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 255, (8, 8, 8, 1)).astype(np.uint8), 'label': np.array([0, 1, 2, 3] * 2)}
+  return config, model, batch
+
+
+def _run_steps(optim, n_steps, trainable=np.ones(4), train_backbone=True):
+  config, model, batch = _setup()
+  method = Finetune(config)
+  phase = Phase('t', method.loss, np.arange(8), ConfigDict(optim), train_backbone=train_backbone)
+  aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
+  step = jax.jit(train.make_train_step(model, method, phase, aug, seed=0, has_teacher=False))
+  mesh = parallel.make_mesh()
+  state = train.init_train_state(model, mesh, train.make_optimizer(phase.optim))
+  task = _task(trainable=jnp.asarray(trainable, jnp.float32), epochs=jnp.float32(10), steps_per_epoch=jnp.float32(1))
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  states = [state]
+  for _ in range(n_steps):
+    state, _ = step(state, None, task, jbatch)
+    states.append(state)
+  return model, method, batch, task, states
+
+
+def test_sgd_matches_pytorch_formula():
+  """p <- p - lr * buf,  buf <- momentum * buf + (g + wd * p)   (torch.optim.SGD), lr from the schedule."""
+  optim = dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.01, schedule='multistep', milestones=(1,),
+               gamma=0.5, epochs=10, batch_size=8)
+  model, method, batch, task, states = _run_steps(optim, 2)
+  x = augment.normalize(jnp.asarray(batch['image']), (0.5,), (0.25,))
+
+  def loss_of(params, stats):
+    out, _ = model.apply(params, stats, x, train=True)
+    return method.loss(out, {'label': jnp.asarray(batch['label'])}, task, None, params)[0]
+
+  p0 = states[0].params
+  grad = jax.jit(jax.grad(loss_of))
+  g0 = grad(p0, states[0].batch_stats)
+  buf = jax.tree.map(lambda g, p: g + 0.01 * p, g0, p0)
+  p1 = jax.tree.map(lambda p, b: p - 0.1 * b, p0, buf)  # epoch 0: lr 0.1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), states[1].params, p1)
+  g1 = grad(p1, states[1].batch_stats)
+  buf = jax.tree.map(lambda b, g, p: 0.9 * b + g + 0.01 * p, buf, g1, p1)
+  p2 = jax.tree.map(lambda p, b: p - 0.05 * b, p1, buf)  # epoch 1 (1 step per epoch): lr 0.05
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), states[2].params, p2)
+
+
+def test_frozen_classes_and_head_only_phase():
+  optim = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule='constant', epochs=1, batch_size=8)
+  _, _, _, _, states = _run_steps(optim, 2, trainable=np.array([0, 0, 1, 1]))
+  before, after = states[0].params, states[-1].params
+  k0, k1 = np.asarray(before['head']['kernel']), np.asarray(after['head']['kernel'])
+  np.testing.assert_array_equal(k0[:, :2], k1[:, :2])  # frozen classes untouched (no decay either)
+  assert not np.allclose(k0[:, 2:], k1[:, 2:])
+  assert not np.allclose(before['backbone']['stem_conv']['kernel'], after['backbone']['stem_conv']['kernel'])
+
+  _, _, _, _, states = _run_steps(optim, 2, train_backbone=False)
+  before, after = states[0], states[-1]
+  jax.tree.map(np.testing.assert_array_equal, before.params['backbone'], after.params['backbone'])
+  jax.tree.map(np.testing.assert_array_equal, before.batch_stats, after.batch_stats)
+  assert not np.allclose(before.params['head']['kernel'], after.params['head']['kernel'])
+
+
+def test_shuffle_sampler_covers_each_example_once_per_epoch():
+  from incremental_jax.data.pipeline import shuffle_sampler
+  idx = np.arange(100, 150)
+  rows = shuffle_sampler(idx, np.zeros(50), 16, np.random.default_rng(0))
+  assert rows.shape == (3, 16) and len(set(rows.ravel())) == 48 and set(rows.ravel()) <= set(idx)
+  small = shuffle_sampler(np.arange(5), np.zeros(5), 8, np.random.default_rng(0))
+  assert small.shape == (1, 8) and set(small.ravel()) == set(range(5))
+  np.testing.assert_array_equal(rows, shuffle_sampler(idx, np.zeros(50), 16, np.random.default_rng(0)))
