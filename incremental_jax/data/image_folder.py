@@ -1,0 +1,387 @@
+"""ImageNet-style class-folder trees, decoded lazily.
+
+Layout: `<data_dir>/train/<class>/*.JPEG` (also .jpg, .png, ...; nested folders are searched) and
+`<data_dir>/val/<class>/...` (or `test/`). Class ids follow the sorted class-folder names. Optionally, split list
+files (`train_list`, `test_list`; one `relative/path.JPEG <label>` per line, paths relative to `data_dir`), as
+ImageNet-100 subsets are distributed, define the images and labels instead of the folders.
+
+Images are never all loaded: the splits are `LazyImages`, which decode the requested indices on demand with PIL
+(RGB, shorter side resized to `resize`, centre crop `image_size`) in a thread pool.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+
+from incremental_jax.data.sources import DataError, Dataset
+
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp', '.gif')
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+TEST_SPLIT_NAMES = ('val', 'test')  # the second split's folder, first that exists
+_LAYOUT_HINT = ('expected <data_dir>/train/<class>/<image> and <data_dir>/val/<class>/<image> (or test/), or '
+                'split list files given with --config.data.train_list and --config.data.test_list')
+_MAX_NAMED = 10  # offending items named in one message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding.
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+  """(width, height) after scaling the shorter side to `shorter`, keeping the aspect ratio (longer side floored)."""
+  if width <= height:
+    return shorter, max(shorter, int(shorter * height / width))
+  return max(shorter, int(shorter * width / height)), shorter
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+  """The PIL box (left, top, right, bottom) of the centred `size` x `size` crop."""
+  left = int(round((width - size) / 2.0))
+  top = int(round((height - size) / 2.0))
+  return left, top, left + size, top + size
+
+
+def decode_image(path: str, image_size: int, resize: int) -> np.ndarray:
+  """uint8 [image_size, image_size, 3]: RGB, shorter side resized to `resize` (bilinear), centre-cropped.
+
+  Raises DataError naming the file when it cannot be decoded.
+  """
+  from PIL import Image
+  try:
+    with Image.open(path) as img:
+      img = img.convert('RGB')
+      size = resized_size(img.width, img.height, resize)
+      if size != img.size:
+        img = img.resize(size, Image.BILINEAR)
+      img = img.crop(center_crop_box(img.width, img.height, image_size))
+      return np.asarray(img, dtype=np.uint8)
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
+    raise DataError(f'Cannot decode image {path}: {type(e).__name__}: {e}. Replace or delete the file '
+                    f'(and its line in the split list, if any).') from e
+
+
+def check_image(path: str) -> str:
+  """'' if PIL can open and verify `path` (cheap: no full decode for most formats), else the error."""
+  from PIL import Image
+  try:
+    with Image.open(path) as img:
+      img.verify()
+  except Exception as e:  # any failure means the file is unusable
+    return f'{type(e).__name__}: {e}'
+  return ''
+
+
+def verify_images(paths: Sequence[str], num_workers: int, chunk: int = 256) -> None:
+  """Opens every image cheaply (PIL `verify`) in a thread pool; one DataError naming the unreadable files."""
+  def check_chunk(start):
+    return [(p, err) for p in paths[start:start + chunk] if (err := check_image(p))]
+
+  with ThreadPoolExecutor(max(1, num_workers)) as pool:
+    bad = [item for found in pool.map(check_chunk, range(0, len(paths), chunk)) for item in found]
+  if bad:
+    listed = '\n'.join(f'  - {p}: {err}' for p, err in bad[:_MAX_NAMED])
+    more = f'\n  ... and {len(bad) - _MAX_NAMED} more' if len(bad) > _MAX_NAMED else ''
+    raise DataError(f'{len(bad)} unreadable image file(s):\n{listed}{more}\nReplace or delete them (and their '
+                    f'split-list lines, if any); --config.data.verify_images=False skips this check.')
+
+
+def index_array(key, n: int) -> np.ndarray:
+  """Non-negative int64 indices from an index array, list, slice or boolean mask over `n` items."""
+  if isinstance(key, slice):
+    return np.arange(n)[key]
+  idx = np.asarray(key)
+  if idx.dtype == bool:
+    if idx.shape != (n,):
+      raise IndexError(f'boolean index of shape {idx.shape} for {n} images')
+    return np.flatnonzero(idx)
+  if idx.size == 0:
+    return idx.astype(np.int64)
+  if idx.dtype.kind not in 'iu':
+    raise IndexError(f'images can only be indexed by integers, slices or boolean masks, not {idx.dtype}')
+  if idx.min() < -n or idx.max() >= n:
+    raise IndexError(f'index out of range for {n} images: {idx[(idx < -n) | (idx >= n)][:5].tolist()}')
+  return np.where(idx < 0, idx + n, idx).astype(np.int64)
+
+
+class LazyImages:
+  """An array-like of uint8 images [N, S, S, 3] that decodes only the indices asked for.
+
+  `images[idx]` (an int array, list, slice or mask) returns uint8 [len(idx), S, S, 3]; `images[i]` returns one
+  [S, S, 3] image. Decoding runs in a thread pool of `num_workers` threads (PIL releases the GIL).
+  """
+
+  def __init__(self, paths: Sequence[str], image_size: int, resize: int, num_workers: int):
+    self.paths = tuple(paths)
+    self.image_size = int(image_size)
+    self.resize = int(resize)
+    self.num_workers = max(1, int(num_workers))
+    self._pool = None
+    self._lock = threading.Lock()
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return (len(self.paths), self.image_size, self.image_size, 3)
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(np.uint8)
+
+  @property
+  def ndim(self) -> int:
+    return 4
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __repr__(self) -> str:
+    return f'LazyImages({len(self.paths)} images, {self.image_size}x{self.image_size}, resize={self.resize})'
+
+  def decode(self, i: int) -> np.ndarray:
+    """Image `i` (a non-negative index)."""
+    return decode_image(self.paths[i], self.image_size, self.resize)
+
+  def _executor(self) -> ThreadPoolExecutor:
+    with self._lock:
+      if self._pool is None:
+        self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix='decode')
+      return self._pool
+
+  def __getitem__(self, key) -> np.ndarray:
+    n = len(self.paths)
+    if isinstance(key, (int, np.integer)):
+      if not -n <= key < n:
+        raise IndexError(f'index {key} out of range for {n} images')
+      return self.decode(int(key) % n)
+    idx = index_array(key, n)
+    flat = idx.reshape(-1)
+    out = np.empty((len(flat), self.image_size, self.image_size, 3), np.uint8)
+
+    def fill(j):
+      out[j] = self.decode(int(flat[j]))
+
+    if len(flat) > 1 and self.num_workers > 1:
+      for _ in self._executor().map(fill, range(len(flat))):
+        pass
+    else:
+      for j in range(len(flat)):
+        fill(j)
+    return out.reshape(idx.shape + out.shape[1:])
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_pool'], state['_lock'] = None, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Class-folder trees.
+
+
+def is_image_file(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+
+
+def class_images(class_dir: str) -> list[str]:
+  """Sorted paths of the image files under `class_dir` (searched recursively, links followed)."""
+  found = []
+  for root, dirs, files in os.walk(class_dir, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    found.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
+  return found
+
+
+def scan_split(split_dir: str) -> dict[str, list[str]]:
+  """{class name: image paths} of one split folder, classes sorted; DataError for an empty class or split."""
+  classes = sorted(d for d in os.listdir(split_dir)
+                   if not d.startswith('.') and os.path.isdir(os.path.join(split_dir, d)))
+  if not classes:
+    raise DataError(f'{split_dir} has no class folders; {_LAYOUT_HINT}.')
+  tree = {}
+  for name in classes:
+    images = class_images(os.path.join(split_dir, name))
+    if not images:
+      raise DataError(f'Class {name!r} has no images in {os.path.join(split_dir, name)} (looked for '
+                      f'{", ".join(IMAGE_EXTENSIONS)}); add its images or remove the folder.')
+    tree[name] = images
+  return tree
+
+
+def find_split_dir(data_dir: str, names: Sequence[str]) -> str:
+  """The first `<data_dir>/<name>` folder that exists; DataError naming them all otherwise."""
+  for name in names:
+    path = os.path.join(data_dir, name)
+    if os.path.isdir(path):
+      return path
+  looked = ' or '.join(os.path.join(data_dir, n) for n in names)
+  raise DataError(f'No split folder {looked}; {_LAYOUT_HINT}.')
+
+
+def flatten_tree(tree: dict[str, list[str]], class_ids: dict[str, int]) -> tuple[list[str], np.ndarray]:
+  """Image paths and int32 labels of a {class: paths} tree."""
+  paths = [p for name in tree for p in tree[name]]
+  labels = np.asarray([class_ids[name] for name in tree for _ in tree[name]], np.int32)
+  return paths, labels
+
+
+def folder_splits(data_dir: str) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str]]:
+  """(train paths, train labels, test paths, test labels, class names) of a class-folder tree."""
+  train_dir = find_split_dir(data_dir, ('train',))
+  test_dir = find_split_dir(data_dir, TEST_SPLIT_NAMES)
+  train, test = scan_split(train_dir), scan_split(test_dir)
+  only_train = [c for c in train if c not in test]
+  only_test = [c for c in test if c not in train]
+  if only_train or only_test:
+    problems = []
+    if only_train:
+      problems.append(f'class(es) {only_train[:_MAX_NAMED]} are in {train_dir} but not in {test_dir}')
+    if only_test:
+      problems.append(f'class(es) {only_test[:_MAX_NAMED]} are in {test_dir} but not in {train_dir}')
+    raise DataError(f'{"; ".join(problems)}. Every class needs images in both splits: add the missing class '
+                    f'folders or remove the extra ones.')
+  names = list(train)
+  class_ids = {name: i for i, name in enumerate(names)}
+  train_paths, train_labels = flatten_tree(train, class_ids)
+  test_paths, test_labels = flatten_tree(test, class_ids)
+  return train_paths, train_labels, test_paths, test_labels, names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split list files.
+
+
+def resolve_list_path(list_path: str, data_dir: str) -> str:
+  """`list_path` as given if it exists, else relative to `data_dir`; DataError naming both otherwise."""
+  candidates = [list_path] if os.path.isabs(list_path) else [list_path, os.path.join(data_dir, list_path)]
+  for path in candidates:
+    if os.path.isfile(path):
+      return path
+  raise DataError(f'Split list file {list_path!r} not found (looked at {", ".join(candidates)}); fix '
+                  f'--config.data.train_list / --config.data.test_list.')
+
+
+def parse_list_line(line: str) -> tuple[str, int] | None:
+  """(relative path, label) of one `path label` line; None when the line is malformed."""
+  parts = line.rsplit(None, 1)
+  if len(parts) != 2:
+    return None
+  try:
+    label = int(parts[1])
+  except ValueError:
+    return None
+  return (parts[0], label) if label >= 0 else None
+
+
+def read_split_list(list_file: str, data_dir: str) -> tuple[list[str], np.ndarray]:
+  """Image paths (relative to `data_dir`) and labels of a split list; DataError naming file and line."""
+  paths, labels, missing = [], [], []
+  with open(list_file, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line or line.startswith('#'):
+        continue
+      entry = parse_list_line(line)
+      if entry is None:
+        raise DataError(f'{list_file}, line {lineno}: expected "relative/path/to/image.JPEG <label>" with an '
+                        f'integer label >= 0, got {line[:200]!r}.')
+      path = os.path.join(data_dir, entry[0])
+      if not os.path.isfile(path):
+        missing.append(f'line {lineno}: {path}')
+      paths.append(path)
+      labels.append(entry[1])
+  if missing:
+    listed = '\n'.join(f'  - {m}' for m in missing[:_MAX_NAMED])
+    more = f'\n  ... and {len(missing) - _MAX_NAMED} more' if len(missing) > _MAX_NAMED else ''
+    raise DataError(f'{list_file} names {len(missing)} missing image file(s) (paths are relative to data_dir '
+                    f'{data_dir}):\n{listed}{more}')
+  if not paths:
+    raise DataError(f'Split list {list_file} lists no images.')
+  return paths, np.asarray(labels, np.int32)
+
+
+def label_names(paths: Sequence[str], labels: np.ndarray, num_classes: int) -> list[str]:
+  """A name per label: the parent folder shared by all its (train) images, e.g. a WordNet id, else the number."""
+  parents = [set() for _ in range(num_classes)]
+  for path, label in zip(paths, labels):
+    parents[label].add(os.path.basename(os.path.dirname(path)))
+  return [next(iter(p)) if len(p) == 1 else str(c) for c, p in enumerate(parents)]
+
+
+def list_splits(data_dir: str, train_list: str,
+                test_list: str) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str]]:
+  """(train paths, train labels, test paths, test labels, class names) from two split list files."""
+  if not (train_list and test_list):
+    raise DataError('Split lists need both --config.data.train_list and --config.data.test_list '
+                    f'(got train_list={train_list!r}, test_list={test_list!r}).')
+  train_file, test_file = resolve_list_path(train_list, data_dir), resolve_list_path(test_list, data_dir)
+  train_paths, train_labels = read_split_list(train_file, data_dir)
+  test_paths, test_labels = read_split_list(test_file, data_dir)
+  present = set(train_labels.tolist()) | set(test_labels.tolist())
+  num_classes = max(present) + 1
+  if len(present) != num_classes:
+    absent = sorted(set(range(num_classes)) - present)
+    raise DataError(f'The labels of {train_file} and {test_file} must be 0..K-1; labels {absent[:_MAX_NAMED]} of '
+                    f'0..{num_classes - 1} never occur. Renumber the classes contiguously.')
+  names = label_names(train_paths, train_labels, num_classes)
+  for labels, file, other in ((train_labels, train_file, test_file), (test_labels, test_file, train_file)):
+    absent = sorted(present - set(labels.tolist()))
+    if absent:
+      named = [f'{c} ({names[c]})' for c in absent[:_MAX_NAMED]]
+      raise DataError(f'Class(es) {named} appear in {other} but have no images in {file}; every class needs '
+                      f'images in both splits.')
+  return train_paths, train_labels, test_paths, test_labels, names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The source.
+
+
+def normalisation(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """`cfg.mean` / `cfg.std` when given (3 values each), else the ImageNet statistics."""
+  mean = tuple(float(v) for v in (cfg.get('mean', None) or IMAGENET_MEAN))
+  std = tuple(float(v) for v in (cfg.get('std', None) or IMAGENET_STD))
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise DataError(f'data.mean and data.std need 3 values each (std > 0); got mean={mean}, std={std}.')
+  return mean, std
+
+
+def load_image_folder(cfg) -> Dataset:
+  """The class-folder tree (or split lists) under `cfg.data_dir` as a Dataset of LazyImages.
+
+  cfg fields: data_dir (required), image_size (0: 224), resize (0: image_size), train_list / test_list ('' for
+  none), num_workers (0: all cores), verify_images (True: open every file once up front), mean / std
+  (default: ImageNet's), name.
+  """
+  data_dir = os.path.expanduser(str(cfg.get('data_dir', '') or ''))
+  if not data_dir:
+    raise DataError(f'The image_folder source needs --config.data.data_dir=<root>; {_LAYOUT_HINT}.')
+  if not os.path.isdir(data_dir):
+    raise DataError(f'data_dir {data_dir} does not exist or is not a folder; {_LAYOUT_HINT}.')
+  image_size = int(cfg.get('image_size', 0) or 0) or DEFAULT_IMAGE_SIZE
+  resize = int(cfg.get('resize', 0) or 0) or image_size
+  if resize < image_size:
+    raise DataError(f'data.resize ({resize}) must be at least data.image_size ({image_size}): the centre crop '
+                    f'is taken from the resized image.')
+  num_workers = int(cfg.get('num_workers', 0) or 0) or os.cpu_count() or 1
+  train_list, test_list = str(cfg.get('train_list', '') or ''), str(cfg.get('test_list', '') or '')
+  if train_list or test_list:
+    splits = list_splits(data_dir, train_list, test_list)
+  else:
+    splits = folder_splits(data_dir)
+  train_paths, train_labels, test_paths, test_labels, names = splits
+  if cfg.get('verify_images', True):
+    verify_images(train_paths + test_paths, num_workers)
+  mean, std = normalisation(cfg)
+  return Dataset(name=str(cfg.get('name', 'image_folder')),
+                 train_images=LazyImages(train_paths, image_size, resize, num_workers), train_labels=train_labels,
+                 test_images=LazyImages(test_paths, image_size, resize, num_workers), test_labels=test_labels,
+                 num_classes=len(names), class_names=names, mean=mean, std=std)
