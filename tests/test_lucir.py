@@ -259,6 +259,7 @@ def test_presets():
     assert lucir_config.get_config(name).data.increment == inc
   im = lucir_config.get_config('imagenet100_b50_s10')
   assert (im.model.backbone, im.model.depth, im.method.lambda_base, im.model.head) == ('resnet', 18, 10.0, 'cosine')
+  assert im.optim.weight_decay == 1e-4 and not im.model.last_relu and not im.memory.nme_flip
   d = lucir_config.get_config('digits')
   assert (d.data.name, d.data.initial_classes, d.data.increment, d.memory.per_class) == ('digits', 2, 2, 5)
   with pytest.raises(ValueError, match='valid presets'):
