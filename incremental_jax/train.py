@@ -89,7 +89,8 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, se
     (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     lr = learning_rate(phase.optim, task, state.phase_step)
-    mask = head_update_mask(model, state.params, task.trainable, backbone=phase.train_backbone)
+    mask = head_update_mask(model, state.params, task.trainable, backbone=phase.train_backbone,
+                            frozen=tuple(phase.frozen_params))
     params = jax.tree.map(lambda p, u, m: p - lr * m * u, state.params, updates, mask)
     metrics = {**metrics, 'loss': loss, 'lr': lr}
     return state.replace(step=state.step + 1, phase_step=state.phase_step + 1, params=params,
@@ -118,7 +119,7 @@ class Trainer:
   def _compiled_step(self, phase: Phase, has_teacher: bool):
     # lr and epochs are traced (TaskInfo); every other optimiser field is baked into the compiled step.
     static_optim = tuple(sorted((k, str(v)) for k, v in phase.optim.items() if k not in ('lr', 'epochs')))
-    key = (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, static_optim)
+    key = (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, tuple(phase.frozen_params), static_optim)
     if key not in self._steps:
       step = make_train_step(self.model, self.method, phase, self.augment_fn, self.seed, has_teacher)
       repl = parallel.replicated(self.mesh)

@@ -78,6 +78,8 @@ class Phase:
     trainable_classes: float [C] classes whose head parameters are updated; None means the method's default
       (new classes if `freeze_old_classes`, else all seen classes).
     sampler: the epoch sampler name (`incremental_jax.data.pipeline.SAMPLERS`); None uses the data config's.
+    frozen_params: '/'-joined parameter paths (or their prefixes), e.g. 'head/sigma', that get no update in
+      this phase (LUCIR's class-balanced finetuning leaves the cosine scale out of its optimiser).
   """
   name: str
   loss: LossFn
@@ -87,6 +89,7 @@ class Phase:
   use_teacher: bool = True
   trainable_classes: Optional[np.ndarray] = None
   sampler: Optional[str] = None
+  frozen_params: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from incremental_jax.models import cosine as cosine_lib
 from incremental_jax.models import heads as heads_lib
 from incremental_jax.models import resnet
 
@@ -24,6 +25,7 @@ BACKBONES: dict[str, Callable[..., nnx.Module]] = {
 
 HEADS: dict[str, Any] = {
     'linear': heads_lib.LinearHead,
+    'cosine': cosine_lib.CosineHead,
 }
 
 
@@ -125,13 +127,18 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
   return functional_model(construct, dict(head_cls.class_axes), num_classes, embedding_dim)
 
 
-def head_update_mask(model: Model, params: dict, class_mask: jax.Array, backbone: bool = True) -> dict:
+def head_update_mask(model: Model, params: dict, class_mask: jax.Array, backbone: bool = True,
+                     frozen: tuple[str, ...] = ()) -> dict:
   """Multipliers (0/1) for parameter updates: class-indexed head parameters are masked to `class_mask`
   [num_classes] along their class axis; the other parameters get 1 (or 0 when `backbone` is False, for
-  phases that train the head only)."""
+  phases that train the head only). Parameters whose '/'-joined path is in `frozen` or lies under one of its
+  entries (e.g. 'head/sigma') get 0."""
 
   def mask_for(path, leaf):
     keys = [getattr(k, 'key', k) for k in path]
+    name = '/'.join(str(k) for k in keys)
+    if any(name == f or name.startswith(f + '/') for f in frozen):
+      return jnp.zeros((), leaf.dtype)
     if keys[0] == 'head' and keys[-1] in model.head_class_axes:
       axis = model.head_class_axes[keys[-1]] % leaf.ndim
       shape = [1] * leaf.ndim
