@@ -51,32 +51,18 @@ def single_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def cifar100(c):
   c.data.name = 'cifar100'
-  c.model.backbone = 'resnet'
-  c.model.depth = 18
-  c.model.width = 64
-  c.model.stem = 'cifar'
   c.data.same_class_per_anchor = 3
-  c.optim.batch_size = 128
-  c.optim.lr = 0.1
-  c.optim.weight_decay = 1e-4
-  c.optim.epochs = 200
-  c.optim.milestones = (100, 150)
+  c.model.update(backbone='resnet', depth=18, width=64, stem='cifar')
+  c.optim.update(batch_size=128, lr=0.1, weight_decay=1e-4, epochs=200, milestones=(100, 150))
   return c
 
 
 def imagenet(c):
-  c = cfglib.imagenet_subset(0, 0, num_classes=1000)(c)
-  c = single_task(c)
-  c.model.depth = 50
+  c = single_task(cfglib.imagenet_subset(0, 0, num_classes=1000)(c))
   c.data.same_class_per_anchor = 1
-  c.optim.batch_size = 512
-  c.optim.lr = 0.4
-  c.optim.nesterov = True
-  c.optim.weight_decay = 5e-5
-  c.optim.epochs = 100
-  c.optim.schedule = 'cosine'
-  c.optim.milestones = ()
-  c.optim.warmup_epochs = 5
+  c.model.depth = 50
+  c.optim.update(batch_size=512, lr=0.4, nesterov=True, weight_decay=5e-5, epochs=100, schedule='cosine',
+                 milestones=(), warmup_epochs=5)
   return c
 
 

@@ -1,9 +1,5 @@
 """BAKE: affinity, closed-form propagation, loss and gradient against NumPy references, the auxiliary-loss
 mechanism, the intra-class sampler, global-batch equivalence on 8 simulated devices, and end-to-end digits runs."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,8 +11,6 @@ from ml_collections import ConfigDict
 from incremental_jax.data import pipeline
 from incremental_jax.losses import auxiliary
 from incremental_jax.losses import bake as bake_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # jitted once (eager JAX on CPU is slow); temperature and omega are static
@@ -289,12 +283,8 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_global_batch_on_eight_devices_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-3000:]
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+def test_global_batch_on_eight_devices_matches_one_device(eight_devices):
+  r = eight_devices(SCRIPT)
   rng = np.random.default_rng(0)  # the script's arrays
   f = rng.normal(size=(32, 6)).astype(np.float32)
   z = (3 * rng.normal(size=(32, 5))).astype(np.float32)
