@@ -35,7 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.initial_classes = 50     # classes of the first task (B50); 0 = same as increment (B0)
   c.data.increment = 10           # classes per later task; 0 = a single task with every class
   c.data.sampler = 'shuffle'      # batch sampler (incremental_jax.data.pipeline.SAMPLERS)
-  c.data.sampler_kwargs = ml_collections.ConfigDict()
+  # sampler 'intra_class' (BAKE): each batch is batch_size/(M+1) anchors, each followed by M other images of its
+  # class, M = same_class_per_anchor; batch_size counts all images. Every image is an anchor once per epoch, so
+  # one epoch visits (M+1) times the data set (and has M+1 times the steps), as in the official BAKE code.
+  c.data.same_class_per_anchor = 1
+  c.data.sampler_kwargs = ml_collections.ConfigDict()   # extra keyword arguments of the sampler
+  c.data.sampler_kwargs.same_class_per_anchor = c.data.get_ref('same_class_per_anchor')  # follows the field
   c.data.augment = ml_collections.ConfigDict({'crop_padding': 4, 'flip': True, 'brightness': 0.0})
 
   c.model = ml_collections.ConfigDict()

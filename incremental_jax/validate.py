@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from incremental_jax.data import pipeline, sources
+from incremental_jax.losses.auxiliary import AUX_LOSSES
 
 
 class ConfigError(ValueError):
@@ -22,6 +23,9 @@ def validate_config(config) -> None:
   from incremental_jax.models import BACKBONES, HEADS
   _require(config.method.name in METHODS,
            f'method.name={config.method.name!r} is not a method; valid names: {sorted(METHODS)}.')
+  for name in dict(config.method.get('aux_losses', None) or {}):
+    _require(name in AUX_LOSSES, f'method.aux_losses names {name!r}, not an auxiliary loss; valid names: '
+             f'{sorted(AUX_LOSSES)}.')
   _require(config.data.name in sources.SOURCES,
            f'data.name={config.data.name!r} is not a data set; valid names: {sorted(sources.SOURCES)}.')
   _require(config.model.backbone in BACKBONES,

@@ -44,3 +44,20 @@ def digits_run(tmp_path_factory):
     return _digits_run(config_module, preset, tuple(sorted((k.replace('__', '.'), v) for k, v in overrides.items())), root)
 
   return run
+
+
+@pytest.fixture(scope='session')
+def eight_devices():
+  """`eight_devices(script) -> dict`: runs a Python script in a subprocess on 8 simulated CPU devices and returns
+  the JSON object printed on its last line (fails with the script's stderr if it fails)."""
+  import json
+  import subprocess
+
+  def run(script: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  return run

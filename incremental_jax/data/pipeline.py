@@ -29,7 +29,42 @@ def shuffle_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rn
   return np.asarray(indices)[perm[:steps * batch_size]].reshape(steps, batch_size)
 
 
-SAMPLERS: dict[str, Callable[..., np.ndarray]] = {'shuffle': shuffle_sampler}
+def same_class_partners(labels: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+  """For each example i, `m` other examples of its class as positions [n, m] into `labels`: distinct (without
+  replacement) when the class has more than `m` examples, else drawn with replacement from the others; an
+  example alone in its class is its own partner. Each example's partners are a uniformly random choice among
+  its class mates: the `m` examples after it in a random cyclic order of its class."""
+  labels = np.asarray(labels)
+  n = len(labels)
+  order = np.lexsort((rng.random(n), labels))             # grouped by class, random order within a class
+  _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+  start, count = np.repeat(starts, counts), np.repeat(counts, counts)
+  rank = np.arange(n) - start                             # position within its class's random cycle
+  offsets = np.broadcast_to(np.arange(1, m + 1), (n, m))  # the next m in the cycle: distinct, never itself
+  with_replacement = 1 + np.floor(rng.random((n, m)) * (count[:, None] - 1)).astype(np.int64)
+  offsets = np.where((count > m)[:, None], offsets, with_replacement)
+  partners = np.empty((n, m), np.int64)
+  partners[order] = order[start[:, None] + (rank[:, None] + offsets) % count[:, None]]
+  return partners
+
+
+def intra_class_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
+                        same_class_per_anchor: int = 1, **unused) -> np.ndarray:
+  """BAKE's intra-class sampler (Ge et al. 2021): each batch of `batch_size` images holds
+  batch_size / (M + 1) anchors, each followed by M other images of its class (`same_class_partners`),
+  M = `same_class_per_anchor`. The anchors are a reshuffled pass over the examples (as `shuffle_sampler`, the
+  last partial batch of anchors dropped), so every example is an anchor once per epoch and an epoch has
+  (M + 1) times the steps of a shuffled epoch, as in the official code. M = 0 gives plain shuffled batches."""
+  group = int(same_class_per_anchor) + 1
+  if group < 1 or batch_size % group:
+    raise ValueError(f'batch_size={batch_size} must be a multiple of same_class_per_anchor + 1 = {group}.')
+  anchors = shuffle_sampler(np.arange(len(indices)), None, batch_size // group, rng)   # [steps, anchors]
+  partners = same_class_partners(labels, group - 1, rng)
+  rows = np.concatenate([anchors[..., None], partners[anchors]], axis=-1)              # [steps, anchors, M+1]
+  return np.asarray(indices)[rows].reshape(len(anchors), batch_size)
+
+
+SAMPLERS: dict[str, Callable[..., np.ndarray]] = {'shuffle': shuffle_sampler, 'intra_class': intra_class_sampler}
 
 
 def get_sampler(name: str) -> Callable[..., np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, snapshot
 from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
 from incremental_jax.methods.lucir import Lucir
+from incremental_jax.methods.bake import BAKE
 
 METHODS: dict[str, type] = {
     'finetune': Finetune,
@@ -11,6 +12,7 @@ METHODS: dict[str, type] = {
     'lwf': LwF,
     'icarl': ICaRL,
     'lucir': Lucir,
+    'bake': BAKE,
 }
 
 

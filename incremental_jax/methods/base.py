@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from incremental_jax.losses.auxiliary import with_aux_losses
 from incremental_jax.memory import Memory
 
 
@@ -158,6 +159,10 @@ class Method:
     teacher: 'none' or 'last' (the default `after_task` then freezes a snapshot of the model as teacher);
       methods with other teachers set `frozen` themselves and override `teacher_forward`.
     freeze_old_classes: old classes' classifier parameters get no updates (LUCIR, PODNet).
+
+  Auxiliary loss terms named in `config.method.aux_losses` (e.g. BAKE, see `losses.auxiliary`) are added to
+  `self.loss` when the method is built, so every phase that trains with the method's loss gets them; phases
+  with a loss of their own (e.g. class-balanced finetuning) do not.
   """
   uses_memory: bool = False
   teacher: str = 'none'
@@ -166,6 +171,7 @@ class Method:
   def __init__(self, config):
     self.config = config
     self.mcfg = config.method
+    self.loss = with_aux_losses(self.loss, self.mcfg.get('aux_losses'))
 
   def build_model(self, num_classes: int, image_shape: tuple[int, int, int]):
     """The trained network; methods with extra trainable modules (e.g. IE-KD's encoders) override this."""
