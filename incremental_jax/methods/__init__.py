@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, snapshot
 from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
+from incremental_jax.methods.iekd import IEDML, IEKD, KD
 
 METHODS: dict[str, type] = {
     'finetune': Finetune,
     'joint': Joint,
     'lwf': LwF,
     'icarl': ICaRL,
+    'kd': KD,
+    'iekd': IEKD,
+    'iekd_dml': IEDML,
 }
 
 
