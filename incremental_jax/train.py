@@ -68,9 +68,12 @@ def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array
 
 
 def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, seed: int,
-                    has_teacher: bool) -> Callable:
+                    has_teacher: bool, model_input: Optional[Callable] = None) -> Callable:
   """The pure train step of `phase`: augment on device, run the frozen teacher, differentiate the phase's
-  loss, apply SGD with the scheduled learning rate, and mask updates (frozen classes, head-only phases)."""
+  loss, apply SGD with the scheduled learning rate, and mask updates (frozen classes, head-only phases).
+
+  `model_input(images, teacher_outputs)`, when given, is what the trained model is applied to instead of the
+  augmented images (e.g. the frozen teacher's feature map, for an autoencoder trained on it)."""
   tx = make_optimizer(phase.optim)
   base_key = jax.random.key(seed)
 
@@ -81,8 +84,10 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, se
     if has_teacher and phase.use_teacher:
       teacher_out = jax.lax.stop_gradient(method.teacher_forward(model, frozen, x))
 
+    inputs = x if model_input is None else model_input(x, teacher_out)
+
     def loss_of(params):
-      outputs, new_stats = model.apply(params, state.batch_stats, x, train=phase.train_backbone)
+      outputs, new_stats = model.apply(params, state.batch_stats, inputs, train=phase.train_backbone)
       loss, metrics = phase.loss(outputs, batch, task, teacher_out, params)
       return loss, (metrics, new_stats)
 
@@ -121,7 +126,7 @@ class Trainer:
     static_optim = tuple(sorted((k, str(v)) for k, v in phase.optim.items() if k not in ('lr', 'epochs')))
     key = (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, tuple(phase.frozen_params), static_optim)
     if key not in self._steps:
-      step = make_train_step(self.model, self.method, phase, self.augment_fn, self.seed, has_teacher)
+      step = self.method.make_train_step(self.model, phase, self.augment_fn, self.seed, has_teacher)
       repl = parallel.replicated(self.mesh)
       self._steps[key] = jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
       self.compile_count += 1

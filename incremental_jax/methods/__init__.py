@@ -5,6 +5,7 @@ from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, s
 from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
 from incremental_jax.methods.lucir import Lucir
 from incremental_jax.methods.bake import BAKE
+from incremental_jax.methods.iekd import IEDML, IEKD, KD
 
 METHODS: dict[str, type] = {
     'finetune': Finetune,
@@ -13,6 +14,9 @@ METHODS: dict[str, type] = {
     'icarl': ICaRL,
     'lucir': Lucir,
     'bake': BAKE,
+    'kd': KD,
+    'iekd': IEKD,
+    'iekd_dml': IEDML,
 }
 
 

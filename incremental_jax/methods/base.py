@@ -187,6 +187,13 @@ class Method:
     caller). Default: one snapshot {'params', 'batch_stats'}."""
     return model.apply(frozen['params'], frozen['batch_stats'], images, train=False)[0]
 
+  def make_train_step(self, model, phase: Phase, augment_fn: Callable, seed: int, has_teacher: bool) -> Callable:
+    """The pure `train_step(state, frozen, task, batch) -> (state, metrics)` of `phase` (jitted by the trainer).
+    Default: one gradient step on `phase.loss` (`train.make_train_step`). Methods that need several updates per
+    batch (e.g. IE-DML's alternating peers) return their own step with the same signature."""
+    from incremental_jax import train
+    return train.make_train_step(model, self, phase, augment_fn, seed, has_teacher)
+
   # ---- host-side hooks ----------------------------------------------------------------------------
   def train_indices(self, ctx: TaskContext) -> np.ndarray:
     """Examples of the main phase: the new classes' data plus the exemplar memory."""

@@ -7,7 +7,7 @@ checkpoints are ordinary pytrees. `outputs` holds `stages`, `embedding`, `logits
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -101,28 +101,44 @@ def functional_model(construct: Callable[[], nnx.Module], head_class_axes: dict,
                num_classes=num_classes, embedding_dim=embedding_dim, initializer=jax.jit(initialize))
 
 
-def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], seed: int = 0) -> Model:
-  """Builds the network named by `model_cfg.backbone` with head `model_cfg.head` over `num_classes` classes.
-
-  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only). Head options come from
-  `model_cfg.head_kwargs` (a dict).
-  """
+def _backbone_kwargs(model_cfg) -> dict:
   if model_cfg.backbone not in BACKBONES:
     raise ValueError(f'Unknown backbone {model_cfg.backbone!r}; valid names: {sorted(BACKBONES)}.')
   kw = dict(depth=int(model_cfg.depth), width=int(model_cfg.width), last_relu=bool(model_cfg.get('last_relu', True)),
             shortcut=str(model_cfg.get('shortcut', 'conv')))
   if model_cfg.backbone == 'resnet':
     kw['stem'] = str(model_cfg.get('stem', 'imagenet'))
+  return kw
+
+
+def make_classifier(model_cfg, num_classes: int, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> Classifier:
+  """The `Classifier` (backbone + head) of `model_cfg`, created eagerly with `rngs` (call it inside a
+  `functional_model` constructor, e.g. to build several networks into one module)."""
+  backbone = BACKBONES[model_cfg.backbone](image_shape[-1], rngs=rngs, **_backbone_kwargs(model_cfg))
+  head = _head_class(model_cfg.head)(backbone.embedding_dim, num_classes, rngs=rngs,
+                                     **dict(model_cfg.get('head_kwargs', {}) or {}))
+  return Classifier(backbone, head)
+
+
+def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], seed: int = 0,
+                extend: Optional[Callable[[Classifier, nnx.Rngs], nnx.Module]] = None) -> Model:
+  """Builds the network named by `model_cfg.backbone` with head `model_cfg.head` over `num_classes` classes.
+
+  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only). Head options come from
+  `model_cfg.head_kwargs` (a dict). `extend(classifier, rngs)`, when given, returns the module actually trained
+  (the classifier's `backbone` and `head` plus extra trainable modules, e.g. IE-KD's encoders); its
+  `__call__(x, train)` must return the classifier's outputs (and may add its own).
+  """
+  kw = _backbone_kwargs(model_cfg)
   head_cls = _head_class(model_cfg.head)
-  head_kw = dict(model_cfg.get('head_kwargs', {}) or {})
-  backbone_fn = BACKBONES[model_cfg.backbone]
 
   def construct():
     # The 'rbg' generator compiles ~8x faster than threefry on CPU; initialisation runs once, replicated.
     rngs = nnx.Rngs(params=jax.random.key(seed, impl='rbg'))
-    backbone = backbone_fn(image_shape[-1], rngs=rngs, **kw)
-    return Classifier(backbone, head_cls(backbone.embedding_dim, num_classes, rngs=rngs, **head_kw))
+    classifier = make_classifier(model_cfg, num_classes, image_shape, rngs)
+    return classifier if extend is None else extend(classifier, rngs)
 
+  backbone_fn = BACKBONES[model_cfg.backbone]
   embedding_dim = nnx.eval_shape(lambda: backbone_fn(image_shape[-1], rngs=nnx.Rngs(0), **kw)).embedding_dim
   return functional_model(construct, dict(head_cls.class_axes), num_classes, embedding_dim)
 

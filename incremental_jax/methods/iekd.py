@@ -1,0 +1,368 @@
+"""Knowledge distillation in ordinary classification (one task with every class, `data.increment=0`):
+
+- `kd`: Hinton et al. (2015) logit distillation from a frozen teacher, the plain baseline;
+- `iekd`: IE-KD (Huang et al., "Revisiting Knowledge Distillation: An Inheritance and Exploration Framework",
+  CVPR 2021) in its IE-FT form (the official release's `IE_KD` processor);
+- `iekd_dml`: IE-DML, two peers trained from scratch that teach each other through IE-KD.
+
+Roles are named plainly: the *teacher* is the frozen (larger) network, the *student* the network being trained.
+The official release swaps these words in `processors/IE_KD.py`: its `student` / `embedS` are the teacher and the
+teacher's autoencoder here, its `teacher` / `embedTI` / `embedTE` the student and its inheritance / exploration
+encoders here.
+
+Teachers come from this project's own supervised training (`configs/train.py`): `method.teacher_workdir` names
+such a run's workdir, whose latest checkpoint is restored against `method.teacher_model`. When it is empty, the
+teacher is trained first, inside the run, and checkpointed under `<workdir>/teacher` (a workdir `teacher_workdir`
+accepts), so a resumed run loads it instead of training it again; IE-KD's teacher autoencoder likewise goes to
+`<workdir>/teacher_autoencoder`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from incremental_jax import checkpoint as ckpt_lib
+from incremental_jax import train as train_lib
+from incremental_jax.losses import cross_entropy, kd_kl
+from incremental_jax.losses.iekd import exploration_loss, inheritance_loss, reconstruction_loss
+from incremental_jax.memory import Memory
+from incremental_jax.methods.base import Method, Phase, TaskContext, snapshot
+from incremental_jax.methods.baselines import Finetune
+from incremental_jax.models import build_model, functional_model, make_classifier
+from incremental_jax.models.factor import FactorAutoencoder, IEStudent, MutualPeers, factor_channels
+from incremental_jax.validate import ConfigError
+
+TEACHER_DIR = 'teacher'                      # <workdir>/teacher: the teacher trained inside a run
+AUTOENCODER_DIR = 'teacher_autoencoder'      # <workdir>/teacher_autoencoder: IE-KD's trained paraphraser
+
+
+# ---- frozen networks in checkpoints ---------------------------------------------------------------------
+def _abstract_state(model) -> train_lib.TrainState:
+  """The TrainState structure of `model` (shapes only), to restore a checkpoint against."""
+  tx = train_lib.make_optimizer(ml_collections.ConfigDict({'weight_decay': 0.0, 'momentum': 0.9}))
+
+  def make():
+    params, stats = model.init_variables()
+    zero = jnp.zeros((), jnp.int32)
+    return train_lib.TrainState(step=zero, phase_step=zero, params=params, batch_stats=stats, opt_state=tx.init(params))
+
+  return jax.eval_shape(make)
+
+
+def has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def load_network(workdir: str, model, mesh) -> tuple[dict, dict]:
+  """(`{'params', 'batch_stats'}`, meta) of the latest checkpoint of a workdir written by this project (a
+  `configs/train.py` run, or a run's `teacher` folder), restored against `model`'s structure and replicated
+  over `mesh`."""
+  if not has_checkpoint(workdir):
+    raise ckpt_lib.CheckpointError(
+        f'{workdir} holds no checkpoint (expected {os.path.join(workdir, "checkpoints")}/<step>). Train a teacher '
+        'with `python main.py --config=configs/train.py:<preset> --workdir=<dir>` and pass that <dir>.')
+  checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=None, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    meta = checkpointer.restore_meta(step)
+    state, _, _, _ = checkpointer.restore(step, _abstract_state(model), mesh)
+  finally:
+    checkpointer.close()
+  return {'params': state.params, 'batch_stats': state.batch_stats}, meta
+
+
+def save_network(workdir: str, state, config, class_order, num_classes: int) -> None:
+  """Checkpoints a trained network into `<workdir>/checkpoints` as a one-task run of `config` would."""
+  checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=1)
+  meta = {'task': 0, 'steps': [], 'class_order': list(map(int, class_order)),
+          'config': json.loads(config.to_json_best_effort())}
+  checkpointer.save(int(jax.device_get(state.step)), state, None, {}, Memory().to_array(num_classes), meta)
+  checkpointer.close()
+
+
+def check_teacher_meta(meta: dict, teacher_model_cfg, ctx: TaskContext, workdir: str) -> None:
+  """The teacher must be the architecture `method.teacher_model` names, trained on the same data set with the
+  same class order (labels are positions in the class order)."""
+  saved = meta.get('config', {})
+  diffs = ckpt_lib.config_differences(saved.get('model', {}), teacher_model_cfg.to_dict())
+  if diffs:
+    raise ConfigError(f'the teacher in {workdir} is not the network method.teacher_model describes:\n  '
+                      + '\n  '.join(diffs) + '\nSet method.teacher_model to the teacher run\'s model section.')
+  data_name = saved.get('data', {}).get('name')
+  if data_name != ctx.config.data.name:
+    raise ConfigError(f'the teacher in {workdir} was trained on {data_name!r}, this run uses {ctx.config.data.name!r}.')
+  if list(meta.get('class_order', [])) != ctx.scenario.order.tolist():
+    raise ConfigError(f'the teacher in {workdir} was trained with another class order, so its logits are in another '
+                      'label order; train it with the same data.class_order / data.class_order_seed.')
+
+
+def _require_single_task(ctx: TaskContext, name: str) -> None:
+  if ctx.scenario.num_tasks != 1:
+    raise ConfigError(f'{name} trains on one task with every class: set data.increment=0 and '
+                      f'data.initial_classes=0 (got {ctx.scenario.num_tasks} tasks).')
+
+
+def _sub_config(config, **sections):
+  """A copy of the run config with whole sections replaced (e.g. the teacher's model and optimiser)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for name, value in sections.items():
+      c[name] = value
+  return c
+
+
+def _train_phase(ctx: TaskContext, model, method: Method, name: str, optim, frozen, seed_offset: int):
+  """Trains `model` from its initial variables on every training example of the task (one phase of its own
+  `train.Trainer`, on the run's mesh and augmentation)."""
+  trainer = train_lib.Trainer(model, method, ctx.mesh, ctx.augment_fn, seed=int(ctx.config.seed),
+                              show_progress=ctx.config.get('progress', True))
+  state = train_lib.init_train_state(model, ctx.mesh, train_lib.make_optimizer(optim))
+  task = train_lib.make_task_info(ctx.scenario, ctx.task, ctx.scenario.class_masks(ctx.task)['seen'])
+  phase = Phase(name, method.loss, ctx.seen_class_indices(), optim)
+  result = trainer.run_phase(state, frozen, task, phase, ctx.train_images, ctx.train_labels,
+                             rng_seed=(int(ctx.config.seed), ctx.task, seed_offset), desc=name)
+  return result.state
+
+
+class _ReconstructTeacherFeatures(Method):
+  """IE-KD phase 1: the teacher's autoencoder learns to reconstruct the frozen teacher's last-stage feature map
+  (the model trained is the autoencoder, applied to the teacher's features; the teacher is `frozen`)."""
+
+  def __init__(self, config, teacher_model, kind: str):
+    super().__init__(config)
+    self.teacher_model, self.kind = teacher_model, kind
+
+  def teacher_forward(self, model, frozen, images):
+    return {'feature': self.teacher_model.apply(frozen['params'], frozen['batch_stats'], images)[0]['stages'][-1]}
+
+  def loss(self, outputs, batch, task, teacher, params):
+    rec = reconstruction_loss(outputs['reconstruction'], teacher['feature'], self.kind).mean()
+    return rec, {'reconstruction': rec}
+
+  def make_train_step(self, model, phase, augment_fn, seed, has_teacher):
+    return train_lib.make_train_step(model, self, phase, augment_fn, seed, has_teacher,
+                                     model_input=lambda images, teacher: teacher['feature'])
+
+
+# ---- KD ----------------------------------------------------------------------------------------------
+class KD(Method):
+  """Logit distillation (Hinton et al. 2015) from a frozen teacher: (1 - alpha) CE + alpha T^2 KL(softmax(t/T)
+  || softmax(s/T)) with `kd_alpha`, `kd_temperature` (the IE-KD release's KD baseline: T=4, alpha=0.9 on
+  CIFAR-100; T=20, alpha=0.95 for CIFAR-10 ResNet-56 -> ResNet-20). The teacher (`method.teacher_model`) may
+  be another architecture than the student (`model`)."""
+
+  def build_model(self, num_classes, image_shape):
+    self.teacher_model = build_model(self.mcfg.teacher_model, num_classes, image_shape, seed=self.config.seed)
+    return self.build_student(num_classes, image_shape)
+
+  def build_student(self, num_classes, image_shape):
+    return Method.build_model(self, num_classes, image_shape)
+
+  def teacher_forward(self, model, frozen, images):
+    teacher = frozen['teacher']
+    return self.teacher_model.apply(teacher['params'], teacher['batch_stats'], images)[0]
+
+  def before_task(self, ctx: TaskContext) -> TaskContext:
+    _require_single_task(ctx, self.mcfg.name)
+    return dataclasses.replace(ctx, frozen={'teacher': self.teacher(ctx)})
+
+  def teacher(self, ctx: TaskContext) -> dict:
+    """The frozen teacher: from `method.teacher_workdir`, else from `<workdir>/teacher`, else trained now
+    (cross-entropy with `method.teacher_optim`) and checkpointed there."""
+    workdir = self.mcfg.get('teacher_workdir', '') or os.path.join(ctx.workdir, TEACHER_DIR)
+    if self.mcfg.get('teacher_workdir', '') or has_checkpoint(workdir):
+      teacher, meta = load_network(workdir, self.teacher_model, ctx.mesh)
+      check_teacher_meta(meta, self.mcfg.teacher_model, ctx, workdir)
+      return teacher
+    config = _sub_config(ctx.config, method=ml_collections.ConfigDict({'name': 'finetune'}),
+                         model=self.mcfg.teacher_model, optim=self.mcfg.teacher_optim)
+    state = _train_phase(ctx, self.teacher_model, Finetune(config), 'teacher', config.optim, None, 1000)
+    save_network(workdir, state, config, ctx.scenario.order, ctx.scenario.num_classes)
+    return snapshot(state)
+
+  def loss(self, outputs, batch, task, teacher, params):
+    ce = cross_entropy(outputs['logits'], batch['label'], task.seen).mean()
+    if teacher is None:
+      return ce, {'ce': ce}
+    t, alpha = float(self.mcfg.kd_temperature), float(self.mcfg.kd_alpha)
+    kd = t * t * kd_kl(outputs['logits'], teacher['logits'], t, task.seen).mean()
+    return (1.0 - alpha) * ce + alpha * kd, {'ce': ce, 'kd': kd}
+
+
+# ---- IE-KD -------------------------------------------------------------------------------------------
+def iekd_loss(mcfg, outputs: dict, labels: jax.Array, class_mask: jax.Array, teacher_factor) -> tuple:
+  """CE + inherit_weight * L_inh(F_inh, F_T) + explore_weight * L_exp(F_exp, F_T) (IE-KD, the student's total
+  loss; `losses.iekd`), with the measures `method.inherit_measure` / `method.explore_measure`."""
+  ce = cross_entropy(outputs['logits'], labels, class_mask).mean()
+  if teacher_factor is None:
+    return ce, {'ce': ce}
+  inh = inheritance_loss(outputs['factor_inherit'], teacher_factor, mcfg.get('inherit_measure', 'l1')).mean()
+  exp = exploration_loss(outputs['factor_explore'], teacher_factor, mcfg.get('explore_measure', 'l1')).mean()
+  loss = ce + float(mcfg.inherit_weight) * inh + float(mcfg.explore_weight) * exp
+  return loss, {'ce': ce, 'inherit': inh, 'explore': exp}
+
+
+def _student_extension(mcfg, factor_dim: int) -> Callable:
+  def extend(classifier, rngs):
+    return IEStudent(classifier, factor_dim, mcfg.get('split', 'natural'), int(mcfg.get('split_seed', 0)), rngs=rngs)
+  return extend
+
+
+class IEKD(KD):
+  """IE-KD (IE-FT form). Before the student trains, the teacher's factor autoencoder (`models.factor`) is
+  trained for `autoencoder_optim.epochs` on the frozen teacher's last-stage feature maps with the
+  `method.reconstruction` loss ('l1' as the release, or 'l2' as the paper), then frozen. The student's last-stage
+  map is split along channels (`method.split`: 'natural' halves, or a 'random' split seeded by `split_seed`);
+  its inheritance and exploration halves are encoded by two trainable encoders (part of the student's
+  parameters) and trained with `iekd_loss` against the teacher's factor (inference mode, no gradient).
+  """
+
+  def build_student(self, num_classes, image_shape):
+    channels, rate, seed = self.teacher_model.embedding_dim, float(self.mcfg.factor_rate), int(self.config.seed)
+    self.autoencoder_model = functional_model(
+        lambda: FactorAutoencoder(channels, rate, rngs=nnx.Rngs(params=jax.random.key(seed, impl='rbg'))),
+        {}, 0, factor_channels(channels, rate))
+    return build_model(self.config.model, num_classes, image_shape, seed=self.config.seed,
+                       extend=_student_extension(self.mcfg, factor_channels(channels, rate)))
+
+  def before_task(self, ctx: TaskContext) -> TaskContext:
+    ctx = super().before_task(ctx)
+    return dataclasses.replace(ctx, frozen={**ctx.frozen, 'autoencoder': self.teacher_autoencoder(ctx)})
+
+  def teacher_autoencoder(self, ctx: TaskContext) -> dict:
+    """The trained paraphraser of the teacher's features: from `<workdir>/teacher_autoencoder`, else trained now
+    and checkpointed there."""
+    workdir = os.path.join(ctx.workdir, AUTOENCODER_DIR)
+    if has_checkpoint(workdir):
+      return load_network(workdir, self.autoencoder_model, ctx.mesh)[0]
+    method = _ReconstructTeacherFeatures(ctx.config, self.teacher_model, self.mcfg.get('reconstruction', 'l1'))
+    optim = self.mcfg.autoencoder_optim
+    state = _train_phase(ctx, self.autoencoder_model, method, 'teacher_autoencoder', optim,
+                         ctx.frozen['teacher'], 1001)
+    save_network(workdir, state, ctx.config, ctx.scenario.order, ctx.scenario.num_classes)
+    return snapshot(state)
+
+  def teacher_forward(self, model, frozen, images):
+    teacher = super().teacher_forward(model, frozen, images)
+    ae = frozen['autoencoder']
+    factor = self.autoencoder_model.apply(ae['params'], ae['batch_stats'], teacher['stages'][-1])[0]['factor']
+    return {'logits': teacher['logits'], 'factor': factor}
+
+  def loss(self, outputs, batch, task, teacher, params):
+    return iekd_loss(self.mcfg, outputs, batch['label'], task.seen, None if teacher is None else teacher['factor'])
+
+
+# ---- IE-DML ------------------------------------------------------------------------------------------
+def _part_of(opt_state, params: dict, part: str):
+  """The optimiser state of params[part]: every dict in `opt_state` keyed like `params` (momentum buffers mirror
+  the parameters) replaced by its entry `part`."""
+  mirrors = lambda x: isinstance(x, dict) and set(x) == set(params)
+  return jax.tree.map(lambda x: x[part] if mirrors(x) else x, opt_state, is_leaf=mirrors)
+
+
+def _with_part(opt_state, part_state, params: dict, part: str):
+  """`opt_state` with the entry `part` of its parameter-mirroring dicts taken from `part_state`."""
+  mirrors = lambda x: isinstance(x, dict) and set(x) == set(params)
+  return jax.tree.map(lambda x, y: {**x, part: y} if mirrors(x) else y, opt_state, part_state, is_leaf=mirrors)
+
+
+class IEDML(Method):
+  """IE-DML: deep mutual learning (Zhang et al. 2018) in which two peers, trained from scratch, teach each other
+  through IE-KD instead of DML's KL term (Huang et al. 2021, Sec. IE-DML). No official code exists; this is the
+  implemented procedure. The trained model (`models.factor.MutualPeers`) holds peer A (`model`), peer B
+  (`method.peer_model`), each with its inheritance/exploration encoders, and each peer's autoencoder. For every
+  batch (one augmentation shared by all steps), with the peers in training mode:
+
+    1. forward peer B; one SGD step of B's autoencoder on the reconstruction loss of B's last-stage map;
+    2. one SGD step of peer A (backbone, head, encoders) on `iekd_loss` against B's factor (B's updated
+       autoencoder's encoder in inference mode, no gradient);
+    3. forward the updated peer A; one SGD step of A's autoencoder on A's map;
+    4. one SGD step of peer B on `iekd_loss` against A's factor.
+
+  Each step changes only its part of the parameters and of the momentum buffers (one optimiser, one learning
+  rate schedule for all four parts). `method.dml_kl_weight` > 0 adds DML's KL(peer || student) at T=1 to
+  steps 2 and 4 (0 by default: IE-KD replaces it). The run evaluates peer `method.eval_peer`.
+  """
+
+  def build_model(self, num_classes, image_shape):
+    m = self.mcfg
+    peer_cfg = m.get('peer_model', None) or self.config.model
+
+    def extend(classifier_a, rngs):
+      classifier_b = make_classifier(peer_cfg, num_classes, image_shape, rngs)
+      return MutualPeers(classifier_a, classifier_b, float(m.factor_rate), m.get('split', 'natural'),
+                         int(m.get('split_seed', 0)), m.get('eval_peer', 'a'), rngs=rngs)
+
+    return build_model(self.config.model, num_classes, image_shape, seed=self.config.seed, extend=extend)
+
+  def before_task(self, ctx: TaskContext) -> TaskContext:
+    _require_single_task(ctx, self.mcfg.name)
+    return ctx
+
+  def loss(self, outputs, batch, task, teacher, params):
+    """One peer's objective; `teacher` holds the other peer's `factor` and `logits`."""
+    loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'])
+    kl_weight = float(self.mcfg.get('dml_kl_weight', 0.0))
+    if kl_weight:
+      kl = kd_kl(outputs['logits'], teacher['logits'], 1.0, task.seen).mean()
+      loss, metrics = loss + kl_weight * kl, {**metrics, 'kl': kl}
+    return loss, metrics
+
+  def make_train_step(self, model, phase, augment_fn, seed, has_teacher):
+    tx = train_lib.make_optimizer(phase.optim)
+    base_key = jax.random.key(seed)
+    kind = self.mcfg.get('reconstruction', 'l1')
+
+    def forward(params, stats, part, inputs, train):
+      module = model.merge(params, stats)
+      out = getattr(module, part)(inputs, train=train)
+      return out, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+    def sgd_on_part(params, stats, opt_state, part, objective, lr):
+      """One SGD step of params[part] (and of its optimiser state) on objective(params) -> (loss, (metrics,
+      new_stats)); the other parts and their momentum buffers are untouched."""
+      grad_fn = jax.value_and_grad(lambda p: objective({**params, part: p}), has_aux=True)
+      (_, (metrics, stats)), grads = grad_fn(params[part])
+      updates, part_state = tx.update(grads, _part_of(opt_state, params, part), params[part])
+      new_part = jax.tree.map(lambda p, u: p - lr * u, params[part], updates)
+      return {**params, part: new_part}, stats, _with_part(opt_state, part_state, params, part), metrics
+
+    def train_step(state, frozen, task, batch):
+      x = augment_fn(jax.random.fold_in(base_key, state.step), batch['image'])
+      lr = train_lib.learning_rate(phase.optim, task, state.phase_step)
+      params, stats, opt_state, metrics = state.params, state.batch_stats, state.opt_state, {}
+      for student, teacher in (('a', 'b'), ('b', 'a')):
+        teacher_out, stats = forward(params, stats, f'peer_{teacher}', x, True)
+        feature = jax.lax.stop_gradient(teacher_out['stages'][-1])
+
+        def reconstruct(p, ae=f'autoencoder_{teacher}', feature=feature, stats=stats):
+          out, new_stats = forward(p, stats, ae, feature, True)
+          rec = reconstruction_loss(out['reconstruction'], feature, kind).mean()
+          return rec, ({'reconstruction': rec}, new_stats)
+
+        params, stats, opt_state, m_rec = sgd_on_part(params, stats, opt_state, f'autoencoder_{teacher}',
+                                                      reconstruct, lr)
+        factor = forward(params, stats, f'autoencoder_{teacher}', feature, False)[0]['factor']
+        given = jax.lax.stop_gradient({'factor': factor, 'logits': teacher_out['logits']})
+
+        def learn(p, peer=f'peer_{student}', given=given, stats=stats):
+          out, new_stats = forward(p, stats, peer, x, True)
+          loss, m = phase.loss(out, batch, task, given, p)
+          return loss, ({**m, 'loss': loss}, new_stats)
+
+        params, stats, opt_state, m_peer = sgd_on_part(params, stats, opt_state, f'peer_{student}', learn, lr)
+        metrics.update({f'{k}_{student}': v for k, v in m_peer.items()})
+        metrics[f'reconstruction_{teacher}'] = m_rec['reconstruction']
+      metrics.update(loss=metrics['loss_a'] + metrics['loss_b'], lr=lr)
+      return state.replace(step=state.step + 1, phase_step=state.phase_step + 1, params=params, batch_stats=stats,
+                           opt_state=opt_state), metrics
+
+    return train_step

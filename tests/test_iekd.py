@@ -1,0 +1,279 @@
+"""IE-KD: factor autoencoder, channel split, losses against NumPy, frozen teacher, teacher checkpoints, IE-DML."""
+import dataclasses
+import os
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import incremental_jax
+from configs import iekd as iekd_cfg
+from configs import train as train_cfg
+from incremental_jax import parallel
+from incremental_jax import run as run_lib
+from incremental_jax import train as train_lib
+from incremental_jax.data import augment
+from incremental_jax.losses import iekd as L
+from incremental_jax.methods import build_method
+from incremental_jax.methods import iekd as iekd_lib
+from incremental_jax.data.scenario import make_scenario
+from incremental_jax.methods.base import Phase, TaskContext
+from incremental_jax.methods.iekd import KD
+from incremental_jax.models import functional_model
+from incremental_jax.models.factor import FactorAutoencoder, channel_split, take_channels
+from incremental_jax.validate import ConfigError
+
+
+def _autoencoder(channels):
+  return functional_model(lambda: FactorAutoencoder(channels, 0.5, rngs=nnx.Rngs(params=jax.random.key(0, impl='rbg'))),
+                          {}, 0, 0)
+
+
+@pytest.mark.parametrize('channels', [4, 7, 16, 64])
+def test_autoencoder_shapes(channels):
+  ae = _autoencoder(channels)
+  params, stats = jax.eval_shape(ae.init_variables)
+  x = jax.ShapeDtypeStruct((2, 5, 6, channels), jnp.float32)
+  out = jax.eval_shape(lambda p, s, x: ae.apply(p, s, x, train=True)[0], params, stats, x)
+  f = int(round(channels / 2))
+  assert out['factor'].shape == (2, 5, 6, f) and out['reconstruction'].shape == (2, 5, 6, channels)
+  # encoder C -> C -> F -> F, decoder F -> F -> C -> C; 3x3 convolutions without bias, each with BatchNorm
+  widths = [(channels, channels), (channels, f), (f, f)]
+  for part, layers in (('encoder', widths), ('decoder', [(b, a) for a, b in reversed(widths)])):
+    for i, (cin, cout) in enumerate(layers):
+      assert params[part][f'conv{i}'] == {'kernel': jax.ShapeDtypeStruct((3, 3, cin, cout), jnp.float32)}
+      assert params[part][f'bn{i}']['scale'].shape == (cout,)
+
+
+def _unit_rows(x):
+  x = x.reshape(len(x), -1).astype(np.float64)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_inheritance_and_exploration_losses_match_numpy():
+  rng = np.random.default_rng(0)
+  student, explore, teacher = (rng.normal(size=(3, 2, 2, 5)).astype(np.float32) for _ in range(3))
+  s, e, t = _unit_rows(student), _unit_rows(explore), _unit_rows(teacher)
+  np.testing.assert_allclose(L.inheritance_loss(student, teacher), np.abs(s - t).mean(1), rtol=1e-5)
+  np.testing.assert_allclose(L.exploration_loss(explore, teacher), -np.abs(e - t).mean(1), rtol=1e-5)
+  np.testing.assert_allclose(L.inheritance_loss(student, teacher, 'cosine'), 1 - (s * t).sum(1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(L.exploration_loss(explore, teacher, 'cosine'), np.abs((e * t).sum(1)), rtol=1e-5)
+  # a scaled copy has the same factor: zero inheritance loss; the L1 form's batch mean is the release's mean
+  # over all B*D elements
+  np.testing.assert_allclose(L.inheritance_loss(3.0 * teacher, teacher), 0.0, atol=1e-7)
+  assert float(L.exploration_loss(explore, teacher).mean()) == pytest.approx(-np.abs(e - t).sum() / e.size, rel=1e-5)
+  rec, x = rng.normal(size=(3, 2, 2, 4)), rng.normal(size=(3, 2, 2, 4))
+  np.testing.assert_allclose(L.reconstruction_loss(rec, x, 'l1'), np.abs(rec - x).reshape(3, -1).mean(1), rtol=1e-5)
+  np.testing.assert_allclose(L.reconstruction_loss(rec, x, 'l2'), ((rec - x) ** 2).reshape(3, -1).mean(1), rtol=1e-5)
+  with pytest.raises(ValueError, match='same spatial size'):
+    L.inheritance_loss(student, teacher[:, :1])
+
+
+def test_kd_loss_is_hinton_kd():
+  cfg = iekd_cfg.get_config('test')
+  cfg.method.name, cfg.method.kd_temperature, cfg.method.kd_alpha = 'kd', 3.0, 0.75
+  method = build_method(cfg)
+  rng = np.random.default_rng(1)
+  s, t, y = rng.normal(size=(4, 10)), rng.normal(size=(4, 10)), np.array([0, 3, 9, 2])
+  task = types.SimpleNamespace(seen=jnp.ones(10))
+  loss, _ = method.loss({'logits': jnp.asarray(s)}, {'label': jnp.asarray(y)}, task, {'logits': jnp.asarray(t)}, {})
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(1, keepdims=True))
+  ce = -log_softmax(s)[np.arange(4), y].mean()
+  pt, ls = np.exp(log_softmax(t / 3)), log_softmax(s / 3)
+  kl = (pt * (np.log(pt) - ls)).sum(1).mean()
+  assert float(loss) == pytest.approx(0.25 * ce + 0.75 * 9 * kl, rel=1e-5)
+
+
+@pytest.mark.parametrize('channels', [8, 9, 64])
+@pytest.mark.parametrize('mode', ['natural', 'random'])
+def test_split_partitions_the_student_channels(channels, mode):
+  inherit, explore = channel_split(channels, mode, seed=3)
+  assert len(inherit) == channels // 2 and len(explore) == channels - channels // 2
+  assert not set(inherit) & set(explore) and sorted(set(inherit) | set(explore)) == list(range(channels))
+  if mode == 'natural':
+    np.testing.assert_array_equal(inherit, np.arange(channels // 2))
+  else:
+    assert not np.array_equal(inherit, np.arange(channels // 2))  # a real permutation (fixed by the seed)
+    np.testing.assert_array_equal(inherit, channel_split(channels, mode, seed=3)[0])
+  x = np.random.default_rng(0).normal(size=(2, 3, 3, channels)).astype(np.float32)
+  np.testing.assert_array_equal(take_channels(jnp.asarray(x), inherit), x[..., inherit])
+  np.testing.assert_array_equal(take_channels(jnp.asarray(x), explore), x[..., explore])
+
+
+def _all_classes_task(n):
+  ones = jnp.ones(n)
+  return train_lib.TaskInfo(index=jnp.int32(0), old=jnp.zeros(n), new=ones, seen=ones, trainable=ones,
+                            lr=jnp.float32(0.1), epochs=jnp.float32(1), steps_per_epoch=jnp.float32(1))
+
+
+def _iekd_setup(**method_overrides):
+  cfg = iekd_cfg.get_config('test')
+  cfg.method.update(method_overrides)
+  method = build_method(cfg)
+  model = method.build_model(10, (8, 8, 1))
+  return cfg, method, model
+
+
+def test_teacher_checkpoint_round_trip_and_checks(tmp_path):
+  cfg, method, _ = _iekd_setup()
+  mesh = parallel.make_mesh()
+  state = train_lib.init_train_state(method.teacher_model, mesh, train_lib.make_optimizer(cfg.optim))
+  state = state.replace(params=jax.tree.map(lambda p: p + 1.5, state.params), step=jnp.int32(7))
+  teacher_cfg = train_cfg.get_config('test')
+  order = np.random.default_rng(0).permutation(10)
+  iekd_lib.save_network(str(tmp_path / 't'), state, teacher_cfg, order, 10)
+  loaded, meta = iekd_lib.load_network(str(tmp_path / 't'), method.teacher_model, mesh)
+  jax.tree.map(np.testing.assert_array_equal, {'params': state.params, 'batch_stats': state.batch_stats},
+               jax.tree.map(np.asarray, loaded))
+  ctx = types.SimpleNamespace(config=cfg, scenario=types.SimpleNamespace(order=order))
+  iekd_lib.check_teacher_meta(meta, cfg.method.teacher_model, ctx, 't')  # matches
+  with pytest.raises(ConfigError, match='class order'):
+    iekd_lib.check_teacher_meta(meta, cfg.method.teacher_model, types.SimpleNamespace(
+        config=cfg, scenario=types.SimpleNamespace(order=np.arange(10))), 't')
+  other = cfg.method.teacher_model.copy_and_resolve_references()
+  other.depth = 14
+  with pytest.raises(ConfigError, match='depth'):
+    iekd_lib.check_teacher_meta(meta, other, ctx, 't')
+  with pytest.raises(incremental_jax.checkpoint.CheckpointError, match='configs/train.py'):
+    iekd_lib.load_network(str(tmp_path / 'missing'), method.teacher_model, mesh)
+
+
+def test_iedml_without_coupling_is_two_independent_sgd_trainings():
+  """With both IE weights 0, each peer's steps are plain SGD on its own cross-entropy: the four-step update
+  touches only its part of the parameters and of the momentum buffers."""
+  cfg = iekd_cfg.get_config('test')
+  cfg.method.update(name='iekd_dml', inherit_weight=0.0, explore_weight=0.0)
+  cfg.optim.update(momentum=0.9, nesterov=True, weight_decay=5e-3)
+  method = build_method(cfg)
+  model = method.build_model(10, (8, 8, 1))
+  mesh = parallel.make_mesh()
+  state = train_lib.init_train_state(model, mesh, train_lib.make_optimizer(cfg.optim))
+  assert set(state.params) == {'peer_a', 'peer_b', 'autoencoder_a', 'autoencoder_b'}
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.integers(0, 255, (8, 8, 8, 1)), jnp.uint8), 'label': jnp.arange(8) % 10}
+  aug = augment.make_augment_fn(cfg.data.augment, (0.5,), (0.25,))
+  task = _all_classes_task(10)
+  dml_step = jax.jit(method.make_train_step(model, Phase('train', method.loss, np.arange(8), cfg.optim), aug, 0, False))
+  dml = state
+  for _ in range(2):
+    dml, metrics = dml_step(dml, None, task, batch)
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['reconstruction_a']) > 0
+
+  # the reference: one IE-KD student network (the peers' structure) trained alone with the default step
+  peer_model = iekd_lib.build_model(cfg.model, 10, (8, 8, 1), extend=iekd_lib._student_extension(cfg.method, 8))
+  finetune = build_method(train_cfg.get_config('test'))
+  step = jax.jit(train_lib.make_train_step(peer_model, finetune, Phase('ref', finetune.loss, np.arange(8), cfg.optim),
+                                           aug, 0, False))
+  for name in ('peer_a', 'peer_b'):
+    ref = train_lib.TrainState(step=state.step, phase_step=state.phase_step, params=state.params[name],
+                               batch_stats=state.batch_stats[name],
+                               opt_state=train_lib.make_optimizer(cfg.optim).init(state.params[name]))
+    for _ in range(2):
+      ref, _ = step(ref, None, task, batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), dml.params[name], ref.params)
+  for name in ('autoencoder_a', 'autoencoder_b'):  # trained alongside, on reconstruction
+    assert not np.allclose(dml.params[name]['encoder']['conv0']['kernel'], state.params[name]['encoder']['conv0']['kernel'])
+
+
+# ---- end to end on digits (tiny networks) --------------------------------------------------------------
+def _context(cfg, model, mesh, workdir):
+  return TaskContext(config=cfg, task=0, scenario=make_scenario(10, cfg.data), train_images=None, train_labels=None,
+                     model=model, state=None, frozen=None, method_state={}, memory=None, embed=None, predict=None,
+                     mesh=mesh, workdir=workdir)
+
+
+def test_teacher_is_trained_in_the_run_once_with_its_own_model_and_optimiser(tmp_path, monkeypatch):
+  cfg, method, model = _iekd_setup()
+  cfg.method.teacher_optim.epochs = 3
+  mesh = parallel.make_mesh()
+  calls = []
+
+  def fake_training(ctx, net, trainer_method, name, optim, frozen, seed_offset):
+    calls.append((name, trainer_method.config, optim))
+    state = train_lib.init_train_state(net, mesh, train_lib.make_optimizer(optim))
+    return state.replace(params=jax.tree.map(lambda p: p + 2.0, state.params), step=jnp.int32(9))
+
+  monkeypatch.setattr(iekd_lib, '_train_phase', fake_training)
+  ctx = _context(cfg, model, mesh, str(tmp_path))
+  teacher = method.teacher(ctx)
+  [(name, teacher_cfg, optim)] = calls
+  assert name == 'teacher' and teacher_cfg.method.name == 'finetune' and optim.epochs == 3
+  assert teacher_cfg.model.to_dict() == cfg.method.teacher_model.to_dict() and teacher_cfg.optim.epochs == 3
+  again = method.teacher(ctx)  # resumed: loaded from <workdir>/teacher, not trained again
+  assert len(calls) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, teacher), jax.tree.map(np.asarray, again))
+
+
+@pytest.fixture(scope='module')
+def phase_one(tmp_path_factory):
+  """IE-KD's first phase on 32 digits: a teacher checkpoint (its initial values, written as configs/train.py
+  writes one) and the teacher autoencoder trained on its features (20 epochs of 2 batches), checkpointed under
+  the run's workdir."""
+  root = tmp_path_factory.mktemp('iekd')
+  cfg, method, model = _iekd_setup(teacher_workdir=str(root / 'teacher'))
+  cfg.method.autoencoder_optim.update(epochs=20, batch_size=16)
+  mesh = parallel.make_mesh()
+  data = run_lib.prepare_data(cfg)
+  teacher = train_lib.init_train_state(method.teacher_model, mesh, train_lib.make_optimizer(cfg.optim))
+  iekd_lib.save_network(cfg.method.teacher_workdir, teacher, train_cfg.get_config('test'), data.scenario.order, 10)
+  ds = data.dataset
+  ctx = dataclasses.replace(_context(cfg, model, mesh, str(root / 'run')), train_images=ds.train_images[:32],
+                            train_labels=data.train_labels[:32],
+                            augment_fn=augment.make_augment_fn(cfg.data.augment, ds.mean, ds.std))
+  ctx = KD.before_task(method, ctx)  # the teacher, loaded from its workdir
+  autoencoder = method.teacher_autoencoder(ctx)
+  return types.SimpleNamespace(root=root, cfg=cfg, method=method, model=model, mesh=mesh, data=data,
+                               teacher=ctx.frozen['teacher'], autoencoder=autoencoder)
+
+
+def test_teacher_autoencoder_training_lowers_the_reconstruction_error(phase_one):
+  p = phase_one
+  ds = p.data.dataset
+  images = augment.normalize(jnp.asarray(ds.train_images[:32]), ds.mean, ds.std)
+  feature = p.method.teacher_model.apply(p.teacher['params'], p.teacher['batch_stats'], images)[0]['stages'][-1]
+
+  def error(ae):
+    out = p.method.autoencoder_model.apply(ae['params'], ae['batch_stats'], feature, train=True)[0]
+    return float(L.reconstruction_loss(out['reconstruction'], feature, 'l1').mean())
+
+  initial = dict(zip(('params', 'batch_stats'), p.method.autoencoder_model.init_variables()))
+  assert error(p.autoencoder) < 0.75 * error(initial)
+  ckpt = incremental_jax.checkpoint.RunCheckpointer(os.path.join(p.root, 'run', 'teacher_autoencoder', 'checkpoints'))
+  assert ckpt.latest_step() == 40  # 20 epochs of 2 batches
+  ckpt.close()
+
+
+@pytest.mark.slow
+def test_iekd_run_keeps_teacher_frozen_and_does_not_train_it_twice(phase_one, tmp_path, monkeypatch):
+  p = phase_one
+  cfg = p.cfg.copy_and_resolve_references()
+  cfg.method.split = 'random'
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(os.path.join(p.root, 'run', iekd_lib.AUTOENCODER_DIR), os.path.join(workdir, iekd_lib.AUTOENCODER_DIR))
+
+  def no_training(*args, **kw):
+    raise AssertionError('the teacher or its autoencoder was trained again')
+
+  monkeypatch.setattr(iekd_lib, '_train_phase', no_training)  # resumed: both are loaded
+  results = incremental_jax.train_and_evaluate(cfg, workdir)
+  assert results['complete'] and results['num_tasks'] == 1
+  assert np.isfinite(results['steps'][0]['epoch_losses']['train']).all()
+  method = build_method(cfg)
+  model = method.build_model(10, (8, 8, 1))
+  ckpt = incremental_jax.checkpoint.RunCheckpointer(os.path.join(workdir, 'checkpoints'))
+  initial = train_lib.init_train_state(model, p.mesh, train_lib.make_optimizer(cfg.optim))
+  final, frozen, _, _ = ckpt.restore(ckpt.latest_step(), initial, p.mesh)
+  ckpt.close()
+  # trained: the student's backbone, head and both encoders (sized by the split), nothing of the teacher
+  assert set(final.params) == {'backbone', 'head', 'inherit_encoder', 'explore_encoder'}
+  assert final.params['inherit_encoder']['conv0']['kernel'].shape[2] == 8  # 16 last-stage channels / 2
+  for part in ('inherit_encoder', 'explore_encoder'):
+    assert not np.allclose(initial.params[part]['conv0']['kernel'], final.params[part]['conv0']['kernel'])
+  # the teacher and its autoencoder after the student's training are exactly what they were before it
+  assert set(frozen) == {'teacher', 'autoencoder'}
+  for saved, used in ((p.teacher, frozen['teacher']), (p.autoencoder, frozen['autoencoder'])):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, saved), jax.tree.map(np.asarray, used))
