@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import incremental_jax
 from configs import icarl
 from incremental_jax import checkpoint as ckpt_lib
 from incremental_jax import faults
+from incremental_jax import run as run_lib
 from incremental_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +37,27 @@ def comparable(results: dict) -> dict:
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
-  """An uninterrupted icarl `test` run in this process: (results, workdir)."""
+  """An uninterrupted icarl `test` run in this process: `results`, `workdir`, and `write_log`: at every
+  results.json write, (steps reported, task of the latest complete checkpoint)."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
-  return incremental_jax.train_and_evaluate(icarl.get_config('test'), workdir), workdir
+  original = run_lib.metrics_lib.write_results
+
+  def write_results(wd, results, plots=True):
+    done = complete_steps(wd)
+    task = None
+    if done:
+      with open(os.path.join(wd, 'checkpoints', str(done[-1]), 'meta', 'metadata')) as f:
+        task = json.load(f)['task']
+    write_log.append((len(results['steps']), task))
+    original(wd, results, plots)
+
+  write_log = []
+  run_lib.metrics_lib.write_results = write_results
+  try:
+    results = incremental_jax.train_and_evaluate(icarl.get_config('test'), workdir)
+  finally:
+    run_lib.metrics_lib.write_results = original
+  return types.SimpleNamespace(results=results, workdir=workdir, write_log=write_log)
 
 
 def complete_steps(workdir) -> list[int]:
@@ -108,7 +128,7 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path, ref
   and inside a task's training; every restart resumes from the last complete checkpoint, and the final
   results equal the uninterrupted run's. Orbax's `save` first waits for the previous save, so a kill at the
   k-th `checkpoint_write` leaves checkpoint k-1 complete and k half-written."""
-  ref_results, ref_dir = reference
+  ref_results, ref_dir = reference.results, reference.workdir
   workdir = str(tmp_path / 'run')
 
   # 1. checkpoint writes: after epoch 1 of task 0 (mid-task), end of task 0 <- killed while it is written
@@ -145,6 +165,11 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path, ref
   assert comparable(final) == comparable(ref_results)
 
 
+def test_results_json_never_reports_a_task_whose_checkpoint_is_incomplete(reference):
+  # results.json is written after each task and at the end; each time, the task's checkpoint is complete
+  assert reference.write_log == [(1, 0), (2, 1), (3, 2), (3, 2)]
+
+
 # ---- refused workdirs ----------------------------------------------------------------------------------------
 def _tree_digest(path) -> str:
   h = hashlib.sha256()
@@ -159,7 +184,7 @@ def _tree_digest(path) -> str:
 
 def _copy(reference, tmp_path) -> str:
   dst = str(tmp_path / 'run')
-  shutil.copytree(reference[1], dst)
+  shutil.copytree(reference.workdir, dst)
   return dst
 
 
@@ -277,7 +302,7 @@ def test_two_processes_give_the_results_of_one(tmp_path, reference):
   """`main.py` as two CPU processes (one device each, gloo collectives) joined by jax.distributed: each loads
   half of every batch; the results equal the single-process run with the same global batch, only process 0
   writes, and a single process resumes from the checkpoint they wrote together."""
-  ref_results, _ = reference
+  ref_results = reference.results
   workdir = tmp_path / 'run'
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', faults.ENV_VAR)}
