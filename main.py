@@ -1,11 +1,18 @@
 """Command-line entry point: `python main.py --config=configs/lucir.py:digits --workdir=runs/lucir_digits`.
 
 Every config field can be overridden, e.g. `--config.optim.lr=0.05 --config.data.data_dir=/data`. Running
-again with the same --workdir resumes after the last completed task. Several processes (multi-host GPU/TPU,
-or CPU processes) join through JAX's distributed runtime when launched with its usual environment variables
-or with --coordinator_address/--num_processes/--process_id.
+again with the same --workdir resumes from the last complete checkpoint.
+
+Several processes (one per host on a GPU cluster or TPU pod, or CPU processes on one machine) join through
+JAX's distributed runtime: with --coordinator_address/--num_processes/--process_id (or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or with --distributed, which lets
+`jax.distributed.initialize()` detect the cluster (SLURM, Open MPI, Cloud TPU pods, Kubernetes). Every
+process runs the same command; process 0 writes the results.
+
+An invalid config, data set or workdir stops the run before training with one line on stderr and exit code 2.
 """
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -17,6 +24,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and r
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() and let JAX detect the '
+                                 'cluster (SLURM, Open MPI, Cloud TPU pod, Kubernetes); implied by the flags above.')
 _CACHE = flags.DEFINE_string(
     'compilation_cache', os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
                                       'incremental_jax', 'xla'),
@@ -29,20 +38,39 @@ def default_workdir(config) -> str:
   return os.path.join('runs', f'{config.method.name}_{config.data.name}')
 
 
+def distributed_args(environ=os.environ) -> dict | None:
+  """The arguments of `jax.distributed.initialize`, or None for a single-process run: flags first, then the
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables; `--distributed` alone
+  leaves the unset ones to JAX's cluster detection."""
+  def env_int(name):
+    return int(environ[name]) if environ.get(name) else None
+  args = {'coordinator_address': _COORDINATOR.value or environ.get('JAX_COORDINATOR_ADDRESS') or None,
+          'num_processes': _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else env_int('JAX_NUM_PROCESSES'),
+          'process_id': _PROCESS_ID.value if _PROCESS_ID.value is not None else env_int('JAX_PROCESS_ID')}
+  if _DISTRIBUTED.value or any(v is not None for v in args.values()):
+    return args
+  return None
+
+
 def main(argv):
   del argv
   import jax
   if _CACHE.value and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-  if _COORDINATOR.value or _NUM_PROCESSES.value or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+  dist = distributed_args()
+  if dist is not None:
+    jax.distributed.initialize(**dist)
   import incremental_jax
+  from incremental_jax import validate
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every file it writes at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(config)
-  incremental_jax.train_and_evaluate(config, workdir)
+  try:
+    incremental_jax.train_and_evaluate(config, workdir)
+  except validate.USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

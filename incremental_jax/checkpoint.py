@@ -1,16 +1,24 @@
 """Orbax checkpoints of a run: one after every task (and optionally during long tasks), from which `main.py`
 resumes. Orbax writes into a temporary directory and renames it when complete, so a checkpoint interrupted
-by a crash is never the latest one read.
+by a crash is never the latest one read (leftover temporary directories are removed at the next start).
 
-Each checkpoint holds three items:
+A task-end checkpoint holds three items:
   train: the TrainState (step counters, params, batch statistics, optimiser state), restored against the
     structure of a freshly initialised state;
   extra: {'frozen': teacher pytree, 'method_state': ..., 'memory': int [C, M] exemplar indices}, restored
     against the shapes recorded in the checkpoint (so its structure may change from task to task);
   meta: JSON (position in the run, per-step results so far, class order, the run's config).
+A mid-task checkpoint (`checkpoint.every_epochs`) holds `train` (the state inside a phase) and `meta`, whose
+`mid_task` entry says where in the task it was taken and which task-end checkpoint the task started from;
+that task-end checkpoint is kept as long as a later mid-task checkpoint needs it.
+
+Every checkpoint step is the run's global train step. Retention: the latest `max_to_keep` task-end
+checkpoints, plus the latest checkpoint whatever its kind; older mid-task checkpoints are removed once a newer
+checkpoint is complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -19,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from incremental_jax import parallel
+from incremental_jax import faults, parallel
 
 FORMAT_VERSION = 1
 
@@ -62,15 +70,42 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 
 
+TASK_END, MID_TASK = 'task_end', 'mid_task'
+
+
+@dataclasses.dataclass
+class _KeepTaskEnds:
+  """Orbax preservation policy: the latest `max_to_keep` task-end checkpoints (all when None) and the latest
+  checkpoint. `kinds` maps a step to TASK_END or MID_TASK; an unknown step counts as a task end."""
+  max_to_keep: Optional[int]
+  kinds: dict
+
+  def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+    del context
+    ends = [i for i, c in enumerate(checkpoints) if self.kinds.get(c.step, TASK_END) == TASK_END]
+    keep = set(ends[-self.max_to_keep:] if self.max_to_keep else ends)
+    keep.update([len(checkpoints) - 1] if checkpoints else [])
+    return [i in keep for i in range(len(checkpoints))]
+
+
 class RunCheckpointer:
   """Saves and restores a run's state in `directory` (created if missing)."""
 
   def __init__(self, directory: str, max_to_keep: Optional[int] = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self._check_directory()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True,
-                                           enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._kinds: dict[int, str] = {}
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        preservation_policy=_KeepTaskEnds(max_to_keep or None, self._kinds))
+    handlers = {'train': ocp.StandardCheckpointHandler(), 'extra': ocp.StandardCheckpointHandler(),
+                'meta': ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    for step in self.manager.all_steps():
+      try:
+        self._kinds[step] = MID_TASK if MID_TASK in self.restore_meta(step) else TASK_END
+      except CheckpointError:
+        pass  # reported if and when this step is the one resumed from
 
   def _check_directory(self) -> None:
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
@@ -84,40 +119,72 @@ class RunCheckpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, train_state, frozen: Any, method_state: dict, memory_array: np.ndarray, meta: dict) -> None:
-    """Saves everything at global step `step` (forced, whatever the save interval)."""
+    """Saves everything at global step `step` (forced, whatever the save interval): a task-end checkpoint.
+    The write continues in the background; `wait()` returns when it is complete."""
     extra = {'frozen': {} if frozen is None else {'tree': frozen}, 'method_state': method_state,
              'memory': np.asarray(memory_array)}
     _check_str_keys(extra, 'checkpoint')
-    meta = dict(meta, format_version=FORMAT_VERSION)
+    self._save(step, TASK_END, meta, train=ocp.args.StandardSave(train_state), extra=ocp.args.StandardSave(extra))
+
+  def save_mid_task(self, step: int, train_state, meta: dict) -> None:
+    """Saves the train state inside a task at global step `step`; `meta['mid_task']` says where."""
+    if MID_TASK not in meta:
+      raise ValueError(f'a mid-task checkpoint needs meta[{MID_TASK!r}].')
+    self._save(step, MID_TASK, meta, train=ocp.args.StandardSave(train_state))
+
+  def _save(self, step: int, kind: str, meta: dict, **items) -> None:
+    self._kinds[int(step)] = kind
     self.manager.save(int(step), force=True, args=ocp.args.Composite(
-        train=ocp.args.StandardSave(train_state), extra=ocp.args.StandardSave(extra),
-        meta=ocp.args.JsonSave(meta)))
+        meta=ocp.args.JsonSave(dict(meta, format_version=FORMAT_VERSION)), **items))
+    faults.reached('checkpoint_write')
+
+  def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
+    detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    others = [s for s in self.all_steps() if s != step]
+    advice = (f'To resume from the previous checkpoint, delete {os.path.join(self.directory, str(step))} '
+              f'(others there: {others}); to start over, use a new --workdir.' if others else
+              'Use a new --workdir (or delete the checkpoints directory, losing this run).')
+    return CheckpointError(f'cannot {what} checkpoint {step} in {self.directory}: it is corrupt, incomplete or was '
+                           f'not written by incremental_jax for this model ({type(error).__name__}: {detail}). '
+                           + advice)
 
   def restore_meta(self, step: int) -> dict:
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
-      raise CheckpointError(f'cannot read the metadata of checkpoint {step} in {self.directory}: {e}. '
-                            'The directory is corrupt or not written by incremental_jax; '
-                            'use a new --workdir or delete that checkpoint.') from e
+      raise self._unreadable(step, 'read the metadata of', e) from e
     if not isinstance(meta, dict) or meta.get('format_version') != FORMAT_VERSION:
       raise CheckpointError(f'checkpoint {step} in {self.directory} is not an incremental_jax checkpoint '
-                            f'(format {meta.get("format_version") if isinstance(meta, dict) else None!r}).')
+                            f'(format {meta.get("format_version") if isinstance(meta, dict) else None!r}); '
+                            'use a new --workdir.')
     return meta
 
-  def restore(self, step: int, train_template, mesh) -> tuple[Any, Any, dict, np.ndarray]:
-    """(train_state, frozen, method_state, memory_array) of checkpoint `step`, replicated over `mesh`."""
+  def _abstract(self, template, mesh):
     repl = parallel.replicated(mesh)
-    abstract_train = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), train_template)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), template)
+
+  def restore_train(self, step: int, train_template, mesh):
+    """The train state of checkpoint `step` (task-end or mid-task), replicated over `mesh`."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          train=ocp.args.StandardRestore(self._abstract(train_template, mesh))))['train']
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, 'restore', e) from e
+
+  def restore(self, step: int, train_template, mesh) -> tuple[Any, Any, dict, np.ndarray]:
+    """(train_state, frozen, method_state, memory_array) of task-end checkpoint `step`, replicated over `mesh`."""
     try:
       extra_meta = self.manager.item_metadata(step)['extra']
-      abstract_extra = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=repl), extra_meta)
+      abstract_extra = self._abstract(extra_meta, mesh)
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          train=ocp.args.StandardRestore(abstract_train), extra=ocp.args.StandardRestore(abstract_extra)))
+          train=ocp.args.StandardRestore(self._abstract(train_template, mesh)),
+          extra=ocp.args.StandardRestore(abstract_extra)))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f'cannot restore checkpoint {step} from {self.directory}: {e}. It is corrupt or was '
-                            'written by a different model/config; use a new --workdir.') from e
+      raise self._unreadable(step, 'restore', e) from e
     extra = restored['extra']
     frozen = extra['frozen'].get('tree') if extra['frozen'] else None
     return restored['train'], frozen, dict(extra['method_state']), np.asarray(extra['memory']).astype(np.int64)

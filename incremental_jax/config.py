@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.memory.nme_flip = True        # NME class means also from horizontally flipped exemplars
 
   c.eval = ml_collections.ConfigDict({'batch_size': 256})
-  c.checkpoint = ml_collections.ConfigDict({'max_to_keep': 2})
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.max_to_keep = 2    # task-end checkpoints kept (0 = all)
+  c.checkpoint.every_epochs = 0   # also checkpoint inside a task every n epochs (0 = only at task ends)
   return c
 
 

@@ -2,6 +2,7 @@
 all seen classes, on old and new classes, and per task."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -15,10 +16,11 @@ from incremental_jax.data import pipeline
 
 def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=('logits', 'embedding')) -> Callable:
   """`predict(params, batch_stats, images, flip=False) -> {name: np.ndarray [N, ...]}` in inference mode over a
-  host image array (any length; the last batch is padded and trimmed)."""
+  host image array (any length; the last batch is padded and trimmed). Each process loads its share of every
+  batch; the outputs are replicated (gathered over the mesh), so every process gets all of them."""
   parallel.check_batch_divisible(batch_size, 'eval.batch_size')
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
   def forward(params, batch_stats, images, flip):
     x = preprocess(images)
     x = jnp.where(flip, x[:, :, ::-1, :], x)
@@ -28,7 +30,7 @@ def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=
   def predict(params, batch_stats, images, flip: bool = False) -> dict:
     rows, n = pipeline.padded_rows(len(images), batch_size)
     ident = np.arange(len(images))
-    flip = jnp.asarray(flip)
+    flip = np.bool_(flip)
     chunks = [forward(params, batch_stats, b['image'], flip)
               for b in pipeline.device_batches(images, ident, rows, mesh)]
     host = jax.device_get(chunks)

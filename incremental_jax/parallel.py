@@ -4,6 +4,7 @@ everything else replicated. The same code runs on one CPU, several GPUs and mult
 global across devices."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -41,6 +42,21 @@ def process_slice(global_size: int) -> slice:
     raise ValueError(f'global batch {global_size} is not divisible by the {n} processes.')
   per = global_size // n
   return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+@functools.lru_cache(maxsize=64)
+def process_rows(global_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
+  """Positions (in a global batch of `global_size`) of the examples this process loads: the rows its devices
+  hold under `batch_sharded(mesh)`, in the order `jax.make_array_from_process_local_data` expects them (rows
+  of the lowest-indexed shard first). Every row when there is a single process."""
+  if jax.process_count() == 1:
+    return np.arange(global_size)
+  if global_size % mesh.size:
+    raise ValueError(f'global batch {global_size} is not divisible by the {mesh.size} devices of the mesh.')
+  index_map = batch_sharded(mesh).addressable_devices_indices_map((global_size,))
+  bounds = sorted({(idx[0].start or 0, global_size if idx[0].stop is None else idx[0].stop)
+                   for idx in index_map.values()})
+  return np.concatenate([np.arange(a, b) for a, b in bounds])
 
 
 def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh, global_size: int) -> dict:

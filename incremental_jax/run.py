@@ -7,6 +7,7 @@ last completed task and produces the same results as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -18,6 +19,7 @@ import numpy as np
 
 from incremental_jax import checkpoint as ckpt_lib
 from incremental_jax import evaluate as eval_lib
+from incremental_jax import faults
 from incremental_jax import memory as memory_lib
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
@@ -57,6 +59,7 @@ def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
   m = memory_lib.per_class_budget(config.memory, hi)
   memory = ctx.memory.reduced(m)
   for c in range(lo, hi):
+    faults.reached('exemplar_selection')
     idx = np.flatnonzero(ctx.train_labels == c)
     feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx)
     pos = memory_lib.select_exemplars(feats, m, config.memory.get('selection', 'herding'), seed=config.seed + c)
@@ -81,7 +84,9 @@ def _default_trainable(method, scenario, t: int) -> np.ndarray:
 def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = None) -> dict:
   """Runs (or resumes) the incremental protocol of `config`, writing checkpoints and results into `workdir`.
 
-  Returns the results dict that is also written to `workdir/results.json`.
+  Returns the results dict that is also written to `workdir/results.json`. Every input is checked before any
+  training (`validate`, the data set, the scenario, the checkpoint directory). With several processes
+  (`jax.distributed`), every process calls this; only process 0 writes results, plots and progress.
   """
   validate.validate_config(config)
   is_main = jax.process_index() == 0
@@ -103,23 +108,38 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
                                           max_to_keep=config.checkpoint.get('max_to_keep', 2))
   config_dict = json.loads(config.to_json_best_effort())
-  start_task = 0
+  start_task, mid, task_start_step = 0, None, None
   latest = checkpointer.latest_step()
-  if latest is not None:
+  if latest is None:
+    _refuse_orphan_results(workdir)
+  else:
     meta = checkpointer.restore_meta(latest)
     diffs = ckpt_lib.config_differences(meta['config'], config_dict)
     if diffs:
       raise ckpt_lib.CheckpointError(
           f'{workdir} holds a run with a different config; refusing to resume over it. Differences:\n  '
           + '\n  '.join(diffs[:20]) + '\nUse a new --workdir for a different run.')
-    state, frozen, method_state, mem_arr = checkpointer.restore(latest, state, mesh)
-    memory = memory_lib.Memory.from_array(mem_arr)
+    mid = meta.get(ckpt_lib.MID_TASK)
+    task_start_step = mid['start_step'] if mid else latest
+    if task_start_step is not None:
+      if task_start_step not in checkpointer.all_steps():
+        raise ckpt_lib.CheckpointError(
+            f'mid-task checkpoint {latest} in {checkpointer.directory} needs the task-end checkpoint '
+            f'{task_start_step}, which is missing. Delete {os.path.join(checkpointer.directory, str(latest))} to '
+            'resume from the latest task-end checkpoint, or use a new --workdir.')
+      state, frozen, method_state, mem_arr = checkpointer.restore(task_start_step, state, mesh)
+      memory = memory_lib.Memory.from_array(mem_arr)
+    if mid:
+      mid = dict(mid, state=checkpointer.restore_train(latest, state, mesh))
     steps, start_task = list(meta['steps']), int(meta['task']) + 1
     if is_main and show_progress:
-      print(f'resuming {workdir} after task {start_task} of {scenario.num_tasks} (checkpoint step {latest})', flush=True)
+      where = (f"in task {mid['task'] + 1} (phase {mid['phase_name']!r}, epoch {mid['epoch']})" if mid else
+               f'after task {start_task}')
+      print(f'resuming {workdir} {where} of {scenario.num_tasks} (checkpoint step {latest})', flush=True)
 
   base_results = {'method': config.method.name, 'dataset': ds.name, 'num_tasks': scenario.num_tasks,
                   'class_order': scenario.order.tolist(), 'task_sizes': list(scenario.sizes), 'config': config_dict}
+  every = int(config.checkpoint.get('every_epochs', 0) or 0)
   for t in range(start_task, scenario.num_tasks):
     t0 = time.time()
     ctx = TaskContext(config=config, task=t, scenario=scenario, train_images=ds.train_images,
@@ -127,8 +147,15 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
                       method_state=method_state, memory=memory, embed=embed, predict=predict, mesh=mesh,
                       augment_fn=aug_fn, workdir=workdir)
     ctx = method.before_task(ctx)
-    epoch_losses = {}
-    ctx, epoch_losses = _run_phases(trainer, method, ctx, method.phases(ctx), data, epoch_losses)
+    resume = mid if mid is not None and mid['task'] == t else None
+    epoch_losses = dict(resume['epoch_losses']) if resume else {}
+    save_mid = None
+    if every > 0:
+      save_mid = functools.partial(_save_mid_task, checkpointer, every, t, task_start_step,
+                                   {'task': t - 1, 'steps': list(steps), 'class_order': scenario.order.tolist(),
+                                    'config': config_dict})
+    ctx, epoch_losses = _run_phases(trainer, method, ctx, method.phases(ctx), data, epoch_losses,
+                                    on_epoch_end=save_mid, resume=resume)
     if method.uses_memory:
       ctx = dataclasses.replace(ctx, memory=update_memory(ctx, config))
     ctx, epoch_losses = _run_phases(trainer, method, ctx, method.balancing_phases(ctx), data, epoch_losses)
@@ -142,14 +169,16 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
                   train_seconds=round(train_seconds, 3), epoch_losses=epoch_losses)
     steps.append(record)
     state, frozen, method_state, memory = ctx.state, ctx.frozen, ctx.method_state, ctx.memory
-    meta = {'task': t, 'steps': steps, 'class_order': scenario.order.tolist(), 'config': config_dict}
-    checkpointer.save(int(jax.device_get(state.step)), state, frozen, method_state,
-                      memory.to_array(scenario.num_classes), meta)
+    meta = {'task': t, 'steps': list(steps), 'class_order': scenario.order.tolist(), 'config': config_dict}
+    task_start_step = int(jax.device_get(state.step))
+    checkpointer.save(task_start_step, state, frozen, method_state, memory.to_array(scenario.num_classes), meta)
+    checkpointer.wait()  # results.json never reports a task whose checkpoint is incomplete
     results = {**base_results, **metrics_lib.summarize(steps), 'steps': steps,
                'complete': t == scenario.num_tasks - 1}
     if is_main:
       metrics_lib.write_results(workdir, results, plots=config.get('plots', True))
       _print_step(record, config, show_progress)
+    faults.reached('task_end')
   checkpointer.close()
   results = {**base_results, **metrics_lib.summarize(steps), 'steps': steps, 'complete': True,
              'compilations': trainer.compile_count}
@@ -161,19 +190,73 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   return results
 
 
-def _run_phases(trainer, method, ctx: TaskContext, phases, data: RunData, epoch_losses: dict):
+def _refuse_orphan_results(workdir: str) -> None:
+  """A workdir whose results.json reports finished tasks but which has no checkpoint (deleted, or another
+  tool's directory) is never silently started over: results.json is written only after the checkpoint of the
+  tasks it reports is complete, so this cannot come from a crash."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      done = len(json.load(f).get('steps', []))
+  except (OSError, ValueError, AttributeError):
+    done = None
+  if done != 0:
+    what = f'results of {done} finished task(s)' if done else 'a results.json that is not from incremental_jax'
+    raise ckpt_lib.CheckpointError(
+        f'{workdir} holds {what} but no checkpoint to resume from (checkpoints/ is missing or empty); refusing '
+        f'to start over and overwrite them. Use a new --workdir, or delete {path} to rerun from scratch.')
+
+
+def _save_mid_task(checkpointer, every: int, t: int, task_start_step, base_meta: dict, p_idx: int, phase,
+                   e: int, state, epoch_losses: dict, history: list) -> None:
+  """After epoch e of main phase `p_idx` of task t: a mid-task checkpoint every `every` epochs (never after a
+  phase's last epoch, whose state the task's next checkpoint supersedes)."""
+  if (e + 1) % every or e + 1 >= int(phase.optim.epochs):
+    return
+  train_lib.check_finite(state, f'task {t + 1} {phase.name}')
+  mid = {'task': t, 'phase': p_idx, 'phase_name': phase.name, 'epoch': e + 1, 'start_step': task_start_step,
+         'epoch_losses': dict(epoch_losses), 'phase_losses': [round(m['loss'], 6) for m in history]}
+  checkpointer.save_mid_task(int(jax.device_get(state.step)), state, {**base_meta, ckpt_lib.MID_TASK: mid})
+
+
+def _run_phases(trainer, method, ctx: TaskContext, phases, data: RunData, epoch_losses: dict,
+                on_epoch_end=None, resume: Optional[dict] = None):
+  """Trains `phases` in order. `on_epoch_end(p_idx, phase, e, state, epoch_losses, history)` after each epoch;
+  `resume` (a mid-task checkpoint's `mid_task` entry plus its `state`) skips the phases and epochs it covers."""
   state = ctx.state
   for p_idx, phase in enumerate(phases):
+    start_epoch, history = 0, []
+    if resume is not None:
+      if p_idx < resume['phase']:
+        continue
+      if p_idx == resume['phase']:
+        if phase.name != resume['phase_name']:
+          raise ckpt_lib.CheckpointError(
+              f"the mid-task checkpoint was taken in phase {resume['phase_name']!r} but the method's phase "
+              f'{p_idx} of task {ctx.task} is now {phase.name!r}; its hooks are not deterministic.')
+        state, start_epoch = resume['state'], int(resume['epoch'])
+        history = [{'loss': loss} for loss in resume['phase_losses']]
     trainable = phase.trainable_classes
     if trainable is None:
       trainable = _default_trainable(method, ctx.scenario, ctx.task)
     task_info = train_lib.make_task_info(ctx.scenario, ctx.task, trainable)
     desc = f'task {ctx.task + 1}/{ctx.scenario.num_tasks} {phase.name}'
+    callback = None
+    if on_epoch_end is not None:
+      callback = functools.partial(_epoch_callback, on_epoch_end, p_idx, phase, epoch_losses, history)
     result = trainer.run_phase(state, ctx.frozen, task_info, phase, ctx.train_images, data.train_labels,
-                               rng_seed=(int(ctx.config.seed), ctx.task, len(epoch_losses)), desc=desc)
+                               rng_seed=(int(ctx.config.seed), ctx.task, len(epoch_losses)), desc=desc,
+                               on_epoch_end=callback, start_epoch=start_epoch, history=history)
     state = result.state
+    train_lib.check_finite(state, desc)
     epoch_losses[phase.name] = [round(m['loss'], 6) for m in result.epoch_metrics]
   return dataclasses.replace(ctx, state=state), epoch_losses
+
+
+def _epoch_callback(on_epoch_end, p_idx, phase, epoch_losses, history, e, state):
+  on_epoch_end(p_idx, phase, e, state, epoch_losses, history)
 
 
 def _print_step(record: dict, config, show_progress: bool) -> None:

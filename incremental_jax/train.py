@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from incremental_jax import parallel
+from incremental_jax import faults, parallel
 from incremental_jax.data import pipeline
 from incremental_jax.methods.base import Phase, TaskInfo
 from incremental_jax.models import Model, head_update_mask
@@ -139,9 +139,19 @@ class Trainer:
     return self._opt_init[phase.name](params)
 
   def run_phase(self, state: TrainState, frozen: Any, task: TaskInfo, phase: Phase, images, labels: np.ndarray,
-                rng_seed: tuple, desc: str = '', on_epoch_end: Optional[Callable] = None) -> PhaseResult:
+                rng_seed: tuple, desc: str = '', on_epoch_end: Optional[Callable] = None, start_epoch: int = 0,
+                history: Optional[list] = None) -> PhaseResult:
     """Trains `phase` for `phase.optim.epochs` epochs over `phase.indices`. The sampler of epoch e draws from
-    `np.random.default_rng(rng_seed + (e,))`, so a run is reproducible and resumable."""
+    `np.random.default_rng(rng_seed + (e,))`, so a run is reproducible and resumable.
+
+    `on_epoch_end(e, state)` is called after each epoch (e.g. to write a mid-task checkpoint). To continue an
+    interrupted phase, pass the state saved after epoch `start_epoch - 1` (its optimiser state and `phase_step`
+    are kept) and `start_epoch`; epochs before it are skipped. `history`, when given, is extended in place with
+    each epoch's mean metrics and returned as `epoch_metrics`.
+
+    Raises FloatingPointError, naming the global step, when a step's loss is not finite; the check reads the
+    epoch's metrics once at the epoch end, so it adds nothing to the compiled step.
+    """
     optim = phase.optim
     batch_size = int(optim.batch_size)
     parallel.check_batch_divisible(batch_size)
@@ -156,26 +166,60 @@ class Trainer:
     task = parallel.replicate(task, self.mesh)
     has_teacher = frozen is not None
     step_fn = self._compiled_step(phase, has_teacher)
-    state = state.replace(phase_step=jnp.zeros((), jnp.int32), opt_state=self.init_opt_state(phase, state.params))
-    history = []
+    if start_epoch == 0:
+      state = state.replace(phase_step=parallel.replicate(np.zeros((), np.int32), self.mesh),
+                            opt_state=self.init_opt_state(phase, state.params))
+    history = [] if history is None else history
     bar = _progress(epochs * steps_per_epoch, desc, self.show_progress)
-    for e, rows in enumerate(plan):
+    bar.update(start_epoch * steps_per_epoch)
+    fault_per_step = faults.armed('train_step')
+    for e in range(start_epoch, epochs):
       epoch_metrics = []
-      for batch in pipeline.device_batches(images, labels, rows, self.mesh):
+      for batch in pipeline.device_batches(images, labels, plan[e], self.mesh):
         state, metrics = step_fn(state, frozen, task, batch)
         epoch_metrics.append(metrics)
         bar.update(1)
-      means = {k: float(v) for k, v in jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)),
-                                                                     *epoch_metrics)).items()}
+        if fault_per_step:
+          faults.reached('train_step')
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics)
+      means = {k: float(v) for k, v in jax.device_get(jax.tree.map(jnp.mean, stacked)).items()}
       history.append(means)
       bar.set_postfix(epoch=e + 1, loss=f"{means['loss']:.4f}", refresh=False)
       if not np.isfinite(means['loss']):
-        raise FloatingPointError(f'{desc}: the loss became {means["loss"]} in epoch {e + 1}; stopping. '
-                                 'The last complete checkpoint is kept; lower optim.lr or check the data.')
+        bar.close()
+        raise FloatingPointError(_non_finite_message(desc, np.asarray(jax.device_get(stacked['loss'])),
+                                                     int(jax.device_get(state.step)), e))
+      faults.reached('epoch_end')
       if on_epoch_end is not None:
         on_epoch_end(e, state)
     bar.close()
     return PhaseResult(state=state, epoch_metrics=history)
+
+
+def _non_finite_message(desc: str, step_losses: np.ndarray, end_step: int, epoch: int) -> str:
+  """Names the first step of an epoch whose loss is not finite, by its global step (0-based: the number of
+  steps taken before it in the run)."""
+  i = int(np.flatnonzero(~np.isfinite(step_losses))[0])
+  step = end_step - len(step_losses) + i
+  return (f'{desc}: the loss became {step_losses[i]} at global step {step} (step {i + 1} of epoch {epoch + 1}); '
+          'stopping. The last complete checkpoint is kept; lower optim.lr or check the data.')
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+_all_finite_jit = jax.jit(_all_finite)
+
+
+def check_finite(state: TrainState, desc: str = '') -> None:
+  """Raises FloatingPointError if any parameter or batch statistic is NaN/inf (e.g. an infinite gradient on
+  the last step of a phase, which no loss shows); called before anything is checkpointed, outside the step."""
+  if not bool(_all_finite_jit({'params': state.params, 'batch_stats': state.batch_stats})):
+    raise FloatingPointError(f'{desc}: parameters are not finite after global step {int(jax.device_get(state.step))}; '
+                             'stopping before they are checkpointed. The last complete checkpoint is kept; lower '
+                             'optim.lr or check the data.')
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -2,14 +2,22 @@
 seconds and the message says what to change."""
 from __future__ import annotations
 
+import math
+
 import jax
 
-from incremental_jax.data import pipeline, sources
+from incremental_jax.checkpoint import CheckpointError
+from incremental_jax.data import pipeline, scenario, sources
 from incremental_jax.losses.auxiliary import AUX_LOSSES
 
 
 class ConfigError(ValueError):
   """An invalid config value; the message names the field and the valid choices."""
+
+
+# Errors that describe a problem with the user's input or workdir (not a bug): `main.py` prints their message
+# alone. FloatingPointError is a diverged run (a non-finite loss), reported with its global step.
+USER_ERRORS = (ConfigError, sources.DataError, scenario.ScenarioError, CheckpointError, FloatingPointError)
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -37,7 +45,10 @@ def validate_config(config) -> None:
   _require(optim.schedule in ('multistep', 'cosine', 'constant'),
            f"optim.schedule={optim.schedule!r}; valid: 'multistep', 'cosine', 'constant'.")
   _require(int(optim.epochs) >= 1, f'optim.epochs must be >= 1; got {optim.epochs}.')
-  _require(float(optim.lr) > 0, f'optim.lr must be > 0; got {optim.lr}.')
+  for name in ('lr', 'first_task_lr'):
+    value = float(optim.get(name, 0) or 0)
+    _require(math.isfinite(value) and (value > 0 or (name != 'lr' and value == 0)),
+             f'optim.{name} must be a finite number > 0; got {optim.get(name)}.')
   for name, size in (('optim.batch_size', optim.batch_size), ('eval.batch_size', config.eval.batch_size)):
     _require(int(size) >= 1, f'{name} must be >= 1; got {size}.')
     _require(int(size) % jax.device_count() == 0,
@@ -48,6 +59,12 @@ def validate_config(config) -> None:
   _require(int(mem.get('total', 0) or 0) >= 0, f'memory.total must be >= 0; got {mem.total}.')
   _require(mem.get('selection', 'herding') in ('herding', 'random'),
            f"memory.selection={mem.selection!r}; valid: 'herding', 'random'.")
+  for name in ('max_to_keep', 'every_epochs'):
+    value = config.checkpoint.get(name, 0) or 0
+    _require(int(value) >= 0, f'checkpoint.{name} must be >= 0; got {value}.')
+  order = tuple(config.data.get('class_order', ()) or ())
+  _require(all(float(c) == int(c) for c in order),
+           f'data.class_order must hold integer class ids; got {list(order)[:20]}.')
 
 
 def validate_against_data(config, dataset, scenario) -> None:

@@ -9,6 +9,7 @@ import collections
 import concurrent.futures
 from typing import Callable, Iterable, Iterator
 
+import jax
 import numpy as np
 
 from incremental_jax import parallel
@@ -84,7 +85,7 @@ def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], me
   device's work)."""
 
   def load(row):
-    local = row[parallel.process_slice(len(row))]
+    local = row if jax.process_count() == 1 else row[parallel.process_rows(len(row), mesh)]
     return parallel.shard_batch(gather(images, labels, local), mesh, len(row))
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
