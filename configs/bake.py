@@ -18,7 +18,9 @@ Ordinary classification (one task with every class, `data.increment=0`), method 
   test                a tiny digits run for the unit tests.
 
 BAKE added to an incremental method (`method.aux_losses.bake`, see `add_bake`):
-  icarl_digits        iCaRL's digits protocol + BAKE (M=1). To become LUCIR's protocol once 'lucir' exists.
+  lucir_digits        LUCIR's digits protocol (configs/lucir.py:digits) + BAKE (M=1).
+  lucir_cifar100_b50_s10  LUCIR's CIFAR-100 B50 10-step protocol + BAKE (M=1); the sampler doubles each epoch.
+  icarl_digits        iCaRL's digits protocol + BAKE (M=1).
 
 Other small data sets in the official code: TinyImageNet (batch 128, M=1, w=0.9), CUB-200 (batch 32, M=3,
 w=0.5), Stanford Dogs / MIT67 (batch 32, M=1, w=0.9).
@@ -105,6 +107,8 @@ PRESETS = {
     'digits': digits,
     'digits_ce': digits_ce,
     'test': test,
+    'lucir_digits': on_method('lucir', 'digits'),
+    'lucir_cifar100_b50_s10': on_method('lucir', 'cifar100_b50_s10'),
     'icarl_digits': on_method('icarl', 'digits'),
 }
 
