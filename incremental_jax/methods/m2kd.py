@@ -33,18 +33,56 @@ import os
 import jax
 import numpy as np
 
+import jax.numpy as jnp
+
 from incremental_jax import parallel, pruning
-from incremental_jax.losses import cross_entropy
+from incremental_jax import train as train_lib
+from incremental_jax.losses import cross_entropy, kd_kl
 from incremental_jax.losses.m2kd import multi_model_kd
-from incremental_jax.methods.base import Method, TaskContext, snapshot
+from incremental_jax.methods.base import Method, Phase, TaskContext, snapshot
 
 
-def store_snapshot(state, keep: float) -> dict:
-  """The stored (pruned) form of the model in `state`: {'params': `pruning.compress_tree` at keep ratio `keep`,
-  'batch_stats': dense copies}."""
-  dense = jax.device_get(snapshot(state))
-  return {'params': pruning.compress_tree(dense['params'], keep),
-          'batch_stats': jax.tree.map(np.array, dense['batch_stats'])}
+def store_snapshot(model_vars: dict, keep: float) -> dict:
+  """The stored (pruned) form of `model_vars` {'params', 'batch_stats'}: {'params': `pruning.compress_tree` at keep
+  ratio `keep`, 'batch_stats': dense copies}."""
+  model_vars = jax.device_get(model_vars)
+  return {'params': pruning.compress_tree(model_vars['params'], keep),
+          'batch_stats': jax.tree.map(np.array, model_vars['batch_stats'])}
+
+
+def weight_masks(params: dict, keep: float) -> dict:
+  """0/1 float multipliers of `params`' structure: `pruning.magnitude_mask` on the prunable leaves, 1 elsewhere."""
+  def one(path, w):
+    w = np.asarray(w)
+    return pruning.magnitude_mask(w, keep).astype(w.dtype) if pruning.default_prunable(path, w) else np.ones((), w.dtype)
+  return jax.tree_util.tree_map_with_path(one, jax.device_get(params))
+
+
+class PrunedSnapshotTraining(Method):
+  """Retrains a pruned copy of a snapshot with its mask fixed, to reconstruct the dense snapshot's predictions
+  (PROPOSAL, the retraining step of mask-based pruning): loss = T^2 KL(softmax(dense / T) || softmax(pruned / T))
+  over the seen classes, T = `method.kd_temperature`; after every update the pruned weights are set back to 0.
+  `frozen` = {'dense': the dense snapshot, 'mask': `weight_masks`}. No auxiliary loss terms."""
+
+  def __init__(self, config):
+    self.config, self.mcfg = config, config.method
+
+  def teacher_forward(self, model, frozen, images):
+    return model.apply(frozen['dense']['params'], frozen['dense']['batch_stats'], images, train=False)[0]
+
+  def loss(self, outputs, batch, task, teacher, params):
+    t = float(self.mcfg.kd_temperature)
+    kd = t * t * kd_kl(outputs['logits'], teacher['logits'], t, task.seen).mean()
+    return kd, {'reconstruction_kd': kd}
+
+  def make_train_step(self, model, phase, augment_fn, seed, has_teacher):
+    step = train_lib.make_train_step(model, self, phase, augment_fn, seed, has_teacher)
+
+    def masked_step(state, frozen, task, batch):
+      state, metrics = step(state, frozen, task, batch)
+      return state.replace(params=jax.tree.map(jnp.multiply, state.params, frozen['mask'])), metrics
+
+    return masked_step
 
 
 def append_snapshot(frozen, stored: dict, group: np.ndarray, keep_all: bool) -> dict:
@@ -113,9 +151,10 @@ class M2KD(Method):
     classes of task t; with 'last' it replaces the stack and distils every class seen so far."""
     keep_all = self.mcfg.get('teachers', 'all') == 'all'
     masks = ctx.scenario.class_masks(ctx.task)
-    stored = store_snapshot(ctx.state, float(self.mcfg.get('prune_keep', 1.0)))
+    keep = float(self.mcfg.get('prune_keep', 1.0))
+    stored = store_snapshot(self._pruned_snapshot(ctx, keep), keep)
     frozen = append_snapshot(ctx.frozen, stored, masks['new'] if keep_all else masks['seen'], keep_all)
-    dense = pruning.nbytes(jax.device_get(snapshot(ctx.state)))
+    dense = pruning.nbytes(jax.device_get({'params': ctx.state.params, 'batch_stats': ctx.state.batch_stats}))
     sizes = np.array([[pruning.nbytes(stored), dense]], np.int32)
     previous = ctx.method_state.get('snapshot_bytes')
     if keep_all and previous is not None:
@@ -123,6 +162,35 @@ class M2KD(Method):
     _write_sizes(ctx.workdir, sizes)
     frozen = jax.device_put(frozen) if ctx.mesh is None else parallel.replicate(frozen, ctx.mesh)
     return dataclasses.replace(ctx, frozen=frozen, method_state={**ctx.method_state, 'snapshot_bytes': sizes})
+
+  def _pruned_snapshot(self, ctx: TaskContext, keep: float) -> dict:
+    """The model of task t to store: the dense snapshot, or (with `prune_finetune_epochs` > 0 and keep < 1) its
+    pruned copy retrained by `PrunedSnapshotTraining` on the task's training data at `prune_finetune_lr`."""
+    dense = snapshot(ctx.state)
+    epochs = int(self.mcfg.get('prune_finetune_epochs', 0) or 0)
+    if epochs <= 0 or keep >= 1.0:
+      return dense
+    mask = weight_masks(dense['params'], keep)
+    frozen = {'dense': dense, 'mask': mask}
+    frozen = jax.device_put(frozen) if ctx.mesh is None else parallel.replicate(frozen, ctx.mesh)
+    params = jax.tree.map(jnp.multiply, dense['params'], frozen['mask'])
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), phase_step=jnp.zeros((), jnp.int32), params=params,
+                                 batch_stats=jax.tree.map(jnp.copy, dense['batch_stats']), opt_state=None)
+    if ctx.mesh is not None:
+      state = parallel.replicate(state, ctx.mesh)
+    optim = ctx.config.optim.copy_and_resolve_references()
+    with optim.unlocked():
+      optim.update(epochs=epochs, lr=float(self.mcfg.prune_finetune_lr), milestones=(), schedule='cosine')
+    if getattr(self, '_pruned_trainer', None) is None or self._pruned_trainer.model is not ctx.model:
+      self._pruned_trainer = train_lib.Trainer(ctx.model, PrunedSnapshotTraining(ctx.config), ctx.mesh,
+                                               ctx.augment_fn, seed=int(ctx.config.seed) + 1,
+                                               show_progress=ctx.config.get('progress', True))
+    trainer = self._pruned_trainer
+    task = train_lib.make_task_info(ctx.scenario, ctx.task, ctx.scenario.class_masks(ctx.task)['seen'])
+    phase = Phase('pruned_snapshot', trainer.method.loss, self.train_indices(ctx), optim)
+    result = trainer.run_phase(state, frozen, task, phase, ctx.train_images, ctx.train_labels,
+                               rng_seed=(int(ctx.config.seed), ctx.task, 1000), desc=f'task {ctx.task + 1} pruned snapshot')
+    return {'params': result.state.params, 'batch_stats': result.state.batch_stats}
 
 
 class M2KDExemplars(M2KD):
