@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from incremental_jax.losses import bake
+from incremental_jax.losses import bake, m2kd
 
 AUX_LOSSES: dict[str, Callable] = {
     'bake': bake.bake_term,
+    'feature_kd': m2kd.feature_kd_term,
 }
 
 

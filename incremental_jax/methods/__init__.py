@@ -6,6 +6,7 @@ from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
 from incremental_jax.methods.lucir import Lucir
 from incremental_jax.methods.bake import BAKE
 from incremental_jax.methods.iekd import IEDML, IEKD, KD
+from incremental_jax.methods.m2kd import M2KD, M2KDExemplars
 
 METHODS: dict[str, type] = {
     'finetune': Finetune,
@@ -17,6 +18,8 @@ METHODS: dict[str, type] = {
     'kd': KD,
     'iekd': IEKD,
     'iekd_dml': IEDML,
+    'm2kd': M2KD,
+    'm2kd_exemplars': M2KDExemplars,
 }
 
 

@@ -1,0 +1,211 @@
+"""M2KD (Zhou, Mai, Zhang, Xu, Wu, Davis, "M2KD: Incremental Learning via Multi-model and Multi-level Knowledge
+Distillation", BMVC 2020; arXiv 1904.01769 "Multi-model and Multi-level Knowledge Distillation for Incremental
+Learning").
+
+What the paper's abstract states, and how it is built here:
+  - multi-model distillation: every earlier model snapshot is a teacher, not only the last one. After task j the
+    model is frozen as snapshot j; while learning task t, the current model's logits over the classes of task j
+    are distilled from snapshot j, for every j < t (`losses.m2kd.multi_model_kd`; `method.teachers='last'` gives
+    the sequential, LwF-style distillation from the last snapshot on all old classes, the paper's baseline).
+    The snapshots share one architecture: they are stacked along a leading axis and evaluated by one
+    `jax.vmap`-ed forward (`teacher_forward`), not a Python loop.
+  - multi-level distillation: an auxiliary distillation of intermediate features of the previous model, the
+    auxiliary loss term 'feature_kd' (`losses.m2kd.feature_kd_term`, configured in `method.aux_losses` with its own
+    weight lambda), so that L_total = CE + L_MM + lambda * L_AD.
+  - mask-based pruning: each stored snapshot keeps only its `prune_keep` fraction of largest-magnitude weights
+    (`incremental_jax.pruning`), stored as values + a packed bit mask; the stacked *stored* form is the frozen
+    pytree (and what is checkpointed), and the teacher forward rebuilds the masked weights inside the step.
+    Bytes kept against the dense size are in `method_state['snapshot_bytes']` and `<workdir>/m2kd_snapshots.json`.
+
+No official code exists and the paper body (equations, hyperparameters, tables) could not be retrieved: the loss
+forms, the temperature (T = 2), the weights, the teacher of the auxiliary term (the previous snapshot), the
+features (the output of every backbone stage) and the pruning criterion (per-array magnitude, no retraining of the
+pruned copy) are PROPOSALs consistent with the abstract, all exposed in `configs/m2kd.py`.
+
+'m2kd' is exemplar-free (the paper's main setting); 'm2kd_exemplars' adds the iCaRL herding memory (and NME).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+import jax.numpy as jnp
+
+from incremental_jax import parallel, pruning
+from incremental_jax import train as train_lib
+from incremental_jax.losses import cross_entropy, kd_kl
+from incremental_jax.losses.m2kd import multi_model_kd
+from incremental_jax.methods.base import Method, Phase, TaskContext, snapshot
+
+
+def store_snapshot(model_vars: dict, keep: float) -> dict:
+  """The stored (pruned) form of `model_vars` {'params', 'batch_stats'}: {'params': `pruning.compress_tree` at keep
+  ratio `keep`, 'batch_stats': dense copies}."""
+  model_vars = jax.device_get(model_vars)
+  return {'params': pruning.compress_tree(model_vars['params'], keep),
+          'batch_stats': jax.tree.map(np.array, model_vars['batch_stats'])}
+
+
+def weight_masks(params: dict, keep: float) -> dict:
+  """0/1 float multipliers of `params`' structure: `pruning.magnitude_mask` on the prunable leaves, 1 elsewhere."""
+  def one(path, w):
+    w = np.asarray(w)
+    return pruning.magnitude_mask(w, keep).astype(w.dtype) if pruning.default_prunable(path, w) else np.ones((), w.dtype)
+  return jax.tree_util.tree_map_with_path(one, jax.device_get(params))
+
+
+class PrunedSnapshotTraining(Method):
+  """Retrains a pruned copy of a snapshot with its mask fixed, to reconstruct the dense snapshot's predictions
+  (PROPOSAL, the retraining step of mask-based pruning): loss = T^2 KL(softmax(dense / T) || softmax(pruned / T))
+  over the seen classes, T = `method.kd_temperature`; after every update the pruned weights are set back to 0.
+  `frozen` = {'dense': the dense snapshot, 'mask': `weight_masks`}. No auxiliary loss terms."""
+
+  def __init__(self, config):
+    self.config, self.mcfg = config, config.method
+
+  def teacher_forward(self, model, frozen, images):
+    return model.apply(frozen['dense']['params'], frozen['dense']['batch_stats'], images, train=False)[0]
+
+  def loss(self, outputs, batch, task, teacher, params):
+    t = float(self.mcfg.kd_temperature)
+    kd = t * t * kd_kl(outputs['logits'], teacher['logits'], t, task.seen).mean()
+    return kd, {'reconstruction_kd': kd}
+
+  def make_train_step(self, model, phase, augment_fn, seed, has_teacher):
+    step = train_lib.make_train_step(model, self, phase, augment_fn, seed, has_teacher)
+
+    def masked_step(state, frozen, task, batch):
+      state, metrics = step(state, frozen, task, batch)
+      return state.replace(params=jax.tree.map(jnp.multiply, state.params, frozen['mask'])), metrics
+
+    return masked_step
+
+
+def append_snapshot(frozen, stored: dict, group: np.ndarray, keep_all: bool) -> dict:
+  """The frozen pytree {'snapshots': stored snapshots stacked on a leading axis, 'groups': float [S, C] the
+  classes each snapshot distils} with `stored` (supervising the classes of `group` [C]) added last; with
+  `keep_all` False only the new snapshot is kept."""
+  stored = jax.tree.map(lambda x: np.asarray(x)[None], stored)
+  group = np.asarray(group, np.float32)[None]
+  if keep_all and frozen is not None:
+    stored = jax.tree.map(lambda a, b: np.concatenate([np.asarray(a), b]), frozen['snapshots'], stored)
+    group = np.concatenate([np.asarray(frozen['groups'], np.float32), group])
+  return {'snapshots': stored, 'groups': group}
+
+
+def stacked_forward(model, snapshots: dict, images: jax.Array) -> dict:
+  """Inference-mode outputs {'logits': [S, B, C], 'stages': ([S, B, H, W, C], ...)} of the S stacked stored
+  snapshots on `images`: one vmapped forward that rebuilds each snapshot's masked weights from its stored form."""
+  params_template, _ = jax.eval_shape(model.init_variables)
+
+  def forward(stored):
+    params = pruning.decompress_tree(stored['params'], params_template)
+    out = model.apply(params, stored['batch_stats'], images, train=False)[0]
+    return {'logits': out['logits'], 'stages': tuple(out['stages'])}
+
+  return jax.vmap(forward)(snapshots)
+
+
+class M2KD(Method):
+  """M2KD, exemplar-free. Config (`method.*`): `teachers` ('all' snapshots, M2KD; 'last' = sequential KD from the
+  previous model on every old class), `kd_temperature`, `mm_weight`, `mm_domain` ('group' | 'seen', see
+  `losses.m2kd.snapshot_class_masks`), `mm_reduction` ('sum' | 'mean' over snapshots), `ce_classes` ('new': the
+  current task's classes, as LwF; 'seen': every seen class, needed with exemplars), `prune_keep` (fraction of each
+  weight array a stored snapshot keeps; 1 = no pruning), and `aux_losses.feature_kd` {weight, stages}."""
+  teacher = 'all'
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = self.mcfg
+    if m.get('teachers', 'all') not in ('all', 'last'):
+      raise ValueError(f"method.teachers must be 'all' or 'last'; got {m.teachers!r}.")
+    if self.uses_memory and m.get('ce_classes', 'seen') != 'seen':
+      raise ValueError("with exemplars, method.ce_classes must be 'seen' (exemplars of old classes are trained on).")
+    pruning.num_kept(1, float(m.get('prune_keep', 1.0)))  # checks the ratio
+
+  # ---- traced -------------------------------------------------------------------------------------
+  def teacher_forward(self, model, frozen, images):
+    """All snapshots at once; 'logits' and 'stages' are the last (previous) snapshot's, so single-teacher terms
+    (e.g. the auxiliary 'feature_kd') see the previous model."""
+    out = stacked_forward(model, frozen['snapshots'], images)
+    return {'snapshot_logits': out['logits'], 'groups': frozen['groups'], 'logits': out['logits'][-1],
+            'stages': tuple(s[-1] for s in out['stages'])}
+
+  def loss(self, outputs, batch, task, teacher, params):
+    logits = outputs['logits']
+    ce_mask = task.new if self.mcfg.get('ce_classes', 'seen') == 'new' else task.seen
+    ce = cross_entropy(logits, batch['label'], ce_mask).mean()
+    if teacher is None:
+      return ce, {'ce': ce}
+    mm = multi_model_kd(logits, teacher['snapshot_logits'], teacher['groups'], float(self.mcfg.kd_temperature),
+                        self.mcfg.get('mm_domain', 'group'), self.mcfg.get('mm_reduction', 'sum')).mean()
+    return ce + float(self.mcfg.mm_weight) * mm, {'ce': ce, 'mm_kd': mm}
+
+  # ---- host-side hooks ----------------------------------------------------------------------------
+  def after_task(self, ctx: TaskContext) -> TaskContext:
+    """Stores the pruned snapshot of task t: with `teachers='all'` it is appended to the stack and distils the
+    classes of task t; with 'last' it replaces the stack and distils every class seen so far."""
+    keep_all = self.mcfg.get('teachers', 'all') == 'all'
+    masks = ctx.scenario.class_masks(ctx.task)
+    keep = float(self.mcfg.get('prune_keep', 1.0))
+    stored = store_snapshot(self._pruned_snapshot(ctx, keep), keep)
+    frozen = append_snapshot(ctx.frozen, stored, masks['new'] if keep_all else masks['seen'], keep_all)
+    dense = pruning.nbytes(jax.device_get({'params': ctx.state.params, 'batch_stats': ctx.state.batch_stats}))
+    sizes = np.array([[pruning.nbytes(stored), dense]], np.int32)
+    previous = ctx.method_state.get('snapshot_bytes')
+    if keep_all and previous is not None:
+      sizes = np.concatenate([np.asarray(previous, np.int32), sizes])
+    _write_sizes(ctx.workdir, sizes)
+    frozen = jax.device_put(frozen) if ctx.mesh is None else parallel.replicate(frozen, ctx.mesh)
+    return dataclasses.replace(ctx, frozen=frozen, method_state={**ctx.method_state, 'snapshot_bytes': sizes})
+
+  def _pruned_snapshot(self, ctx: TaskContext, keep: float) -> dict:
+    """The model of task t to store: the dense snapshot, or (with `prune_finetune_epochs` > 0 and keep < 1) its
+    pruned copy retrained by `PrunedSnapshotTraining` on the task's training data at `prune_finetune_lr`."""
+    dense = snapshot(ctx.state)
+    epochs = int(self.mcfg.get('prune_finetune_epochs', 0) or 0)
+    if epochs <= 0 or keep >= 1.0:
+      return dense
+    mask = weight_masks(dense['params'], keep)
+    frozen = {'dense': dense, 'mask': mask}
+    frozen = jax.device_put(frozen) if ctx.mesh is None else parallel.replicate(frozen, ctx.mesh)
+    params = jax.tree.map(jnp.multiply, dense['params'], frozen['mask'])
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), phase_step=jnp.zeros((), jnp.int32), params=params,
+                                 batch_stats=jax.tree.map(jnp.copy, dense['batch_stats']), opt_state=None)
+    if ctx.mesh is not None:
+      state = parallel.replicate(state, ctx.mesh)
+    optim = ctx.config.optim.copy_and_resolve_references()
+    with optim.unlocked():
+      optim.update(epochs=epochs, lr=float(self.mcfg.prune_finetune_lr), milestones=(), schedule='cosine')
+    if getattr(self, '_pruned_trainer', None) is None or self._pruned_trainer.model is not ctx.model:
+      self._pruned_trainer = train_lib.Trainer(ctx.model, PrunedSnapshotTraining(ctx.config), ctx.mesh,
+                                               ctx.augment_fn, seed=int(ctx.config.seed) + 1,
+                                               show_progress=ctx.config.get('progress', True))
+    trainer = self._pruned_trainer
+    task = train_lib.make_task_info(ctx.scenario, ctx.task, ctx.scenario.class_masks(ctx.task)['seen'])
+    phase = Phase('pruned_snapshot', trainer.method.loss, self.train_indices(ctx), optim)
+    result = trainer.run_phase(state, frozen, task, phase, ctx.train_images, ctx.train_labels,
+                               rng_seed=(int(ctx.config.seed), ctx.task, 1000), desc=f'task {ctx.task + 1} pruned snapshot')
+    return {'params': result.state.params, 'batch_stats': result.state.batch_stats}
+
+
+class M2KDExemplars(M2KD):
+  """M2KD with the iCaRL herding memory (`memory.*`): CE over every seen class on new data + exemplars, the
+  multi-model distillation on all of them, NME evaluation."""
+  uses_memory = True
+
+
+def _write_sizes(workdir: str, sizes: np.ndarray) -> None:
+  """`<workdir>/m2kd_snapshots.json`: per stored snapshot, the bytes kept and the dense size (process 0)."""
+  if not workdir or jax.process_index() != 0:
+    return
+  rows = [{'snapshot': i, 'stored_bytes': int(s), 'dense_bytes': int(d), 'fraction': round(float(s) / float(d), 4)}
+          for i, (s, d) in enumerate(sizes)]
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'm2kd_snapshots.json'), 'w') as f:
+    json.dump({'snapshots': rows, 'stored_bytes': int(sizes[:, 0].sum()), 'dense_bytes': int(sizes[:, 1].sum())},
+              f, indent=1)
