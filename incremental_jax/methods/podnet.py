@@ -4,7 +4,8 @@ podnet.py` with `options/podnet/podnet_cnn_cifar100.yaml`) define it:
 
 - the local similarity classifier (`model.head='lsc'`, `models.lsc`): K = 10 proxies per class, softmax-merged
   similarities, a learned scale eta (initial 1.0) used by the NCA loss;
-- loss = NCA (margin 0.6, scale eta, true class out of the denominator, hinged) + sqrt(N/T) * (flat_weight *
+- loss = NCA (scale eta; `method.nca`: the official code's form by default, the paper's Eq. 8 with margin 0.6,
+  true class out of the denominator and hinge as an option) + sqrt(N/T) * (flat_weight *
   POD-flat + spatial_weight * POD-spatial) against the previous model (`losses.podnet`), with N the classes
   seen including the current task and T the new ones; only NCA on the first task;
 - before each task t >= 1, the new classes' proxies are imprinted from k-means clusters of their normalised
@@ -17,7 +18,8 @@ Deviations, each documented at its place: the POD maps are the outputs of our Re
 ResNet-32 has 3 stages of 5 blocks; the official Rebuffi network splits the last block into a 4th stage and
 drops every post-addition ReLU, ours only the last one); the balanced finetuning runs the backbone in inference
 mode (the official code leaves BatchNorm in training mode, so its running statistics drift on the memory);
-the NCA loss is the paper's (the official code's margin cancels, see `losses.podnet.nca`).
+the official NCA form is the default because the paper's (margin and hinge with a learned scale) collapses:
+the gradient drives eta below 0 (measured on digits, see configs/podnet.py).
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ class PODNet(Method):
 
     pooling: POD pooling ('spatial'; the ablation: pixel, channel, gap, width, height);
     spatial_weight, flat_weight: base weights of POD-spatial and POD-flat (CIFAR 3 and 1; ImageNet 8 and 10);
-    nca_margin, nca_exclude_positive, nca_hinge: the NCA loss (0.6, True, True);
+    nca: 'official' (`losses.podnet.nca_official`) or 'paper' (`losses.podnet.nca` with nca_margin,
+      nca_exclude_positive, nca_hinge: 0.6, True, True); learn_scale: train eta (True);
     imprint: imprint new proxies with k-means before each task t >= 1;
     finetune_epochs, finetune_lr: class-balanced finetuning after each task t >= 1 (20 epochs at 0.05 on
       CIFAR, 0.01 on ImageNet; 0 epochs disables it).
@@ -82,7 +85,7 @@ class PODNet(Method):
     """NCA over the seen classes with the learned scale eta."""
     del teacher, params
     m = self.mcfg
-    if m.get('nca', 'paper') == 'official':
+    if m.get('nca', 'official') == 'official':
       value = nca_official(outputs['logits'], batch['label'], task.seen, outputs['eta']).mean()
     else:
       value = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], float(m.nca_margin),
