@@ -34,9 +34,12 @@ class TrainState:
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
   """PyTorch `torch.optim.SGD` without its learning rate: weight decay added to the gradient (coupled L2),
-  then heavy-ball (or Nesterov) momentum. The step multiplies the result by the scheduled learning rate."""
-  return optax.chain(optax.add_decayed_weights(float(optim_cfg.weight_decay)),
-                     optax.trace(decay=float(optim_cfg.momentum), nesterov=bool(optim_cfg.get('nesterov', False))))
+  then heavy-ball (or Nesterov) momentum; with `optim.clip_value` > 0 each gradient element is first clamped to
+  [-clip_value, clip_value] (PODNet's gradient hook). The step multiplies the result by the scheduled learning rate."""
+  sgd = [optax.add_decayed_weights(float(optim_cfg.weight_decay)),
+         optax.trace(decay=float(optim_cfg.momentum), nesterov=bool(optim_cfg.get('nesterov', False)))]
+  clip = float(optim_cfg.get('clip_value', 0.0) or 0.0)
+  return optax.chain(optax.clip(clip), *sgd) if clip > 0 else optax.chain(*sgd)
 
 
 def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, snapshot
 from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
 from incremental_jax.methods.lucir import Lucir
+from incremental_jax.methods.podnet import PODNet
 from incremental_jax.methods.bake import BAKE
 from incremental_jax.methods.iekd import IEDML, IEKD, KD
 from incremental_jax.methods.m2kd import M2KD, M2KDExemplars
@@ -14,6 +15,7 @@ METHODS: dict[str, type] = {
     'lwf': LwF,
     'icarl': ICaRL,
     'lucir': Lucir,
+    'podnet': PODNet,
     'bake': BAKE,
     'kd': KD,
     'iekd': IEKD,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from incremental_jax.models import cosine as cosine_lib
+from incremental_jax.models import lsc as lsc_lib
 from incremental_jax.models import heads as heads_lib
 from incremental_jax.models import resnet
 
@@ -26,6 +27,7 @@ BACKBONES: dict[str, Callable[..., nnx.Module]] = {
 HEADS: dict[str, Any] = {
     'linear': heads_lib.LinearHead,
     'cosine': cosine_lib.CosineHead,
+    'lsc': lsc_lib.LocalSimilarityHead,
 }
 
 
