@@ -47,10 +47,7 @@ def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 PRESETS = {
     'digits': lucir_digits,
     'test': cfglib.test_preset,
-    'cifar100_b50_s5': cfglib.COMMON_PRESETS['cifar100_b50_s5'],
-    'cifar100_b50_s10': cfglib.COMMON_PRESETS['cifar100_b50_s10'],
-    'cifar100_b50_s25': cfglib.COMMON_PRESETS['cifar100_b50_s25'],
-    'cifar100_b50_s50': cfglib.COMMON_PRESETS['cifar100_b50_s50'],
+    **cfglib.CIFAR100_B50_PRESETS,
     'imagenet100_b50_s10': imagenet100_b50_s10,
 }
 

@@ -54,10 +54,7 @@ def podnet_test(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 PRESETS = {
     'digits': podnet_digits,
     'test': podnet_test,
-    'cifar100_b50_s5': cfglib.COMMON_PRESETS['cifar100_b50_s5'],
-    'cifar100_b50_s10': cfglib.COMMON_PRESETS['cifar100_b50_s10'],
-    'cifar100_b50_s25': cfglib.COMMON_PRESETS['cifar100_b50_s25'],
-    'cifar100_b50_s50': cfglib.COMMON_PRESETS['cifar100_b50_s50'],
+    **cfglib.CIFAR100_B50_PRESETS,
     'imagenet100_b50_s10': imagenet100_b50_s10,
 }
 

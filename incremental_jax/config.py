@@ -156,13 +156,17 @@ def test_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-COMMON_PRESETS: dict[str, Callable] = {
-    'digits': digits,
-    'test': test_preset,
+CIFAR100_B50_PRESETS: dict[str, Callable] = {
     'cifar100_b50_s5': cifar100(50, 10),
     'cifar100_b50_s10': cifar100(50, 5),
     'cifar100_b50_s25': cifar100(50, 2),
     'cifar100_b50_s50': cifar100(50, 1),
+}
+
+COMMON_PRESETS: dict[str, Callable] = {
+    'digits': digits,
+    'test': test_preset,
+    **CIFAR100_B50_PRESETS,
     'cifar100_b0_s10': cifar100(0, 10),
     'cifar100_b0_s20': cifar100(0, 5),
     'imagenet100_b50_s10': imagenet_subset(50, 5),

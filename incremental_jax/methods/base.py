@@ -166,11 +166,16 @@ class Method:
   """
   uses_memory: bool = False
   teacher: str = 'none'
+  required_head: Optional[str] = None   # the `model.head` the method's losses need (checked at construction)
   freeze_old_classes: bool = False
 
   def __init__(self, config):
     self.config = config
     self.mcfg = config.method
+    if self.required_head is not None and config.model.head != self.required_head:
+      from incremental_jax.validate import ConfigError
+      raise ConfigError(f'method {config.method.name} needs model.head={self.required_head!r}; got '
+                        f'{config.model.head!r}.')
     self.loss = with_aux_losses(self.loss, self.mcfg.get('aux_losses'))
 
   def build_model(self, num_classes: int, image_shape: tuple[int, int, int]):
@@ -227,3 +232,19 @@ def first_task_optim(optim, task: int):
     for k, v in overrides.items():
       optim[k] = v
   return optim
+
+
+def with_imprinted_head(ctx: TaskContext, imprint: Callable) -> TaskContext:
+  """`ctx` with the head's class kernel of the current task's classes imprinted (LUCIR, PODNet): `imprint(kernel,
+  features, labels, new_classes, old_classes) -> kernel` receives the head kernel and the inference-mode
+  embeddings of the new classes' training images, computed with the current (previous task's) model."""
+  import jax
+  from incremental_jax import parallel
+  params, stats = ctx.state.params, ctx.state.batch_stats
+  idx = ctx.new_class_indices()
+  features = ctx.embed(params, stats, idx)
+  lo, hi = ctx.class_range()
+  kernel = imprint(np.asarray(jax.device_get(params['head']['kernel'])), features, ctx.train_labels[idx],
+                   np.arange(lo, hi), np.arange(0, lo))
+  head = {**params['head'], 'kernel': parallel.replicate(kernel, ctx.mesh)}
+  return dataclasses.replace(ctx, state=ctx.state.replace(params={**params, 'head': head}))

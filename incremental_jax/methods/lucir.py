@@ -13,17 +13,14 @@ official code (hshustc/CVPR19_Incremental_Learning, `class_incremental_cosine_ci
 """
 from __future__ import annotations
 
-import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from incremental_jax import memory as memory_lib
-from incremental_jax import parallel
 from incremental_jax.losses import cross_entropy, masked_mean
 from incremental_jax.losses.lucir import adaptive_lambda, less_forget, margin_ranking
-from incremental_jax.methods.base import Method, Phase, TaskContext
+from incremental_jax.methods.base import Method, Phase, TaskContext, with_imprinted_head
 
 
 def imprinted_weights(kernel: np.ndarray, features: np.ndarray, labels: np.ndarray, new_classes: np.ndarray,
@@ -63,13 +60,7 @@ class Lucir(Method):
   uses_memory = True
   teacher = 'last'
   freeze_old_classes = True
-
-  def __init__(self, config):
-    super().__init__(config)
-    if config.model.head != 'cosine':
-      from incremental_jax.validate import ConfigError
-      raise ConfigError(f"method lucir needs model.head='cosine' (its losses use the unscaled cosines); "
-                        f'got {config.model.head!r}.')
+  required_head = 'cosine'   # the margin ranking loss reads the unscaled cosines
 
   # ---- traced -------------------------------------------------------------------------------------
   def loss(self, outputs, batch, task, teacher, params):
@@ -97,14 +88,7 @@ class Lucir(Method):
   def before_task(self, ctx: TaskContext) -> TaskContext:
     if ctx.task == 0 or not self.mcfg.get('imprint', True):
       return ctx
-    params, stats = ctx.state.params, ctx.state.batch_stats
-    idx = ctx.new_class_indices()
-    features = ctx.embed(params, stats, idx)
-    lo, hi = ctx.class_range()
-    kernel = imprinted_weights(np.asarray(jax.device_get(params['head']['kernel'])), features,
-                               ctx.train_labels[idx], np.arange(lo, hi), np.arange(0, lo))
-    head = {**params['head'], 'kernel': parallel.replicate(kernel, ctx.mesh)}
-    return dataclasses.replace(ctx, state=ctx.state.replace(params={**params, 'head': head}))
+    return with_imprinted_head(ctx, imprinted_weights)
 
   def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
     if ctx.task == 0 or not self.mcfg.get('cb_finetune', False):

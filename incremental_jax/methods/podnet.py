@@ -24,15 +24,14 @@ the gradient drives eta below 0 (measured on digits, see configs/podnet.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import jax
 import numpy as np
 
 from incremental_jax import memory as memory_lib
-from incremental_jax import parallel
 from incremental_jax.losses.lucir import less_forget
 from incremental_jax.losses.podnet import POOLINGS, adaptive_factor, nca, nca_official, pod_spatial
-from incremental_jax.methods.base import Method, Phase, TaskContext
+from incremental_jax.methods.base import Method, Phase, TaskContext, with_imprinted_head
 
 
 def imprinted_proxies(kernel: np.ndarray, features: np.ndarray, labels: np.ndarray, new_classes: np.ndarray,
@@ -70,13 +69,11 @@ class PODNet(Method):
   uses_memory = True
   teacher = 'last'
   freeze_old_classes = True
+  required_head = 'lsc'      # the local similarity classifier
 
   def __init__(self, config):
     super().__init__(config)
     from incremental_jax.validate import ConfigError
-    if config.model.head != 'lsc':
-      raise ConfigError(f"method podnet needs model.head='lsc' (the local similarity classifier); got "
-                        f'{config.model.head!r}.')
     if self.mcfg.pooling not in POOLINGS:
       raise ConfigError(f'method.pooling={self.mcfg.pooling!r} is not a POD pooling; valid: {list(POOLINGS)}.')
 
@@ -112,15 +109,7 @@ class PODNet(Method):
   def before_task(self, ctx: TaskContext) -> TaskContext:
     if ctx.task == 0 or not self.mcfg.get('imprint', True):
       return ctx
-    params, stats = ctx.state.params, ctx.state.batch_stats
-    idx = ctx.new_class_indices()
-    features = ctx.embed(params, stats, idx)
-    lo, hi = ctx.class_range()
-    kernel = imprinted_proxies(np.asarray(jax.device_get(params['head']['kernel'])), features,
-                               ctx.train_labels[idx], np.arange(lo, hi), np.arange(0, lo),
-                               seed=int(ctx.config.seed))
-    head = {**params['head'], 'kernel': parallel.replicate(kernel, ctx.mesh)}
-    return dataclasses.replace(ctx, state=ctx.state.replace(params={**params, 'head': head}))
+    return with_imprinted_head(ctx, functools.partial(imprinted_proxies, seed=int(ctx.config.seed)))
 
   def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
     """Class-balanced finetuning of every seen class's proxies on the (balanced) exemplar memory, with NCA at
