@@ -62,7 +62,7 @@ def step_seconds(method_name: str, batch: int, args) -> float:
   method = build_method(config)
   phase = Phase('train', method.loss, np.arange(batch), config.optim)
   aug = augment.make_augment_fn(config.data.augment, (0.5,) * 3, (0.25,) * 3)
-  step = jax.jit(train.make_train_step(model, method, phase, aug, seed=0, has_teacher=False), donate_argnums=(0,),
+  step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=False), donate_argnums=(0,),
                  out_shardings=(parallel.replicated(mesh),) * 2)
   state = train.init_train_state(model, mesh, train.make_optimizer(config.optim))
   ones = np.ones(args.classes, np.float32)

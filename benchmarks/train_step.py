@@ -4,6 +4,8 @@ current device(s), after compilation, and the compile time. Prints figures; asse
     python benchmarks/train_step.py                       # finetune (CE) and iCaRL (CE + KD, with teacher)
     python benchmarks/train_step.py --methods=icarl --steps=50 --batch=256
     python benchmarks/train_step.py --loop                # also time the host input pipeline (sharded batches)
+    python benchmarks/train_step.py --run=configs/lucir.py:digits --num_runs=4   # a whole run: wall time and
+                                                          # the number of train steps it compiled
 """
 import argparse
 import os
@@ -40,7 +42,7 @@ def bench(method_name: str, args) -> dict:
   phase = Phase('train', method.loss, np.arange(args.batch), config.optim)
   aug = augment.make_augment_fn(config.data.augment, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
   has_teacher = method.teacher != 'none'
-  step = jax.jit(train.make_train_step(model, method, phase, aug, seed=0, has_teacher=has_teacher),
+  step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=has_teacher),
                  donate_argnums=(0,), out_shardings=(parallel.replicated(mesh),) * 2)
   state = train.init_train_state(model, mesh, train.make_optimizer(config.optim))
   frozen = parallel.replicate(jax.tree.map(jnp.copy, snapshot(state)), mesh) if has_teacher else None
@@ -80,6 +82,25 @@ def bench(method_name: str, args) -> dict:
   return out
 
 
+def whole_run(spec: str, num_runs: int) -> None:
+  """Runs a config (`path.py:preset`) end to end in a fresh workdir; prints wall time and compilations."""
+  import importlib.util
+  import tempfile
+  from incremental_jax.run import train_and_evaluate
+  path, _, preset = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(preset or None)
+  config.num_runs, config.progress, config.plots = num_runs, False, False
+  with tempfile.TemporaryDirectory() as workdir:
+    t0 = time.perf_counter()
+    results = train_and_evaluate(config, workdir)
+    wall = time.perf_counter() - t0
+  print(f'{spec} x{num_runs}: {wall:.1f} s wall (with compilation), {results["compilations"]} compiled train steps',
+        flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--methods', default='finetune,icarl')
@@ -88,7 +109,12 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--loop', action='store_true', help='also time steps fed by the host input pipeline')
+  parser.add_argument('--run', default='', help='time a whole run of this config instead (path.py:preset)')
+  parser.add_argument('--num_runs', type=int, default=1, help='with --run: runs trained together')
   args = parser.parse_args()
+  if args.run:
+    whole_run(args.run, args.num_runs)
+    return
   dev = jax.devices()[0]
   print(f'devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}), host cores: {os.cpu_count()}, '
         f'jax {jax.__version__}')

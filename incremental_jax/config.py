@@ -17,6 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                      # parameter initialisation, augmentation and batch order
   c.progress = True               # progress bars and per-step lines (process 0 only)
   c.plots = True                  # PNG plots next to results.json
+  c.num_runs = 1                  # > 1: that many independent runs trained together (incremental_jax.runs)
+  c.runs_vary = 'seed_and_order'  # run k: seed + k and/or data.class_order_seed + k ('seed', 'order')
 
   c.method = ml_collections.ConfigDict({'name': 'finetune'})
 
@@ -51,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.shortcut = 'conv'       # 'conv' (1x1 conv + BN) or 'pad' (zero padding, option A)
   c.model.stem = 'imagenet'       # resnet only: 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1)
   c.model.head = 'linear'
+  c.model.conv_impl = 'auto'      # 'xla', 'taps' (weight gradients as per-tap matmuls), 'auto' (taps on CPU only)
+  c.model.dtype = 'float32'       # compute dtype: 'float32', or 'bfloat16' (parameters stay float32; accelerators)
   c.model.head_kwargs = ml_collections.ConfigDict()
 
   c.optim = ml_collections.ConfigDict()

@@ -59,11 +59,16 @@ def process_rows(global_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
   return np.concatenate([np.arange(a, b) for a, b in bounds])
 
 
-def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh, global_size: int) -> dict:
-  """This process's part of a batch (numpy) -> global arrays sharded over the 'data' axis."""
-  sharding = batch_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v, (global_size,) + v.shape[1:])
-          for k, v in local_batch.items()}
+def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh, global_size: int, batch_axis: int = 0) -> dict:
+  """This process's part of a batch (numpy) -> global arrays sharded over the 'data' axis along `batch_axis`
+  (1 for batches with a leading run axis, see `train.run_phase_group`)."""
+  sharding = NamedSharding(mesh, P(*([None] * batch_axis), 'data'))
+
+  def global_array(v):
+    shape = v.shape[:batch_axis] + (global_size,) + v.shape[batch_axis + 1:]
+    return jax.make_array_from_process_local_data(sharding, v, shape)
+
+  return {k: global_array(v) for k, v in local_batch.items()}
 
 
 def check_batch_divisible(batch_size: int, what: str = 'batch_size') -> None:

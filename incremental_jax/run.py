@@ -81,113 +81,157 @@ def _default_trainable(method, scenario, t: int) -> np.ndarray:
   return masks['new'] if method.freeze_old_classes else masks['seen']
 
 
-def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = None) -> dict:
-  """Runs (or resumes) the incremental protocol of `config`, writing checkpoints and results into `workdir`.
+class RunSession:
+  """One run of the protocol in `workdir`: its data, method, model, checkpoints and results, and the steps of
+  its task loop (`begin_task`, `update_memory`, `end_task`, `finish`). `train_and_evaluate` drives one session;
+  `runs.train_and_evaluate_runs` drives several in lockstep and trains their phases together.
 
-  Returns the results dict that is also written to `workdir/results.json`. Every input is checked before any
-  training (`validate`, the data set, the scenario, the checkpoint directory). With several processes
-  (`jax.distributed`), every process calls this; only process 0 writes results, plots and progress.
+  Construction checks every input before any training (`validate`, the data set, the scenario, the checkpoint
+  directory) and restores the latest checkpoint of `workdir`, if any: training resumes at `start_task` (and,
+  after a mid-task checkpoint, inside it: `mid`).
   """
-  validate.validate_config(config)
-  is_main = jax.process_index() == 0
-  show_progress = config.get('progress', True) if show_progress is None else show_progress
-  data = prepare_data(config)
-  scenario, ds = data.scenario, data.dataset
-  validate.validate_against_data(config, ds, scenario)
-  mesh = parallel.make_mesh()
-  method = build_method(config)
-  model = method.build_model(scenario.num_classes, ds.image_shape)
-  aug_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
-  preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
-  predict = eval_lib.make_predict_fn(model, mesh, preprocess, int(config.eval.batch_size))
-  embed = make_embed_fn(predict, ds.train_images)
-  trainer = train_lib.Trainer(model, method, mesh, aug_fn, seed=config.seed, show_progress=show_progress)
 
-  state = train_lib.init_train_state(model, mesh, train_lib.make_optimizer(config.optim))
-  frozen, method_state, memory, steps = None, {}, memory_lib.Memory(), []
-  checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
-                                          max_to_keep=config.checkpoint.get('max_to_keep', 2))
-  config_dict = json.loads(config.to_json_best_effort())
-  start_task, mid, task_start_step = 0, None, None
-  latest = checkpointer.latest_step()
-  if latest is None:
-    _refuse_orphan_results(workdir)
-  else:
+  def __init__(self, config, workdir: str, show_progress: bool, mesh=None):
+    validate.validate_config(config)
+    self.config, self.workdir, self.show_progress = config, workdir, show_progress
+    self.is_main = jax.process_index() == 0
+    self.data = data = prepare_data(config)
+    self.scenario, ds = data.scenario, data.dataset
+    validate.validate_against_data(config, ds, self.scenario)
+    self.mesh = mesh = parallel.make_mesh() if mesh is None else mesh
+    self.method = build_method(config)
+    self.model = self.method.build_model(self.scenario.num_classes, ds.image_shape)
+    self.aug_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
+    preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
+    self.predict = eval_lib.make_predict_fn(self.model, mesh, preprocess, int(config.eval.batch_size))
+    self.embed = make_embed_fn(self.predict, ds.train_images)
+    self.trainer = train_lib.Trainer(self.model, self.method, mesh, self.aug_fn, seed=config.seed,
+                                     show_progress=show_progress)
+    self.state = train_lib.init_train_state(self.model, mesh, train_lib.make_optimizer(config.optim))
+    self.frozen, self.method_state, self.memory, self.steps = None, {}, memory_lib.Memory(), []
+    self.checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
+                                                 max_to_keep=config.checkpoint.get('max_to_keep', 2))
+    self.config_dict = json.loads(config.to_json_best_effort())
+    self.start_task, self.mid, self.task_start_step = 0, None, None
+    self._restore()
+    self.base_results = {'method': config.method.name, 'dataset': ds.name, 'num_tasks': self.scenario.num_tasks,
+                         'class_order': self.scenario.order.tolist(), 'task_sizes': list(self.scenario.sizes),
+                         'config': self.config_dict}
+
+  def _restore(self) -> None:
+    checkpointer, workdir, mesh = self.checkpointer, self.workdir, self.mesh
+    latest = checkpointer.latest_step()
+    if latest is None:
+      _refuse_orphan_results(workdir)
+      return
     meta = checkpointer.restore_meta(latest)
-    diffs = ckpt_lib.config_differences(meta['config'], config_dict)
+    diffs = ckpt_lib.config_differences(meta['config'], self.config_dict)
     if diffs:
       raise ckpt_lib.CheckpointError(
           f'{workdir} holds a run with a different config; refusing to resume over it. Differences:\n  '
           + '\n  '.join(diffs[:20]) + '\nUse a new --workdir for a different run.')
     mid = meta.get(ckpt_lib.MID_TASK)
-    task_start_step = mid['start_step'] if mid else latest
-    if task_start_step is not None:
-      if task_start_step not in checkpointer.all_steps():
+    self.task_start_step = mid['start_step'] if mid else latest
+    if self.task_start_step is not None:
+      if self.task_start_step not in checkpointer.all_steps():
         raise ckpt_lib.CheckpointError(
             f'mid-task checkpoint {latest} in {checkpointer.directory} needs the task-end checkpoint '
-            f'{task_start_step}, which is missing. Delete {os.path.join(checkpointer.directory, str(latest))} to '
-            'resume from the latest task-end checkpoint, or use a new --workdir.')
-      state, frozen, method_state, mem_arr = checkpointer.restore(task_start_step, state, mesh)
-      memory = memory_lib.Memory.from_array(mem_arr)
+            f'{self.task_start_step}, which is missing. Delete {os.path.join(checkpointer.directory, str(latest))} '
+            'to resume from the latest task-end checkpoint, or use a new --workdir.')
+      self.state, self.frozen, self.method_state, mem_arr = checkpointer.restore(self.task_start_step, self.state,
+                                                                                 mesh)
+      self.memory = memory_lib.Memory.from_array(mem_arr)
     if mid:
-      mid = dict(mid, state=checkpointer.restore_train(latest, state, mesh))
-    steps, start_task = list(meta['steps']), int(meta['task']) + 1
-    if is_main and show_progress:
+      self.mid = dict(mid, state=checkpointer.restore_train(latest, self.state, mesh))
+    self.steps, self.start_task = list(meta['steps']), int(meta['task']) + 1
+    if self.is_main and self.show_progress:
       where = (f"in task {mid['task'] + 1} (phase {mid['phase_name']!r}, epoch {mid['epoch']})" if mid else
-               f'after task {start_task}')
-      print(f'resuming {workdir} {where} of {scenario.num_tasks} (checkpoint step {latest})', flush=True)
+               f'after task {self.start_task}')
+      print(f'resuming {workdir} {where} of {self.scenario.num_tasks} (checkpoint step {latest})', flush=True)
 
-  base_results = {'method': config.method.name, 'dataset': ds.name, 'num_tasks': scenario.num_tasks,
-                  'class_order': scenario.order.tolist(), 'task_sizes': list(scenario.sizes), 'config': config_dict}
-  every = int(config.checkpoint.get('every_epochs', 0) or 0)
-  for t in range(start_task, scenario.num_tasks):
-    t0 = time.time()
-    ctx = TaskContext(config=config, task=t, scenario=scenario, train_images=ds.train_images,
-                      train_labels=data.train_labels, model=model, state=state, frozen=frozen,
-                      method_state=method_state, memory=memory, embed=embed, predict=predict, mesh=mesh,
-                      augment_fn=aug_fn, workdir=workdir)
-    ctx = method.before_task(ctx)
-    resume = mid if mid is not None and mid['task'] == t else None
-    epoch_losses = dict(resume['epoch_losses']) if resume else {}
-    save_mid = None
-    if every > 0:
-      save_mid = functools.partial(_save_mid_task, checkpointer, every, t, task_start_step,
-                                   {'task': t - 1, 'steps': list(steps), 'class_order': scenario.order.tolist(),
-                                    'config': config_dict})
-    ctx, epoch_losses = _run_phases(trainer, method, ctx, method.phases(ctx), data, epoch_losses,
-                                    on_epoch_end=save_mid, resume=resume)
-    if method.uses_memory:
-      ctx = dataclasses.replace(ctx, memory=update_memory(ctx, config))
-    ctx, epoch_losses = _run_phases(trainer, method, ctx, method.balancing_phases(ctx), data, epoch_losses)
-    ctx = method.after_task(ctx)
+  def begin_task(self, t: int) -> TaskContext:
+    """The context of task t after the method's `before_task` hook."""
+    ds = self.data.dataset
+    ctx = TaskContext(config=self.config, task=t, scenario=self.scenario, train_images=ds.train_images,
+                      train_labels=self.data.train_labels, model=self.model, state=self.state, frozen=self.frozen,
+                      method_state=self.method_state, memory=self.memory, embed=self.embed, predict=self.predict,
+                      mesh=self.mesh, augment_fn=self.aug_fn, workdir=self.workdir)
+    return self.method.before_task(ctx)
+
+  def update_memory(self, ctx: TaskContext) -> TaskContext:
+    return dataclasses.replace(ctx, memory=update_memory(ctx, self.config)) if self.method.uses_memory else ctx
+
+  def end_task(self, ctx: TaskContext, epoch_losses: dict, t0: float) -> dict:
+    """The `after_task` hook, evaluation, the task-end checkpoint and the result files; returns the step record."""
+    config, scenario, ds, t = self.config, self.scenario, self.data.dataset, ctx.task
+    ctx = self.method.after_task(ctx)
     train_seconds = time.time() - t0
-    means = nme_class_means(ctx, config) if method.uses_memory else None
-    record = eval_lib.evaluate_task(predict, ctx.state.params, ctx.state.batch_stats, ds.test_images,
-                                    data.test_labels, scenario, t, means)
+    means = nme_class_means(ctx, config) if self.method.uses_memory else None
+    record = eval_lib.evaluate_task(self.predict, ctx.state.params, ctx.state.batch_stats, ds.test_images,
+                                    self.data.test_labels, scenario, t, means)
     lo, hi = ctx.class_range()
     record.update(step=t, num_classes=hi, classes=scenario.order[lo:hi].tolist(), memory_size=len(ctx.memory),
                   train_seconds=round(train_seconds, 3), epoch_losses=epoch_losses)
-    steps.append(record)
-    state, frozen, method_state, memory = ctx.state, ctx.frozen, ctx.method_state, ctx.memory
-    meta = {'task': t, 'steps': list(steps), 'class_order': scenario.order.tolist(), 'config': config_dict}
-    task_start_step = int(jax.device_get(state.step))
-    checkpointer.save(task_start_step, state, frozen, method_state, memory.to_array(scenario.num_classes), meta)
-    checkpointer.wait()  # results.json never reports a task whose checkpoint is incomplete
-    results = {**base_results, **metrics_lib.summarize(steps), 'steps': steps,
+    self.steps.append(record)
+    self.state, self.frozen, self.method_state, self.memory = ctx.state, ctx.frozen, ctx.method_state, ctx.memory
+    self.task_start_step = int(jax.device_get(self.state.step))
+    self.checkpointer.save(self.task_start_step, self.state, self.frozen, self.method_state,
+                           self.memory.to_array(scenario.num_classes), self.task_meta(t))
+    self.checkpointer.wait()  # results.json never reports a task whose checkpoint is incomplete
+    results = {**self.base_results, **metrics_lib.summarize(self.steps), 'steps': self.steps,
                'complete': t == scenario.num_tasks - 1}
-    if is_main:
-      metrics_lib.write_results(workdir, results, plots=config.get('plots', True))
-      _print_step(record, config, show_progress)
+    if self.is_main:
+      metrics_lib.write_results(self.workdir, results, plots=config.get('plots', True))
+      _print_step(record, config, self.show_progress)
     faults.reached('task_end')
-  checkpointer.close()
-  results = {**base_results, **metrics_lib.summarize(steps), 'steps': steps, 'complete': True,
-             'compilations': trainer.compile_count}
-  if is_main:
-    metrics_lib.write_results(workdir, results, plots=config.get('plots', True))
-    if show_progress:
-      print(metrics_lib.format_summary(results), flush=True)
-      print(f'results written to {os.path.join(workdir, "results.json")}', flush=True)
-  return results
+    return record
+
+  def task_meta(self, t: int) -> dict:
+    """Checkpoint metadata after task t (the steps recorded so far)."""
+    return {'task': t, 'steps': list(self.steps), 'class_order': self.scenario.order.tolist(),
+            'config': self.config_dict}
+
+  def finish(self, compilations: int) -> dict:
+    """Closes the checkpointer and writes the final results (with the number of compiled train steps)."""
+    self.checkpointer.close()
+    results = {**self.base_results, **metrics_lib.summarize(self.steps), 'steps': self.steps, 'complete': True,
+               'compilations': compilations}
+    if self.is_main:
+      metrics_lib.write_results(self.workdir, results, plots=self.config.get('plots', True))
+      if self.show_progress:
+        print(metrics_lib.format_summary(results), flush=True)
+        print(f'results written to {os.path.join(self.workdir, "results.json")}', flush=True)
+    return results
+
+
+def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = None) -> dict:
+  """Runs (or resumes) the incremental protocol of `config`, writing checkpoints and results into `workdir`.
+
+  Returns the results dict that is also written to `workdir/results.json`. Every input is checked before any
+  training (`validate`, the data set, the scenario, the checkpoint directory). With several processes
+  (`jax.distributed`), every process calls this; only process 0 writes results, plots and progress. With
+  `num_runs` > 1 the runs are trained together (`runs.train_and_evaluate_runs`) and the summary is returned.
+  """
+  show_progress = config.get('progress', True) if show_progress is None else show_progress
+  if int(config.get('num_runs', 1)) > 1:
+    from incremental_jax import runs
+    return runs.train_and_evaluate_runs(config, workdir, show_progress=show_progress)
+  s = RunSession(config, workdir, show_progress)
+  every = int(config.checkpoint.get('every_epochs', 0) or 0)
+  for t in range(s.start_task, s.scenario.num_tasks):
+    t0 = time.time()
+    ctx = s.begin_task(t)
+    resume = s.mid if s.mid is not None and s.mid['task'] == t else None
+    epoch_losses = dict(resume['epoch_losses']) if resume else {}
+    save_mid = None
+    if every > 0:
+      save_mid = functools.partial(_save_mid_task, s.checkpointer, every, t, s.task_start_step, s.task_meta(t - 1))
+    ctx, epoch_losses = _run_phases(s.trainer, s.method, ctx, s.method.phases(ctx), s.data, epoch_losses,
+                                    on_epoch_end=save_mid, resume=resume)
+    ctx = s.update_memory(ctx)
+    ctx, epoch_losses = _run_phases(s.trainer, s.method, ctx, s.method.balancing_phases(ctx), s.data, epoch_losses)
+    s.end_task(ctx, epoch_losses, t0)
+  return s.finish(s.trainer.compile_count)
 
 
 def _refuse_orphan_results(workdir: str) -> None:

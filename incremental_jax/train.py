@@ -70,18 +70,17 @@ def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array
   return task.lr * factor
 
 
-def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, seed: int,
-                    has_teacher: bool, model_input: Optional[Callable] = None) -> Callable:
+def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, has_teacher: bool,
+                    model_input: Optional[Callable] = None) -> Callable:
   """The pure train step of `phase`: augment on device, run the frozen teacher, differentiate the phase's
   loss, apply SGD with the scheduled learning rate, and mask updates (frozen classes, head-only phases).
 
   `model_input(images, teacher_outputs)`, when given, is what the trained model is applied to instead of the
   augmented images (e.g. the frozen teacher's feature map, for an autoencoder trained on it)."""
   tx = make_optimizer(phase.optim)
-  base_key = jax.random.key(seed)
 
   def train_step(state: TrainState, frozen: Any, task: TaskInfo, batch: dict):
-    key = jax.random.fold_in(base_key, state.step)
+    key = jax.random.fold_in(jax.random.key(task.seed), state.step)
     x = augment_fn(key, batch['image'])
     teacher_out = None
     if has_teacher and phase.use_teacher:
@@ -124,14 +123,55 @@ class Trainer:
     self._opt_init: dict = {}
     self.compile_count = 0
 
-  def _compiled_step(self, phase: Phase, has_teacher: bool):
+  @staticmethod
+  def _step_key(phase: Phase, has_teacher: bool) -> tuple:
     # lr and epochs are traced (TaskInfo); every other optimiser field is baked into the compiled step.
     static_optim = tuple(sorted((k, str(v)) for k, v in phase.optim.items() if k not in ('lr', 'epochs')))
-    key = (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, tuple(phase.frozen_params), static_optim)
+    return (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, tuple(phase.frozen_params), static_optim)
+
+  def _compiled_step(self, phase: Phase, has_teacher: bool):
+    key = self._step_key(phase, has_teacher)
     if key not in self._steps:
-      step = self.method.make_train_step(self.model, phase, self.augment_fn, self.seed, has_teacher)
+      step = self.method.make_train_step(self.model, phase, self.augment_fn, has_teacher)
       repl = parallel.replicated(self.mesh)
       self._steps[key] = jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+      self.compile_count += 1
+    return self._steps[key]
+
+  def _epoch_plan(self, phase: Phase, labels: np.ndarray, rng_seed: tuple) -> list:
+    """The sampler's index rows [steps, batch] of every epoch of `phase`; epoch e draws from
+    `np.random.default_rng(rng_seed + (e,))`."""
+    batch_size = int(phase.optim.batch_size)
+    parallel.check_batch_divisible(batch_size)
+    sampler = pipeline.get_sampler(phase.sampler or self.method.config.data.get('sampler', 'shuffle'))
+    sampler_kw = dict(self.method.config.data.get('sampler_kwargs', {}) or {})
+    return [sampler(phase.indices, labels[phase.indices], batch_size, np.random.default_rng(rng_seed + (e,)),
+                    **sampler_kw) for e in range(int(phase.optim.epochs))]
+
+  @staticmethod
+  def _phase_task(task: TaskInfo, phase: Phase, steps_per_epoch: int, seed: int) -> TaskInfo:
+    return task.replace(lr=jnp.float32(phase.optim.lr), epochs=jnp.float32(int(phase.optim.epochs)),
+                        steps_per_epoch=jnp.float32(steps_per_epoch), seed=jnp.int32(seed))
+
+  def _phase_start(self, state: TrainState, phase: Phase) -> TrainState:
+    """A phase starts with `phase_step` 0 and a fresh optimiser state."""
+    return state.replace(phase_step=parallel.replicate(np.zeros((), np.int32), self.mesh),
+                         opt_state=self.init_opt_state(phase, state.params))
+
+  def _compiled_group_step(self, phase: Phase, has_teacher: bool):
+    """The vmapped step over a leading run axis: `(states, frozens, tasks, batches, valid [R]) -> (states,
+    metrics)`; runs whose `valid` is 0 keep their state (their batch is padding)."""
+    key = ('group', self._step_key(phase, has_teacher))
+    if key not in self._steps:
+      step = jax.vmap(self.method.make_train_step(self.model, phase, self.augment_fn, has_teacher))
+
+      def group_step(state, frozen, task, batch, valid):
+        new_state, metrics = step(state, frozen, task, batch)
+        keep = lambda new, old: jnp.where(valid.reshape((-1,) + (1,) * (new.ndim - 1)) > 0, new, old)
+        return jax.tree.map(keep, new_state, state), metrics
+
+      repl = parallel.replicated(self.mesh)
+      self._steps[key] = jax.jit(group_step, donate_argnums=(0,), out_shardings=(repl, repl))
       self.compile_count += 1
     return self._steps[key]
 
@@ -155,23 +195,14 @@ class Trainer:
     Raises FloatingPointError, naming the global step, when a step's loss is not finite; the check reads the
     epoch's metrics once at the epoch end, so it adds nothing to the compiled step.
     """
-    optim = phase.optim
-    batch_size = int(optim.batch_size)
-    parallel.check_batch_divisible(batch_size)
-    sampler = pipeline.get_sampler(phase.sampler or self.method.config.data.get('sampler', 'shuffle'))
-    sampler_kw = dict(self.method.config.data.get('sampler_kwargs', {}) or {})
-    epochs = int(optim.epochs)
-    plan = [sampler(phase.indices, labels[phase.indices], batch_size, np.random.default_rng(rng_seed + (e,)),
-                    **sampler_kw) for e in range(epochs)]
+    epochs = int(phase.optim.epochs)
+    plan = self._epoch_plan(phase, labels, rng_seed)
     steps_per_epoch = len(plan[0]) if plan else 1
-    task = task.replace(lr=jnp.float32(optim.lr), epochs=jnp.float32(epochs),
-                        steps_per_epoch=jnp.float32(steps_per_epoch))
-    task = parallel.replicate(task, self.mesh)
+    task = parallel.replicate(self._phase_task(task, phase, steps_per_epoch, self.seed), self.mesh)
     has_teacher = frozen is not None
     step_fn = self._compiled_step(phase, has_teacher)
     if start_epoch == 0:
-      state = state.replace(phase_step=parallel.replicate(np.zeros((), np.int32), self.mesh),
-                            opt_state=self.init_opt_state(phase, state.params))
+      state = self._phase_start(state, phase)
     history = [] if history is None else history
     bar = _progress(epochs * steps_per_epoch, desc, self.show_progress)
     bar.update(start_epoch * steps_per_epoch)
@@ -197,6 +228,51 @@ class Trainer:
         on_epoch_end(e, state)
     bar.close()
     return PhaseResult(state=state, epoch_metrics=history)
+
+
+def run_phase_group(trainer: Trainer, states: list, frozens: list, tasks: list, phases: list, images,
+                    labels: list, rng_seeds: list, seeds: list, desc: str = '') -> list:
+  """Trains the same phase of R independent runs together: their states, teachers, task constants (with
+  their own seeds) and batches are stacked on a leading run axis and one `jax.vmap`-ed step (compiled once
+  per phase) updates all R. Run k draws its batches exactly as `run_phase` would alone (its own labels, class
+  order and sampler seed `rng_seeds[k]`); when runs have different numbers of steps per epoch, the shorter
+  ones repeat their last batch with the update discarded, so every run takes exactly its own steps.
+
+  Returns one `PhaseResult` per run (its state and per-epoch mean metrics over its own steps). Raises
+  FloatingPointError naming the run whose loss is not finite.
+  """
+  mesh, phase = trainer.mesh, phases[0]
+  epochs = int(phase.optim.epochs)
+  plans = [trainer._epoch_plan(p, lab, rs) for p, lab, rs in zip(phases, labels, rng_seeds)]
+  run_steps = np.array([len(plan[0]) for plan in plans])
+  tasks = [trainer._phase_task(t, phase, n, seed) for t, n, seed in zip(tasks, run_steps, seeds)]
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  state = stack([trainer._phase_start(s, phase) for s in states])
+  frozen = None if frozens[0] is None else stack(frozens)
+  task = parallel.replicate(stack(tasks), mesh)
+  step_fn = trainer._compiled_group_step(phase, frozen is not None)
+  steps = int(run_steps.max())
+  bar = _progress(epochs * steps, desc, trainer.show_progress)
+  histories = [[] for _ in states]
+  for e in range(epochs):
+    rows = [[plan[e][min(i, len(plan[e]) - 1)] for plan in plans] for i in range(steps)]
+    valid = (np.arange(steps)[:, None] < run_steps[None]).astype(np.float32)          # [steps, R]
+    epoch_metrics = []
+    for i, batch in enumerate(pipeline.device_run_batches(images, labels, rows, mesh)):
+      state, metrics = step_fn(state, frozen, task, batch, parallel.replicate(valid[i], mesh))
+      epoch_metrics.append(metrics)
+      bar.update(1)
+    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics))   # [steps, R] each
+    for k, history in enumerate(histories):
+      history.append({name: float((v[:, k] * valid[:, k]).sum() / valid[:, k].sum()) for name, v in stacked.items()})
+      if not np.isfinite(history[-1]['loss']):
+        bar.close()
+        raise FloatingPointError(f'run {k}: ' + _non_finite_message(
+            desc, np.asarray(stacked['loss'][:run_steps[k], k]), int(jax.device_get(state.step[k])), e))
+    bar.set_postfix(epoch=e + 1, loss=' '.join(f"{h[-1]['loss']:.3f}" for h in histories), refresh=False)
+  bar.close()
+  return [PhaseResult(state=jax.tree.map(lambda x: x[k], state), epoch_metrics=histories[k])
+          for k in range(len(states))]
 
 
 def _non_finite_message(desc: str, step_losses: np.ndarray, end_step: int, epoch: int) -> str:

@@ -36,6 +36,12 @@ def validate_config(config) -> None:
              f'{sorted(AUX_LOSSES)}.')
   _require(config.data.name in sources.SOURCES,
            f'data.name={config.data.name!r} is not a data set; valid names: {sorted(sources.SOURCES)}.')
+  from incremental_jax.models import COMPUTE_DTYPES, conv as conv_lib
+  conv_impls = ['auto'] + sorted(conv_lib.CONV_IMPLS)
+  _require(config.model.get('conv_impl', 'auto') in conv_impls,
+           f"model.conv_impl={config.model.get('conv_impl')!r} is unknown; valid names: {conv_impls}.")
+  _require(config.model.get('dtype', 'float32') in COMPUTE_DTYPES,
+           f"model.dtype={config.model.get('dtype')!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.")
   _require(config.model.backbone in BACKBONES,
            f'model.backbone={config.model.backbone!r} is unknown; valid names: {sorted(BACKBONES)}.')
   _require(config.model.head in HEADS, f'model.head={config.model.head!r} is unknown; valid names: {sorted(HEADS)}.')

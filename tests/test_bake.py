@@ -267,7 +267,7 @@ SCRIPT = textwrap.dedent('''
     def run(devices):
       mesh = parallel.make_mesh(devices)
       state = train.init_train_state(model, mesh, train.make_optimizer(optim))
-      step = jax.jit(train.make_train_step(model, method, phase, aug, seed=0, has_teacher=False),
+      step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=False),
                      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
       bake = []
       for _ in range(2):

@@ -157,7 +157,7 @@ def test_iedml_without_coupling_is_two_independent_sgd_trainings():
   batch = {'image': jnp.asarray(rng.integers(0, 255, (8, 8, 8, 1)), jnp.uint8), 'label': jnp.arange(8) % 10}
   aug = augment.make_augment_fn(cfg.data.augment, (0.5,), (0.25,))
   task = _all_classes_task(10)
-  dml_step = jax.jit(method.make_train_step(model, Phase('train', method.loss, np.arange(8), cfg.optim), aug, 0, False))
+  dml_step = jax.jit(method.make_train_step(model, Phase('train', method.loss, np.arange(8), cfg.optim), aug, False))
   dml = state
   for _ in range(2):
     dml, metrics = dml_step(dml, None, task, batch)
@@ -167,7 +167,7 @@ def test_iedml_without_coupling_is_two_independent_sgd_trainings():
   peer_model = iekd_lib.build_model(cfg.model, 10, (8, 8, 1), extend=iekd_lib._student_extension(cfg.method, 8))
   finetune = build_method(train_cfg.get_config('test'))
   step = jax.jit(train_lib.make_train_step(peer_model, finetune, Phase('ref', finetune.loss, np.arange(8), cfg.optim),
-                                           aug, 0, False))
+                                           aug, False))
   for name in ('peer_a', 'peer_b'):
     ref = train_lib.TrainState(step=state.step, phase_step=state.phase_step, params=state.params[name],
                                batch_stats=state.batch_stats[name],

@@ -237,7 +237,7 @@ def test_train_step_updates_sigma_in_the_main_phase_but_not_in_balanced_finetuni
   for phase, trainable, is_main in ((main, scenario.class_masks(1)['new'], True),
                                     (balanced, balanced.trainable_classes, False)):
     state = init_train_state(model, mesh, make_optimizer(phase.optim))
-    step = jax.jit(train.make_train_step(model, method, phase, aug, seed=0, has_teacher=False))
+    step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=False))
     after, _ = step(state, None, make_task_info(scenario, 1, trainable).replace(lr=jnp.float32(0.1)), batch)
     p0, p1 = jax.device_get(state.params), jax.device_get(after.params)
     # sigma learns with the backbone in the main phase; balanced finetuning trains the class weights only

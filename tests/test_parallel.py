@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent('''
       state = train.init_train_state(model, mesh, train.make_optimizer(optim))
       # a teacher that differs from the student, so the KD term is non-trivial
       teacher = parallel.replicate(jax.tree.map(lambda x: x * 1.1, snapshot(state)), mesh)
-      step = jax.jit(train.make_train_step(model, method, phase, aug, seed=0, has_teacher=True),
+      step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=True),
                      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
       losses = []
       for _ in range(2):

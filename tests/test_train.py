@@ -62,7 +62,7 @@ def _run_steps(optim, n_steps, trainable=np.ones(4), train_backbone=True):
   method = Finetune(config)
   phase = Phase('t', method.loss, np.arange(8), ConfigDict(optim), train_backbone=train_backbone)
   aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
-  step = jax.jit(train.make_train_step(model, method, phase, aug, seed=0, has_teacher=False))
+  step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=False))
   mesh = parallel.make_mesh()
   state = train.init_train_state(model, mesh, train.make_optimizer(phase.optim))
   task = _task(trainable=jnp.asarray(trainable, jnp.float32), epochs=jnp.float32(10), steps_per_epoch=jnp.float32(1))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -88,11 +88,30 @@ def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], me
     local = row if jax.process_count() == 1 else row[parallel.process_rows(len(row), mesh)]
     return parallel.shard_batch(gather(images, labels, local), mesh, len(row))
 
+  return _prefetched(load, batches, prefetch)
+
+
+def device_run_batches(images, labels: Sequence[np.ndarray], batches: Iterable[Sequence[np.ndarray]], mesh,
+                       prefetch: int = 2) -> Iterator[dict]:
+  """Like `device_batches` for R runs trained together: each item of `batches` holds one index row per run,
+  run k's labels are `labels[k]`; the device batch has a leading run axis [R, batch, ...], sharded over the
+  'data' axis along the batch."""
+
+  def load(rows):
+    local = [r if jax.process_count() == 1 else r[parallel.process_rows(len(r), mesh)] for r in rows]
+    per_run = [gather(images, lab, r) for lab, r in zip(labels, local)]
+    stacked = {k: np.stack([b[k] for b in per_run]) for k in per_run[0]}
+    return parallel.shard_batch(stacked, mesh, len(rows[0]), batch_axis=1)
+
+  return _prefetched(load, batches, prefetch)
+
+
+def _prefetched(load: Callable, items: Iterable, prefetch: int) -> Iterator:
+  """`load(item)` for each item, computed `prefetch` items ahead in a background thread."""
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     pending = collections.deque()
-    it = iter(batches)
-    for row in it:
-      pending.append(pool.submit(load, row))
+    for item in items:
+      pending.append(pool.submit(load, item))
       if len(pending) > prefetch:
         yield pending.popleft().result()
     while pending:

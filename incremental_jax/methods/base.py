@@ -36,6 +36,8 @@ class TaskInfo:
     old, new, seen: float32 [C] masks over (remapped) classes: earlier tasks, task t, and both.
     trainable: float32 [C] classes whose classifier parameters receive updates in this phase.
     lr, epochs, steps_per_epoch: float32 scalars of the phase's learning-rate schedule.
+    seed: the run's seed (int32 scalar): the augmentation of global step s uses
+      `fold_in(key(seed), s)`; traced, so that runs trained together (`num_runs`) differ only in data.
   """
   index: jax.Array
   old: jax.Array
@@ -45,6 +47,7 @@ class TaskInfo:
   lr: jax.Array
   epochs: jax.Array
   steps_per_epoch: jax.Array
+  seed: jax.Array = 0
 
   @property
   def num_old(self) -> jax.Array:
@@ -192,12 +195,12 @@ class Method:
     caller). Default: one snapshot {'params', 'batch_stats'}."""
     return model.apply(frozen['params'], frozen['batch_stats'], images, train=False)[0]
 
-  def make_train_step(self, model, phase: Phase, augment_fn: Callable, seed: int, has_teacher: bool) -> Callable:
+  def make_train_step(self, model, phase: Phase, augment_fn: Callable, has_teacher: bool) -> Callable:
     """The pure `train_step(state, frozen, task, batch) -> (state, metrics)` of `phase` (jitted by the trainer).
     Default: one gradient step on `phase.loss` (`train.make_train_step`). Methods that need several updates per
     batch (e.g. IE-DML's alternating peers) return their own step with the same signature."""
     from incremental_jax import train
-    return train.make_train_step(model, self, phase, augment_fn, seed, has_teacher)
+    return train.make_train_step(model, self, phase, augment_fn, has_teacher)
 
   # ---- host-side hooks ----------------------------------------------------------------------------
   def train_indices(self, ctx: TaskContext) -> np.ndarray:

@@ -147,8 +147,8 @@ class _ReconstructTeacherFeatures(Method):
     rec = reconstruction_loss(outputs['reconstruction'], teacher['feature'], self.kind).mean()
     return rec, {'reconstruction': rec}
 
-  def make_train_step(self, model, phase, augment_fn, seed, has_teacher):
-    return train_lib.make_train_step(model, self, phase, augment_fn, seed, has_teacher,
+  def make_train_step(self, model, phase, augment_fn, has_teacher):
+    return train_lib.make_train_step(model, self, phase, augment_fn, has_teacher,
                                      model_input=lambda images, teacher: teacher['feature'])
 
 
@@ -316,9 +316,8 @@ class IEDML(Method):
       loss, metrics = loss + kl_weight * kl, {**metrics, 'kl': kl}
     return loss, metrics
 
-  def make_train_step(self, model, phase, augment_fn, seed, has_teacher):
+  def make_train_step(self, model, phase, augment_fn, has_teacher):
     tx = train_lib.make_optimizer(phase.optim)
-    base_key = jax.random.key(seed)
     kind = self.mcfg.get('reconstruction', 'l1')
 
     def forward(params, stats, part, inputs, train):
@@ -336,7 +335,7 @@ class IEDML(Method):
       return {**params, part: new_part}, stats, _with_part(opt_state, part_state, params, part), metrics
 
     def train_step(state, frozen, task, batch):
-      x = augment_fn(jax.random.fold_in(base_key, state.step), batch['image'])
+      x = augment_fn(jax.random.fold_in(jax.random.key(task.seed), state.step), batch['image'])
       lr = train_lib.learning_rate(phase.optim, task, state.phase_step)
       params, stats, opt_state, metrics = state.params, state.batch_stats, state.opt_state, {}
       for student, teacher in (('a', 'b'), ('b', 'a')):

@@ -75,8 +75,8 @@ class PrunedSnapshotTraining(Method):
     kd = t * t * kd_kl(outputs['logits'], teacher['logits'], t, task.seen).mean()
     return kd, {'reconstruction_kd': kd}
 
-  def make_train_step(self, model, phase, augment_fn, seed, has_teacher):
-    step = train_lib.make_train_step(model, self, phase, augment_fn, seed, has_teacher)
+  def make_train_step(self, model, phase, augment_fn, has_teacher):
+    step = train_lib.make_train_step(model, self, phase, augment_fn, has_teacher)
 
     def masked_step(state, frozen, task, batch):
       state, metrics = step(state, frozen, task, batch)

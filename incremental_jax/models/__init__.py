@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from incremental_jax.models import conv as conv_lib
 from incremental_jax.models import cosine as cosine_lib
 from incremental_jax.models import lsc as lsc_lib
 from incremental_jax.models import heads as heads_lib
@@ -103,11 +104,25 @@ def functional_model(construct: Callable[[], nnx.Module], head_class_axes: dict,
                num_classes=num_classes, embedding_dim=embedding_dim, initializer=jax.jit(initialize))
 
 
+COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+
+
+def layers_of(model_cfg) -> resnet.Layers:
+  """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'taps', see `models.conv`) and
+  `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch statistics, heads and losses stay
+  float32)."""
+  conv_impl = conv_lib.resolve(str(model_cfg.get('conv_impl', 'auto')))
+  dtype = str(model_cfg.get('dtype', 'float32'))
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'model.dtype must be one of {sorted(COMPUTE_DTYPES)}; got {dtype!r}.')
+  return resnet.Layers(conv_impl=conv_impl, dtype=COMPUTE_DTYPES[dtype])
+
+
 def _backbone_kwargs(model_cfg) -> dict:
   if model_cfg.backbone not in BACKBONES:
     raise ValueError(f'Unknown backbone {model_cfg.backbone!r}; valid names: {sorted(BACKBONES)}.')
   kw = dict(depth=int(model_cfg.depth), width=int(model_cfg.width), last_relu=bool(model_cfg.get('last_relu', True)),
-            shortcut=str(model_cfg.get('shortcut', 'conv')))
+            shortcut=str(model_cfg.get('shortcut', 'conv')), layers=layers_of(model_cfg))
   if model_cfg.backbone == 'resnet':
     kw['stem'] = str(model_cfg.get('stem', 'imagenet'))
   return kw
@@ -126,7 +141,7 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
                 extend: Optional[Callable[[Classifier, nnx.Rngs], nnx.Module]] = None) -> Model:
   """Builds the network named by `model_cfg.backbone` with head `model_cfg.head` over `num_classes` classes.
 
-  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only). Head options come from
+  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only), `conv_impl`, `dtype`. Head options come from
   `model_cfg.head_kwargs` (a dict). `extend(classifier, rngs)`, when given, returns the module actually trained
   (the classifier's `backbone` and `head` plus extra trainable modules, e.g. IE-KD's encoders); its
   `__call__(x, train)` must return the classifier's outputs (and may add its own).

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from incremental_jax.models import Classifier
-from incremental_jax.models.resnet import _bn, _conv
+from incremental_jax.models.resnet import Layers
 
 LEAKY_SLOPE = 0.1
 
@@ -42,13 +42,13 @@ class ConvStack(nnx.Module):
   """Three [conv 3x3 (stride 1, no bias) -> BatchNorm -> LeakyReLU(0.1)] layers through `channels`
   (c0 -> c1 -> c2 -> c3); the encoder and the decoder of a factor autoencoder are both such stacks."""
 
-  def __init__(self, channels: Sequence[int], *, rngs: nnx.Rngs):
+  def __init__(self, channels: Sequence[int], *, rngs: nnx.Rngs, layers: Layers = Layers()):
     c = tuple(int(v) for v in channels)
     if len(c) != 4:
       raise ValueError(f'a conv stack needs 4 channel counts (input and 3 layers); got {c}.')
-    self.conv0, self.bn0 = _conv(c[0], c[1], 3, 1, rngs), _bn(c[1], rngs)
-    self.conv1, self.bn1 = _conv(c[1], c[2], 3, 1, rngs), _bn(c[2], rngs)
-    self.conv2, self.bn2 = _conv(c[2], c[3], 3, 1, rngs), _bn(c[3], rngs)
+    self.conv0, self.bn0 = layers.conv(c[0], c[1], 3, 1, rngs), layers.bn(c[1], rngs)
+    self.conv1, self.bn1 = layers.conv(c[1], c[2], 3, 1, rngs), layers.bn(c[2], rngs)
+    self.conv2, self.bn2 = layers.conv(c[2], c[3], 3, 1, rngs), layers.bn(c[3], rngs)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i in range(3):

@@ -8,35 +8,45 @@ through checkpoints unchanged.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from incremental_jax.models import conv as conv_lib
+
 # PyTorch ResNets initialise convolutions with kaiming_normal(mode='fan_out', nonlinearity='relu').
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
-                  use_bias=False, kernel_init=_CONV_INIT, rngs=rngs)
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """How the backbone's layers compute: `conv_impl` names the convolution lowering (`models.conv`), `dtype` the
+  compute dtype (None: float32; bfloat16 for mixed precision). Parameters are always float32."""
+  conv_impl: str = 'xla'
+  dtype: Optional[Any] = None
 
+  def conv(self, cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
+                    use_bias=False, kernel_init=_CONV_INIT, dtype=self.dtype,
+                    conv_general_dilated=conv_lib.conv_fn(self.conv_impl), rngs=rngs)
 
-def _bn(c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) in Flax's convention.
-  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
+  def bn(self, c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) in Flax's convention.
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
 
 
 class Shortcut(nnx.Module):
   """Projection when shape changes: 1x1 conv + BN ('conv', option B), or subsample + zero channel padding
   ('pad', option A of He et al., the CIFAR ResNet of the original paper and of PODNet)."""
 
-  def __init__(self, cin: int, cout: int, stride: int, kind: str, rngs: nnx.Rngs):
+  def __init__(self, cin: int, cout: int, stride: int, kind: str, rngs: nnx.Rngs, layers: Layers = Layers()):
     self.kind, self.stride, self.pad = kind, stride, cout - cin
     if kind == 'conv':
-      self.conv = _conv(cin, cout, 1, stride, rngs)
-      self.bn = _bn(cout, rngs)
+      self.conv = layers.conv(cin, cout, 1, stride, rngs)
+      self.bn = layers.bn(cout, rngs)
     elif kind != 'pad':
       raise ValueError(f"shortcut must be 'conv' or 'pad'; got {kind!r}.")
 
@@ -52,11 +62,12 @@ class BasicBlock(nnx.Module):
   (LUCIR removes the last ReLU so cosine-normalised features can be negative)."""
   expansion = 1
 
-  def __init__(self, cin: int, planes: int, stride: int, shortcut: str, rngs: nnx.Rngs, relu_out: bool = True):
+  def __init__(self, cin: int, planes: int, stride: int, shortcut: str, rngs: nnx.Rngs, relu_out: bool = True,
+               layers: Layers = Layers()):
     cout = planes * self.expansion
-    self.conv1, self.bn1 = _conv(cin, planes, 3, stride, rngs), _bn(planes, rngs)
-    self.conv2, self.bn2 = _conv(planes, planes, 3, 1, rngs), _bn(planes, rngs)
-    self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs) if (stride != 1 or cin != cout) else None
+    self.conv1, self.bn1 = layers.conv(cin, planes, 3, stride, rngs), layers.bn(planes, rngs)
+    self.conv2, self.bn2 = layers.conv(planes, planes, 3, 1, rngs), layers.bn(planes, rngs)
+    self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs, layers) if (stride != 1 or cin != cout) else None
     self.relu_out = relu_out
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -70,12 +81,13 @@ class Bottleneck(nnx.Module):
   """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50 and deeper), stride on the 3x3 convolution."""
   expansion = 4
 
-  def __init__(self, cin: int, planes: int, stride: int, shortcut: str, rngs: nnx.Rngs, relu_out: bool = True):
+  def __init__(self, cin: int, planes: int, stride: int, shortcut: str, rngs: nnx.Rngs, relu_out: bool = True,
+               layers: Layers = Layers()):
     cout = planes * self.expansion
-    self.conv1, self.bn1 = _conv(cin, planes, 1, 1, rngs), _bn(planes, rngs)
-    self.conv2, self.bn2 = _conv(planes, planes, 3, stride, rngs), _bn(planes, rngs)
-    self.conv3, self.bn3 = _conv(planes, cout, 1, 1, rngs), _bn(cout, rngs)
-    self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs) if (stride != 1 or cin != cout) else None
+    self.conv1, self.bn1 = layers.conv(cin, planes, 1, 1, rngs), layers.bn(planes, rngs)
+    self.conv2, self.bn2 = layers.conv(planes, planes, 3, stride, rngs), layers.bn(planes, rngs)
+    self.conv3, self.bn3 = layers.conv(planes, cout, 1, 1, rngs), layers.bn(cout, rngs)
+    self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs, layers) if (stride != 1 or cin != cout) else None
     self.relu_out = relu_out
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -100,20 +112,22 @@ class ResNet(nnx.Module):
     stem: 'cifar' (3x3 conv, stride 1) or 'imagenet' (7x7 conv stride 2, then 3x3 max-pool stride 2).
     shortcut: 'conv' or 'pad' (see Shortcut).
     last_relu: False drops the ReLU at the end of the last block (LUCIR, PODNet).
+    layers: convolution lowering and compute dtype (`Layers`); the stage maps and the embedding are returned
+      in float32 whatever the compute dtype.
   """
 
   def __init__(self, in_channels: int, stage_channels: Sequence[int], stage_blocks: Sequence[int], *,
                block: str = 'basic', stem: str = 'cifar', shortcut: str = 'conv', last_relu: bool = True,
-               rngs: nnx.Rngs):
+               layers: Layers = Layers(), rngs: nnx.Rngs):
     if stem not in ('cifar', 'imagenet'):
       raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {stem!r}.")
     if block not in BLOCKS:
       raise ValueError(f'block must be one of {sorted(BLOCKS)}; got {block!r}.')
     block_cls = BLOCKS[block]
     self.stem_kind = stem
-    self.stem_conv = _conv(in_channels, stage_channels[0], 3 if stem == 'cifar' else 7, 1 if stem == 'cifar' else 2,
-                           rngs)
-    self.stem_bn = _bn(stage_channels[0], rngs)
+    self.stem_conv = layers.conv(in_channels, stage_channels[0], 3 if stem == 'cifar' else 7,
+                                 1 if stem == 'cifar' else 2, rngs)
+    self.stem_bn = layers.bn(stage_channels[0], rngs)
     self.layout = tuple(int(n) for n in stage_blocks)
     cin = stage_channels[0]
     for s, (planes, n) in enumerate(zip(stage_channels, stage_blocks)):
@@ -121,7 +135,7 @@ class ResNet(nnx.Module):
         last = s == len(stage_blocks) - 1 and b == n - 1
         stride = 2 if (s > 0 and b == 0) else 1
         setattr(self, f'stage{s}_block{b}',
-                block_cls(cin, planes, stride, shortcut, rngs, relu_out=last_relu or not last))
+                block_cls(cin, planes, stride, shortcut, rngs, relu_out=last_relu or not last, layers=layers))
         cin = planes * block_cls.expansion
     self.embedding_dim = cin
 
@@ -133,8 +147,8 @@ class ResNet(nnx.Module):
     for s, n in enumerate(self.layout):
       for b in range(n):
         x = getattr(self, f'stage{s}_block{b}')(x, train)
-      stages.append(x)
-    return {'stages': tuple(stages), 'embedding': x.mean(axis=(1, 2))}
+      stages.append(x.astype(jnp.float32))
+    return {'stages': tuple(stages), 'embedding': x.astype(jnp.float32).mean(axis=(1, 2))}
 
 
 def cifar_resnet(in_channels: int, depth: int = 32, width: int = 16, *, rngs: nnx.Rngs, **kw) -> ResNet:

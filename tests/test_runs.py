@@ -1,0 +1,123 @@
+"""Several runs trained together (`num_runs`): each run equals the same config run alone."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+import incremental_jax
+from incremental_jax import config as cfglib, parallel, runs, train
+from incremental_jax.data import augment
+from incremental_jax.methods.base import Phase
+from incremental_jax.methods.baselines import Finetune
+from incremental_jax.models import build_model
+from incremental_jax.validate import ConfigError
+
+
+def _test_config(**kw):
+  from configs import lucir
+  c = lucir.get_config('test')
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_run_configs_vary_seed_and_class_order():
+  c = _test_config(num_runs=3)
+  got = [(r.seed, r.data.class_order_seed, r.num_runs) for r in runs.run_configs(c)]
+  assert got == [(0, 1993, 1), (1, 1994, 1), (2, 1995, 1)]
+  c.runs_vary = 'seed'
+  assert [(r.seed, r.data.class_order_seed) for r in runs.run_configs(c)] == [(0, 1993), (1, 1993), (2, 1993)]
+  c.runs_vary = 'order'
+  assert [(r.seed, r.data.class_order_seed) for r in runs.run_configs(c)] == [(0, 1993), (0, 1994), (0, 1995)]
+
+
+@pytest.mark.parametrize('edit,match', [
+    (dict(runs_vary='orders'), 'runs_vary'),
+    (dict(num_runs=0), 'num_runs'),
+    (dict(data_class_order=tuple(range(10))), 'class_order'),
+    (dict(every_epochs=1), 'every_epochs'),
+])
+def test_run_configs_refuse_bad_fields(edit, match):
+  c = _test_config(num_runs=2)
+  for k, v in edit.items():
+    if k == 'data_class_order':
+      c.data.class_order = v
+    elif k == 'every_epochs':
+      c.checkpoint.every_epochs = v
+    else:
+      c[k] = v
+  with pytest.raises(ConfigError, match=match):
+    runs.run_configs(c)
+
+
+def _phase_setup():
+  config = cfglib.test_preset(cfglib.base_config())
+  config.method.name = 'finetune'
+  model = build_model(config.model, 4, (8, 8, 1), seed=0)
+  method = Finetune(config)
+  mesh = parallel.make_mesh()
+  aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
+  trainer = train.Trainer(model, method, mesh, aug, seed=0, show_progress=False)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (120, 8, 8, 1)).astype(np.uint8)
+  labels = [rng.integers(0, 4, 120), rng.integers(0, 4, 120)]
+  optim = ConfigDict(dict(config.optim, epochs=2, batch_size=16, lr=0.05))
+  phases = [Phase('train', method.loss, np.arange(48), optim), Phase('train', method.loss, np.arange(40, 120), optim)]
+  return config, model, trainer, images, labels, phases, mesh
+
+
+def test_group_phase_equals_each_run_alone_with_uneven_steps():
+  """Run 0 has 3 steps per epoch, run 1 has 5: the group pads run 0 with discarded steps; each run's state
+  and per-epoch losses equal those of `run_phase` on that run alone (own labels, seed and sampler seed)."""
+  config, model, trainer, images, labels, phases, mesh = _phase_setup()
+  tasks = [train.make_task_info(type('S', (), {'class_masks': lambda self, t: {
+      'old': np.zeros(4, np.float32), 'new': np.ones(4, np.float32), 'seen': np.ones(4, np.float32)}})(), 0,
+      np.ones(4, np.float32)) for _ in range(2)]
+  seeds = [3, 7]
+  init = [train.init_train_state(build_model(config.model, 4, (8, 8, 1), seed=s), mesh,
+                                 train.make_optimizer(config.optim)) for s in seeds]
+  group = train.run_phase_group(trainer, init, [None, None], tasks, phases, images, labels,
+                                [(s, 0, 0) for s in seeds], seeds)
+  for k, s in enumerate(seeds):
+    solo_trainer = train.Trainer(model, trainer.method, mesh, trainer.augment_fn, seed=s, show_progress=False)
+    fresh = train.init_train_state(build_model(config.model, 4, (8, 8, 1), seed=s), mesh,
+                                   train.make_optimizer(config.optim))
+    solo = solo_trainer.run_phase(fresh, None, tasks[k], phases[k], images, labels[k], rng_seed=(s, 0, 0))
+    assert int(group[k].state.step) == int(solo.state.step) == [3, 5][k] * 2
+    for a, b in zip(jax.tree.leaves(group[k].state.params), jax.tree.leaves(solo.state.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([m['loss'] for m in group[k].epoch_metrics], [m['loss'] for m in solo.epoch_metrics],
+                               rtol=1e-5)
+  assert trainer.compile_count == 1
+
+
+def test_two_runs_together_equal_each_run_alone(tmp_path):
+  """A LUCIR group of 2 (teacher, imprinting, herding, NME): run 1's results.json equals the run of seed 1 and
+  class order seed 1994 alone; the summary's mean and std are those of the two runs. XLA's convolution is used
+  on both sides: the 'taps' weight gradient is batched differently under vmap, so it agrees only to float
+  rounding, which a few steps of this tiny network amplify."""
+  summary = incremental_jax.train_and_evaluate(_with_xla(_test_config(num_runs=2)), str(tmp_path / 'group'))
+  solo_cfg = _with_xla(_test_config(seed=1))
+  solo_cfg.data.class_order_seed = 1994
+  solo = incremental_jax.train_and_evaluate(solo_cfg, str(tmp_path / 'solo'))
+  with open(tmp_path / 'group' / 'run_0' / 'results.json') as f:
+    first = json.load(f)
+  with open(tmp_path / 'group' / 'run_1' / 'results.json') as f:
+    grouped = json.load(f)
+  assert grouped['class_order'] == solo['class_order'] != first['class_order']
+  for a, b in zip(grouped['steps'], solo['steps']):
+    assert a['cnn'] == b['cnn'] and a['nme'] == b['nme']
+    np.testing.assert_allclose(a['epoch_losses']['train'], b['epoch_losses']['train'], rtol=1e-5)
+  both = [first['avg_incremental_accuracy']['cnn'], grouped['avg_incremental_accuracy']['cnn']]
+  assert summary['avg_incremental_accuracy']['cnn']['mean'] == pytest.approx(np.mean(both))
+  assert summary['avg_incremental_accuracy']['cnn']['std'] == pytest.approx(np.std(both))
+  assert summary['compilations'] == 2           # LUCIR: the first task's step (no teacher) and the later one
+  assert os.path.exists(tmp_path / 'group' / 'summary.json')
+
+
+def _with_xla(c):
+  c.model.conv_impl = 'xla'
+  return c
