@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental_jax import config as cfglib, parallel, train
+from incremental_jax import parallel, train
 from incremental_jax.data import augment, pipeline
 from incremental_jax.methods import METHODS
 from incremental_jax.methods.base import Phase, snapshot

@@ -11,10 +11,9 @@ import functools
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from incremental_jax import checkpoint as ckpt_lib
@@ -76,9 +75,14 @@ def nme_class_means(ctx: TaskContext, config) -> np.ndarray:
   return memory_lib.class_means(feats, labels, ctx.scenario.num_classes, flipped)
 
 
-def _default_trainable(method, scenario, t: int) -> np.ndarray:
-  masks = scenario.class_masks(t)
-  return masks['new'] if method.freeze_old_classes else masks['seen']
+def phase_task_info(method, ctx: TaskContext, phase):
+  """The `TaskInfo` of `phase` in task `ctx.task`: its trainable classes, by default the new ones when the
+  method freezes old classes, else every seen one."""
+  trainable = phase.trainable_classes
+  if trainable is None:
+    masks = ctx.scenario.class_masks(ctx.task)
+    trainable = masks['new'] if method.freeze_old_classes else masks['seen']
+  return train_lib.make_task_info(ctx.scenario, ctx.task, trainable)
 
 
 class RunSession:
@@ -282,10 +286,7 @@ def _run_phases(trainer, method, ctx: TaskContext, phases, data: RunData, epoch_
               f'{p_idx} of task {ctx.task} is now {phase.name!r}; its hooks are not deterministic.')
         state, start_epoch = resume['state'], int(resume['epoch'])
         history = [{'loss': loss} for loss in resume['phase_losses']]
-    trainable = phase.trainable_classes
-    if trainable is None:
-      trainable = _default_trainable(method, ctx.scenario, ctx.task)
-    task_info = train_lib.make_task_info(ctx.scenario, ctx.task, trainable)
+    task_info = phase_task_info(method, ctx, phase)
     desc = f'task {ctx.task + 1}/{ctx.scenario.num_tasks} {phase.name}'
     callback = None
     if on_epoch_end is not None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from incremental_jax import parallel
 from incremental_jax import train as train_lib
-from incremental_jax.run import RunSession, _default_trainable, _run_phases
+from incremental_jax.run import RunSession, _run_phases, phase_task_info
 from incremental_jax.validate import ConfigError
 
 VARY = ('seed_and_order', 'seed', 'order')
@@ -100,9 +100,7 @@ def _train_together(trainer, sessions: list, ctxs: list, phase_lists: list, loss
   for i in range(len(names[0])):
     phases = [pl[i] for pl in phase_lists]
     t = ctxs[0].task
-    trainable = [p.trainable_classes if p.trainable_classes is not None else _default_trainable(s.method, c.scenario, t)
-                 for p, c, s in zip(phases, ctxs, sessions)]
-    tasks = [train_lib.make_task_info(c.scenario, t, tr) for c, tr in zip(ctxs, trainable)]
+    tasks = [phase_task_info(s.method, c, p) for p, c, s in zip(phases, ctxs, sessions)]
     desc = f'task {t + 1}/{ctxs[0].scenario.num_tasks} {phases[0].name} ({len(sessions)} runs)'
     results = train_lib.run_phase_group(
         trainer, [c.state for c in ctxs], [c.frozen for c in ctxs], tasks, phases, ctxs[0].train_images,

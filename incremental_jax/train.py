@@ -215,7 +215,7 @@ class Trainer:
         bar.update(1)
         if fault_per_step:
           faults.reached('train_step')
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics)
+      stacked = _stack(epoch_metrics)
       means = {k: float(v) for k, v in jax.device_get(jax.tree.map(jnp.mean, stacked)).items()}
       history.append(means)
       bar.set_postfix(epoch=e + 1, loss=f"{means['loss']:.4f}", refresh=False)
@@ -246,10 +246,9 @@ def run_phase_group(trainer: Trainer, states: list, frozens: list, tasks: list, 
   plans = [trainer._epoch_plan(p, lab, rs) for p, lab, rs in zip(phases, labels, rng_seeds)]
   run_steps = np.array([len(plan[0]) for plan in plans])
   tasks = [trainer._phase_task(t, phase, n, seed) for t, n, seed in zip(tasks, run_steps, seeds)]
-  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-  state = stack([trainer._phase_start(s, phase) for s in states])
-  frozen = None if frozens[0] is None else stack(frozens)
-  task = parallel.replicate(stack(tasks), mesh)
+  state = _stack([trainer._phase_start(s, phase) for s in states])
+  frozen = None if frozens[0] is None else _stack(frozens)
+  task = parallel.replicate(_stack(tasks), mesh)
   step_fn = trainer._compiled_group_step(phase, frozen is not None)
   steps = int(run_steps.max())
   bar = _progress(epochs * steps, desc, trainer.show_progress)
@@ -262,7 +261,7 @@ def run_phase_group(trainer: Trainer, states: list, frozens: list, tasks: list, 
       state, metrics = step_fn(state, frozen, task, batch, parallel.replicate(valid[i], mesh))
       epoch_metrics.append(metrics)
       bar.update(1)
-    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics))   # [steps, R] each
+    stacked = jax.device_get(_stack(epoch_metrics))   # [steps, R] each
     for k, history in enumerate(histories):
       history.append({name: float((v[:, k] * valid[:, k]).sum() / valid[:, k].sum()) for name, v in stacked.items()})
       if not np.isfinite(history[-1]['loss']):
@@ -273,6 +272,11 @@ def run_phase_group(trainer: Trainer, states: list, frozens: list, tasks: list, 
   bar.close()
   return [PhaseResult(state=jax.tree.map(lambda x: x[k], state), epoch_metrics=histories[k])
           for k in range(len(states))]
+
+
+def _stack(trees: list):
+  """Pytrees of equal structure -> one pytree whose leaves are stacked on a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def _non_finite_message(desc: str, step_losses: np.ndarray, end_step: int, epoch: int) -> str:

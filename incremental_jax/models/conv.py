@@ -37,7 +37,7 @@ def tap_weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple, paddin
   d = dy.reshape(-1, cout)
   taps = [[xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :].reshape(-1, cin).T @ d
            for j in range(kw)] for i in range(kh)]
-  return jnp.stack([jnp.stack(row) for row in taps]).astype(x.dtype)
+  return jnp.stack([jnp.stack(row) for row in taps])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
