@@ -12,7 +12,8 @@ After warm-up the two are timed alternately in rounds of `--steps` steps; the me
 with their ratio. Prints figures; asserts nothing.
 
     python benchmarks/vs_torch.py                      # batch 128, 32x32x3
-    python benchmarks/vs_torch.py --conv_impl=xla      # XLA's convolutions only (default: model.conv_impl 'auto')
+    python benchmarks/vs_torch.py --conv_impl=xla      # XLA's plain convolutions (default: model.conv_impl 'auto')
+    INCREMENTAL_JAX_XLA_CPU_FLAGS= python benchmarks/vs_torch.py   # without the XLA:CPU flags of incremental_jax.xla_cpu
     python benchmarks/vs_torch.py --dtype=bfloat16     # mixed precision (accelerators)
 """
 import argparse

@@ -1,12 +1,12 @@
-"""The 'taps' convolution lowering (`models.conv`) against XLA's convolution and a NumPy weight gradient, and
-the model options `conv_impl` and `dtype`."""
+"""The 'materialized' convolution lowering (`models.conv`) against XLA's convolution and a NumPy weight gradient,
+the model options `conv_impl` and `dtype`, and the XLA:CPU flags set on import (`xla_cpu`)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from incremental_jax import config as cfglib
+from incremental_jax import config as cfglib, xla_cpu
 from incremental_jax.models import build_model, conv as conv_lib
 from incremental_jax.validate import ConfigError, validate_config
 
@@ -27,37 +27,50 @@ def _numpy_weight_gradient(x, dy, k, stride, pad):
 
 @pytest.mark.parametrize('k,stride,pad,shape', [(3, 1, 1, (2, 6, 6, 3)), (3, 2, 1, (2, 7, 6, 3)),
                                                 (1, 2, 0, (2, 6, 6, 3)), (7, 2, 3, (1, 9, 9, 2))])
-def test_taps_conv_matches_xla_and_numpy(k, stride, pad, shape):
+def test_materialized_conv_matches_xla_and_numpy(k, stride, pad, shape):
   rng = np.random.default_rng(k + stride)
   x = rng.normal(size=shape).astype(np.float32)
   w = rng.normal(size=(k, k, shape[-1], 4)).astype(np.float32)
   args = ((stride, stride), [(pad, pad)] * 2)
   xla = lambda x, w: lax.conv_general_dilated(x, w, *args, dimension_numbers=DN)
-  taps = lambda x, w: conv_lib.taps_conv(x, w, *args, dimension_numbers=DN)
+  mat = lambda x, w: conv_lib.materialized_conv(x, w, *args, dimension_numbers=DN)
   y = xla(x, w)
-  np.testing.assert_allclose(taps(x, w), y, rtol=1e-5, atol=1e-5)
+  # The input is the same array (x @ I adds only exact zeros), so the convolution is the same to the bit.
+  np.testing.assert_array_equal(mat(x, w), y)
   dy = rng.normal(size=y.shape).astype(np.float32)
   dx_ref, dw_ref = jax.vjp(xla, x, w)[1](dy)
-  dx, dw = jax.vjp(taps, x, w)[1](dy)
-  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+  dx, dw = jax.vjp(mat, x, w)[1](dy)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(dw, _numpy_weight_gradient(x, dy, k, stride, pad), rtol=1e-4, atol=1e-4)
 
 
-def test_taps_conv_under_vmap_and_fallback():
+def test_materialize_is_exact_and_not_fused_away():
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(2, 3, 3, 5)) * 10.0 ** rng.integers(-30, 30, size=(2, 3, 3, 5))).astype(np.float32)
+  np.testing.assert_array_equal(jax.jit(conv_lib.materialize)(x), x)
+  # The matrix product survives XLA's optimisations: it is what stops the producers from being fused into
+  # (and recomputed by) every consumer.
+  relu_of = lambda f: jax.jit(lambda v: jax.nn.relu(f(v * 2.0)) + 1.0).lower(x).compile().as_text()
+  assert ' dot(' in relu_of(conv_lib.materialize)
+  assert ' dot(' not in relu_of(lambda v: v)
+
+
+def test_materialized_conv_under_vmap_and_fallback():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 2, 5, 5, 4)).astype(np.float32)     # 3 independent problems
   w = rng.normal(size=(3, 3, 3, 4, 4)).astype(np.float32)
   loss = lambda impl: lambda x, w: (impl(x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN) ** 2).sum()
-  ref = jax.vmap(jax.grad(loss(lax.conv_general_dilated), argnums=1))(x, w)
-  got = jax.vmap(jax.grad(loss(conv_lib.taps_conv), argnums=1))(x, w)
-  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  ref = jax.vmap(jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1)))(x, w)
+  got = jax.vmap(jax.grad(loss(conv_lib.materialized_conv), argnums=(0, 1)))(x, w)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # A grouped convolution is not a plain one: it goes to XLA unchanged (same gradient).
   grouped = lambda impl: lambda w: (impl(x[0], w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN,
                                          feature_group_count=2) ** 2).sum()
   wg = w[0][:, :, :2, :]
-  np.testing.assert_allclose(jax.grad(grouped(conv_lib.taps_conv))(wg), jax.grad(grouped(lax.conv_general_dilated))(wg),
-                             rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(grouped(conv_lib.materialized_conv))(wg),
+                             jax.grad(grouped(lax.conv_general_dilated))(wg), rtol=1e-5)
 
 
 def _model(**model_fields):
@@ -78,13 +91,14 @@ def _loss_and_grads(model, x):
   return value, out, grads
 
 
-def test_resnet_taps_equals_xla():
+def test_resnet_materialized_equals_xla():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 1)), jnp.float32)
   v_xla, _, g_xla = _loss_and_grads(_model(conv_impl='xla'), x)
-  v_taps, _, g_taps = _loss_and_grads(_model(conv_impl='taps'), x)
-  assert float(v_taps) == pytest.approx(float(v_xla), rel=1e-5)
-  for a, b in zip(jax.tree.leaves(g_taps), jax.tree.leaves(g_xla)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  v_mat, _, g_mat = _loss_and_grads(_model(conv_impl='materialized'), x)
+  assert float(v_mat) == pytest.approx(float(v_xla), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g_mat), jax.tree.leaves(g_xla)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert conv_lib.resolve('auto') == ('materialized_large' if jax.default_backend() == 'cpu' else 'xla')
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
@@ -99,9 +113,29 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   assert 0 < err < 0.05 * scale
 
 
-@pytest.mark.parametrize('field,value', [('conv_impl', 'im2col'), ('dtype', 'float16')])
+@pytest.mark.parametrize('field,value', [('conv_impl', 'im2col'), ('conv_impl', 'taps'), ('dtype', 'float16')])
 def test_bad_model_options_are_refused(field, value):
   c = cfglib.test_preset(cfglib.base_config())
   c.model[field] = value
   with pytest.raises(ConfigError, match=f'model.{field}'):
     validate_config(c)
+
+
+def test_xla_cpu_flags_only_for_tested_jaxlib_and_never_over_the_users():
+  flag = xla_cpu.DEFAULT_FLAGS[0]
+  name = flag.split('=')[0]
+  assert xla_cpu.flags_to_add('0.10.2', {}) == [flag]
+  assert xla_cpu.flags_to_add('0.11.0', {}) == [] and xla_cpu.flags_to_add('dev', {}) == []
+  # The user's own value of the flag wins; other flags of theirs are kept.
+  assert xla_cpu.flags_to_add('0.10.2', {'XLA_FLAGS': f'{name}=+LIBRARY_FUSION_TYPE_ELTWISE'}) == []
+  assert xla_cpu.flags_to_add('0.10.2', {'XLA_FLAGS': '--xla_cpu_enable_fast_math=false'}) == [flag]
+  # The environment variable replaces the list (empty: nothing), whatever the version.
+  assert xla_cpu.flags_to_add('0.10.2', {xla_cpu.ENV_VAR: ''}) == []
+  assert xla_cpu.flags_to_add('0.11.0', {xla_cpu.ENV_VAR: '--a=1 --b=2'}) == ['--a=1', '--b=2']
+
+
+def test_xla_cpu_flags_are_not_set_once_xla_has_started(caplog):
+  jnp.ones(2).block_until_ready()                 # XLA has started in this process
+  env = {xla_cpu.ENV_VAR: '--xla_cpu_enable_fast_math=false', 'XLA_FLAGS': '--x=1'}
+  assert xla_cpu.configure(env) == [] and env['XLA_FLAGS'] == '--x=1'
+  assert 'not in effect' in caplog.text

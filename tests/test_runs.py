@@ -96,11 +96,15 @@ def test_group_phase_equals_each_run_alone_with_uneven_steps():
 
 def test_two_runs_together_equal_each_run_alone(tmp_path):
   """A LUCIR group of 2 (teacher, imprinting, herding, NME): run 1's results.json equals the run of seed 1 and
-  class order seed 1994 alone; the summary's mean and std are those of the two runs. XLA's convolution is used
-  on both sides: the 'taps' weight gradient is batched differently under vmap, so it agrees only to float
-  rounding, which a few steps of this tiny network amplify."""
-  summary = incremental_jax.train_and_evaluate(_with_xla(_test_config(num_runs=2)), str(tmp_path / 'group'))
-  solo_cfg = _with_xla(_test_config(seed=1))
+  class order seed 1994 alone; the summary's mean and std are those of the two runs.
+
+  The vmapped step batches the two runs' convolutions and reductions, so it agrees with the solo step only to
+  float rounding (about 1e-6 on the first losses). At the test preset's lr 0.05 this tiny network is chaotic
+  enough to amplify that into accuracy differences of a few points by the third task, so the comparison runs at
+  lr 0.01, where the two agree to every printed digit: accuracies are compared to 1 point (about two test
+  images) and per-epoch losses to 1e-4, far below what a wrong seed, class order, teacher or memory gives."""
+  summary = incremental_jax.train_and_evaluate(_stable(_test_config(num_runs=2)), str(tmp_path / 'group'))
+  solo_cfg = _stable(_test_config(seed=1))
   solo_cfg.data.class_order_seed = 1994
   solo = incremental_jax.train_and_evaluate(solo_cfg, str(tmp_path / 'solo'))
   with open(tmp_path / 'group' / 'run_0' / 'results.json') as f:
@@ -108,9 +112,17 @@ def test_two_runs_together_equal_each_run_alone(tmp_path):
   with open(tmp_path / 'group' / 'run_1' / 'results.json') as f:
     grouped = json.load(f)
   assert grouped['class_order'] == solo['class_order'] != first['class_order']
+  assert len(grouped['steps']) == len(solo['steps']) == 3
   for a, b in zip(grouped['steps'], solo['steps']):
-    assert a['cnn'] == b['cnn'] and a['nme'] == b['nme']
-    np.testing.assert_allclose(a['epoch_losses']['train'], b['epoch_losses']['train'], rtol=1e-5)
+    assert a['memory_size'] == b['memory_size']
+    for kind in ('cnn', 'nme'):
+      assert a[kind].keys() == b[kind].keys()
+      for part in ('all', 'old', 'new'):
+        if b[kind].get(part) is not None:
+          assert abs(a[kind][part] - b[kind][part]) <= 1.0, (kind, part, a[kind][part], b[kind][part])
+    np.testing.assert_allclose(a['epoch_losses']['train'], b['epoch_losses']['train'], rtol=1e-4)
+  # The two runs of the group really differ (their own seed and class order), by much more than the tolerance.
+  assert abs(first['steps'][0]['epoch_losses']['train'][0] - grouped['steps'][0]['epoch_losses']['train'][0]) > 1e-2
   both = [first['avg_incremental_accuracy']['cnn'], grouped['avg_incremental_accuracy']['cnn']]
   assert summary['avg_incremental_accuracy']['cnn']['mean'] == pytest.approx(np.mean(both))
   assert summary['avg_incremental_accuracy']['cnn']['std'] == pytest.approx(np.std(both))
@@ -118,6 +130,9 @@ def test_two_runs_together_equal_each_run_alone(tmp_path):
   assert os.path.exists(tmp_path / 'group' / 'summary.json')
 
 
-def _with_xla(c):
+def _stable(c):
+  """XLA's convolutions on both sides (the 'taps' weight gradient is batched differently under vmap) and a
+  learning rate at which float rounding is not amplified over the test's few steps."""
   c.model.conv_impl = 'xla'
+  c.optim.lr = 0.01
   return c

@@ -108,7 +108,7 @@ COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 
 def layers_of(model_cfg) -> resnet.Layers:
-  """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'taps', see `models.conv`) and
+  """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'materialized', see `models.conv`) and
   `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch statistics, heads and losses stay
   float32)."""
   conv_impl = conv_lib.resolve(str(model_cfg.get('conv_impl', 'auto')))
