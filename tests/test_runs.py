@@ -131,8 +131,8 @@ def test_two_runs_together_equal_each_run_alone(tmp_path):
 
 
 def _stable(c):
-  """XLA's convolutions on both sides (the 'taps' weight gradient is batched differently under vmap) and a
-  learning rate at which float rounding is not amplified over the test's few steps."""
+  """XLA's plain convolutions on both sides (the group and solo steps then differ only in how vmap batches them)
+  and a learning rate at which float rounding is not amplified over the test's few steps."""
   c.model.conv_impl = 'xla'
   c.optim.lr = 0.01
   return c
