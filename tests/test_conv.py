@@ -139,3 +139,14 @@ def test_xla_cpu_flags_are_not_set_once_xla_has_started(caplog):
   env = {xla_cpu.ENV_VAR: '--xla_cpu_enable_fast_math=false', 'XLA_FLAGS': '--x=1'}
   assert xla_cpu.configure(env) == [] and env['XLA_FLAGS'] == '--x=1'
   assert 'not in effect' in caplog.text
+
+
+def test_materialized_large_leaves_small_inputs_to_xla():
+  """`min_size` (the 'auto' threshold): an input below it gets XLA's plain convolution (no identity product in
+  the compiled program), one at or above it the materialised one."""
+  x = np.ones((2, 4, 4, 3), np.float32)                           # 96 elements
+  w = np.ones((3, 3, 3, 2), np.float32)
+  compiled = lambda size: jax.jit(lambda v: conv_lib.materialized_conv(
+      jax.nn.relu(v), w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN, min_size=size)).lower(x).compile().as_text()
+  assert ' dot(' not in compiled(97)
+  assert ' dot(' in compiled(96)
