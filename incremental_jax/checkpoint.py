@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from incremental_jax import faults, parallel
+from incremental_jax.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
@@ -35,8 +36,6 @@ FORMAT_VERSION = 1
 RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'eval.batch_size', 'checkpoint', 'progress', 'workdir')
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint directory that cannot be resumed (corrupt, foreign, or from a different config)."""
 
 
 def _check_str_keys(tree: Any, where: str) -> None:

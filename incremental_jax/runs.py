@@ -20,7 +20,7 @@ import numpy as np
 from incremental_jax import parallel
 from incremental_jax import train as train_lib
 from incremental_jax.run import RunSession, _run_phases, phase_task_info
-from incremental_jax.validate import ConfigError
+from incremental_jax.errors import ConfigError
 
 VARY = ('seed_and_order', 'seed', 'order')
 SUMMARY_KEYS = ('avg_incremental_accuracy', 'last_accuracy', 'average_forgetting')

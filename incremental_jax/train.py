@@ -18,18 +18,8 @@ from flax import struct
 
 from incremental_jax import faults, parallel
 from incremental_jax.data import pipeline
-from incremental_jax.methods.base import Phase, TaskInfo
-from incremental_jax.models import Model, head_update_mask
-
-
-@struct.dataclass
-class TrainState:
-  """step: global step (seeds the augmentation); phase_step: step within the phase (drives the schedule)."""
-  step: jax.Array
-  phase_step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
+from incremental_jax.models import Model
+from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
@@ -104,6 +94,30 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
                          batch_stats=new_stats, opt_state=opt_state), metrics
 
   return train_step
+
+
+def head_update_mask(model: Model, params: dict, class_mask: jax.Array, backbone: bool = True,
+                     frozen: tuple[str, ...] = ()) -> dict:
+  """Multipliers (0/1) for parameter updates: class-indexed head parameters are masked to `class_mask`
+  [num_classes] along their class axis; the other parameters get 1 (or 0 when `backbone` is False, for
+  phases that train the head only). Parameters whose '/'-joined path is in `frozen` or lies under one of its
+  entries (e.g. 'head/sigma') get 0."""
+
+  def mask_for(path, leaf):
+    keys = [getattr(k, 'key', k) for k in path]
+    name = '/'.join(str(k) for k in keys)
+    if any(name == f or name.startswith(f + '/') for f in frozen):
+      return jnp.zeros((), leaf.dtype)
+    if keys[0] == 'head' and keys[-1] in model.head_class_axes:
+      axis = model.head_class_axes[keys[-1]] % leaf.ndim
+      shape = [1] * leaf.ndim
+      shape[axis] = leaf.shape[axis]
+      return jnp.reshape(class_mask.astype(leaf.dtype), shape)
+    if keys[0] == 'head':
+      return jnp.ones((), leaf.dtype)
+    return jnp.ones((), leaf.dtype) if backbone else jnp.zeros((), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(mask_for, params)
 
 
 @dataclasses.dataclass

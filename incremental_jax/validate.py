@@ -6,18 +6,9 @@ import math
 
 import jax
 
-from incremental_jax.checkpoint import CheckpointError
 from incremental_jax.data import pipeline, scenario, sources
 from incremental_jax.losses.auxiliary import AUX_LOSSES
-
-
-class ConfigError(ValueError):
-  """An invalid config value; the message names the field and the valid choices."""
-
-
-# Errors that describe a problem with the user's input or workdir (not a bug): `main.py` prints their message
-# alone. FloatingPointError is a diverged run (a non-finite loss), reported with its global step.
-USER_ERRORS = (ConfigError, sources.DataError, scenario.ScenarioError, CheckpointError, FloatingPointError)
+from incremental_jax.errors import USER_ERRORS, ConfigError  # noqa: F401
 
 
 def _require(cond: bool, msg: str) -> None:

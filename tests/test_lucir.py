@@ -19,7 +19,8 @@ from incremental_jax.memory import Memory
 from incremental_jax.methods import build_method
 from incremental_jax.methods.base import Phase, TaskContext
 from incremental_jax.methods.lucir import imprinted_weights
-from incremental_jax.models import HEADS, build_model, head_update_mask
+from incremental_jax.models import HEADS, build_model
+from incremental_jax.train import head_update_mask
 from incremental_jax.models.cosine import CosineHead
 from incremental_jax.train import init_train_state, make_optimizer, make_task_info
 

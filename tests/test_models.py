@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from incremental_jax.models import build_model, head_update_mask
+from incremental_jax.models import build_model
+from incremental_jax.train import head_update_mask
 
 
 def _jit_apply(model, train):

@@ -11,8 +11,7 @@ from typing import Sequence
 import numpy as np
 
 
-class ScenarioError(ValueError):
-  """An impossible scenario (class order, base classes or increment)."""
+from incremental_jax.errors import ScenarioError  # noqa: F401  (raised here)
 
 
 def class_order(num_classes: int, order: Sequence[int] = (), seed: int | None = 1993) -> np.ndarray:

@@ -14,8 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 
-class DataError(ValueError):
-  """A data set is missing, unreadable or inconsistent; the message says what was looked for and how to fix it."""
+from incremental_jax.errors import DataError  # noqa: F401  (raised here)
 
 
 @dataclasses.dataclass(frozen=True)

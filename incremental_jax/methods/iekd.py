@@ -37,7 +37,7 @@ from incremental_jax.methods.base import Method, Phase, TaskContext, snapshot
 from incremental_jax.methods.baselines import Finetune
 from incremental_jax.models import build_model, functional_model, make_classifier
 from incremental_jax.models.factor import FactorAutoencoder, IEStudent, MutualPeers, factor_channels
-from incremental_jax.validate import ConfigError
+from incremental_jax.errors import ConfigError
 
 TEACHER_DIR = 'teacher'                      # <workdir>/teacher: the teacher trained inside a run
 AUTOENCODER_DIR = 'teacher_autoencoder'      # <workdir>/teacher_autoencoder: IE-KD's trained paraphraser

@@ -31,6 +31,7 @@ import numpy as np
 from incremental_jax import memory as memory_lib
 from incremental_jax.losses.lucir import less_forget
 from incremental_jax.losses.podnet import POOLINGS, adaptive_factor, nca, nca_official, pod_spatial
+from incremental_jax.errors import ConfigError
 from incremental_jax.methods.base import Method, Phase, TaskContext, with_imprinted_head
 
 
@@ -73,7 +74,6 @@ class PODNet(Method):
 
   def __init__(self, config):
     super().__init__(config)
-    from incremental_jax.validate import ConfigError
     if self.mcfg.pooling not in POOLINGS:
       raise ConfigError(f'method.pooling={self.mcfg.pooling!r} is not a POD pooling; valid: {list(POOLINGS)}.')
 

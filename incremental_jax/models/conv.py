@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from incremental_jax.errors import ConfigError
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -96,7 +98,7 @@ def resolve(name: str) -> str:
   if name == 'auto':
     return 'materialized_large' if jax.default_backend() == 'cpu' else 'xla'
   if name not in CONV_IMPLS:
-    raise ValueError(f"model.conv_impl must be 'auto' or one of {sorted(CONV_IMPLS)}; got {name!r}.")
+    raise ConfigError(f"model.conv_impl must be 'auto' or one of {sorted(CONV_IMPLS)}; got {name!r}.")
   return name
 
 

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from incremental_jax.models import Classifier
+from incremental_jax.models.network import Classifier
 from incremental_jax.models.resnet import Layers
+from incremental_jax.errors import ConfigError
 
 LEAKY_SLOPE = 0.1
 
@@ -81,13 +82,13 @@ def channel_split(num_channels: int, mode: str = 'natural', seed: int = 0) -> tu
   `divide_features`): 'natural' gives the first floor(C/2) channels to inheritance and the rest to exploration;
   'random' does the same on a permutation drawn from `np.random.default_rng(seed)`. Disjoint; together all."""
   if num_channels < 2:
-    raise ValueError(f'IE-KD splits the student feature map in two; it has {num_channels} channel(s).')
+    raise ConfigError(f'IE-KD splits the student feature map in two; it has {num_channels} channel(s).')
   if mode == 'natural':
     order = np.arange(num_channels)
   elif mode == 'random':
     order = np.random.default_rng(seed).permutation(num_channels)
   else:
-    raise ValueError(f"method.split must be 'natural' or 'random'; got {mode!r}.")
+    raise ConfigError(f"method.split must be 'natural' or 'random'; got {mode!r}.")
   half = num_channels // 2
   return np.sort(order[:half]), np.sort(order[half:])
 
@@ -135,7 +136,7 @@ class MutualPeers(nnx.Module):
   def __init__(self, classifier_a: Classifier, classifier_b: Classifier, rate: float = 0.5,
                split: str = 'natural', split_seed: int = 0, eval_peer: str = 'a', *, rngs: nnx.Rngs):
     if eval_peer not in ('a', 'b'):
-      raise ValueError(f"method.eval_peer must be 'a' or 'b'; got {eval_peer!r}.")
+      raise ConfigError(f"method.eval_peer must be 'a' or 'b'; got {eval_peer!r}.")
     ca, cb = classifier_a.backbone.embedding_dim, classifier_b.backbone.embedding_dim
     self.peer_a = IEStudent(classifier_a, factor_channels(cb, rate), split, split_seed, rngs=rngs)
     self.peer_b = IEStudent(classifier_b, factor_channels(ca, rate), split, split_seed, rngs=rngs)

@@ -2,7 +2,7 @@
 scenario (allocated once; unseen classes are masked by the losses and receive no updates).
 
 Each head declares `class_axes`: for each of its class-indexed parameters, the axis that runs over classes.
-The trainer uses it to freeze old classes and to leave unseen classes untouched (`models.head_update_mask`).
+The trainer uses it to freeze old classes and to leave unseen classes untouched (`train.head_update_mask`).
 """
 from __future__ import annotations
 

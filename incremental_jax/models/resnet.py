@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from incremental_jax.errors import ConfigError
 from incremental_jax.models import conv as conv_lib
 
 # PyTorch ResNets initialise convolutions with kaiming_normal(mode='fan_out', nonlinearity='relu').
@@ -48,7 +49,7 @@ class Shortcut(nnx.Module):
       self.conv = layers.conv(cin, cout, 1, stride, rngs)
       self.bn = layers.bn(cout, rngs)
     elif kind != 'pad':
-      raise ValueError(f"shortcut must be 'conv' or 'pad'; got {kind!r}.")
+      raise ConfigError(f"shortcut must be 'conv' or 'pad'; got {kind!r}.")
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.kind == 'conv':
@@ -120,9 +121,9 @@ class ResNet(nnx.Module):
                block: str = 'basic', stem: str = 'cifar', shortcut: str = 'conv', last_relu: bool = True,
                layers: Layers = Layers(), rngs: nnx.Rngs):
     if stem not in ('cifar', 'imagenet'):
-      raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {stem!r}.")
+      raise ConfigError(f"stem must be 'cifar' or 'imagenet'; got {stem!r}.")
     if block not in BLOCKS:
-      raise ValueError(f'block must be one of {sorted(BLOCKS)}; got {block!r}.')
+      raise ConfigError(f'block must be one of {sorted(BLOCKS)}; got {block!r}.')
     block_cls = BLOCKS[block]
     self.stem_kind = stem
     self.stem_conv = layers.conv(in_channels, stage_channels[0], 3 if stem == 'cifar' else 7,
@@ -154,7 +155,7 @@ class ResNet(nnx.Module):
 def cifar_resnet(in_channels: int, depth: int = 32, width: int = 16, *, rngs: nnx.Rngs, **kw) -> ResNet:
   """CIFAR ResNet of depth 6n+2 (20, 32, 44, 56, 110): three stages of n basic blocks, width/2w/4w channels."""
   if depth < 8 or (depth - 2) % 6:
-    raise ValueError(f'CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110); got {depth}.')
+    raise ConfigError(f'CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110); got {depth}.')
   n = (depth - 2) // 6
   return ResNet(in_channels, (width, 2 * width, 4 * width), (n, n, n), block='basic', rngs=rngs, **kw)
 
@@ -169,6 +170,6 @@ def imagenet_resnet(in_channels: int, depth: int = 18, width: int = 64, *, rngs:
   """ImageNet ResNet-18/34/50/101/152 (and a tiny 10-layer variant for tests); `stem='cifar'` gives the
   small-image variant used for CIFAR ResNet-18 (BAKE)."""
   if depth not in IMAGENET_LAYOUTS:
-    raise ValueError(f'ResNet depth must be one of {sorted(IMAGENET_LAYOUTS)}; got {depth}.')
+    raise ConfigError(f'ResNet depth must be one of {sorted(IMAGENET_LAYOUTS)}; got {depth}.')
   block, layout = IMAGENET_LAYOUTS[depth]
   return ResNet(in_channels, tuple(width * 2**i for i in range(4)), layout, block=block, stem=stem, rngs=rngs, **kw)
