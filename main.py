@@ -62,16 +62,49 @@ def main(argv):
   if dist is not None:
     jax.distributed.initialize(**dist)
   import incremental_jax
-  from incremental_jax import validate
+  from incremental_jax.errors import USER_ERRORS
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every file it writes at INFO
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.method  # noqa: B018 - config_flags reports a config file it could not load on first access
+  except OSError as e:   # config_flags reports a config file it could not load here
+    print(f'error: --config: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+    sys.exit(2)
   workdir = _WORKDIR.value or default_workdir(config)
   try:
     incremental_jax.train_and_evaluate(config, workdir)
-  except validate.USER_ERRORS as e:
+  except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
 
 
+def parse_flags(argv: list) -> list:
+  """absl's flag parsing, with every mistake in the command line (an unknown preset, a misspelt or unknown
+  config field, a value of the wrong type) reported as one line on stderr and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - any parsing failure is the user's command line
+    print(f'error: {command_line_error(e, argv)}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def command_line_error(error: Exception, argv: list) -> str:
+  """One line for a command-line parsing failure; a missing config field names the flag that set it and the
+  close matches."""
+  chain = [error]
+  while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  missing = [e for e in chain if isinstance(e, (AttributeError, KeyError))]
+  cause = missing[0] if missing else chain[-1]
+  if missing:
+    text = next((e.args[0] for e in missing if e.args and isinstance(e.args[0], str)), str(cause))
+    lines = [line.strip(' \'"') for line in str(text).splitlines()]
+    field = lines[0]
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and field in a.split('=')[0].split('.')[1:]),
+                '--config')
+    return ' '.join([f'{flag}: the config has no field {field!r}.', *lines[1:]])
+  return ' '.join(str(error if isinstance(error, flags.Error) or not str(cause) else cause).split())
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -78,7 +78,7 @@ def digits(c):
 
 def digits_ce(c):
   c = digits(c)
-  c.method = ml_collections.ConfigDict({'name': 'finetune'})
+  c.method = cfglib.method_section('finetune')
   return c
 
 
@@ -115,6 +115,6 @@ PRESETS = {
 
 def get_config(arg=None):
   c = single_task(cfglib.base_config())
-  c.method = ml_collections.ConfigDict({'name': 'bake', 'temperature': 4.0, 'omega': 0.5, 'weight': 1.0})
+  c.method = cfglib.method_section('bake', temperature=4.0, omega=0.5, weight=1.0)
   c.data.sampler = 'intra_class'
   return cfglib.apply_preset(c, arg, PRESETS, default='cifar100')

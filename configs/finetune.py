@@ -8,5 +8,5 @@ from incremental_jax import config as cfglib
 
 def get_config(arg=None):
   c = cfglib.base_config()
-  c.method = ml_collections.ConfigDict({'name': 'finetune'})
+  c.method = cfglib.method_section('finetune')
   return cfglib.apply_preset(c, arg, cfglib.COMMON_PRESETS, default='cifar100_b50_s10')

@@ -12,8 +12,8 @@ from incremental_jax import config as cfglib
 
 def get_config(arg=None):
   c = cfglib.base_config()
-  c.method = ml_collections.ConfigDict({'name': 'icarl', 'loss': 'ce_kd', 'kd_temperature': 2.0, 'kd_weight': 1.0})
-  c.memory.total = 2000
+  c.method = cfglib.method_section('icarl', loss='ce_kd', kd_temperature=2.0, kd_weight=1.0)
+  c.memory.per_class, c.memory.total = 0, 2000
   c.optim.epochs = 170
   c.optim.milestones = (80, 120)
   c.optim.weight_decay = 2e-4

@@ -35,7 +35,7 @@ from incremental_jax import config as cfglib
 
 def method_config(c: ml_collections.ConfigDict, teacher_depth: int) -> ml_collections.ConfigDict:
   """The method section over a preset's data/model/optim: teacher = the student's network at `teacher_depth`."""
-  m = ml_collections.ConfigDict()
+  m = cfglib.method_section('')
   m.name = 'iekd'
   # teacher (iekd, kd)
   m.teacher_workdir = ''          # a configs/train.py workdir; '' = train the teacher first, inside the run

@@ -54,7 +54,7 @@ PRESETS = {
 
 def get_config(arg=None):
   c = cfglib.base_config()
-  c.method = ml_collections.ConfigDict({
+  c.method = cfglib.method_section(**{
       'name': 'lucir',
       'lambda_base': 5.0,          # less-forget weight (5 CIFAR-100, 10 ImageNet)
       'adaptive_lambda': True,     # times sqrt(|C_old| / |C_new|)

@@ -20,7 +20,7 @@ from incremental_jax import config as cfglib
 
 
 def method_config(exemplars: bool) -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
+  m = cfglib.method_section('')
   m.name = 'm2kd_exemplars' if exemplars else 'm2kd'
   m.teachers = 'all'              # 'all' snapshots (M2KD) or 'last' (sequential KD from the previous model)
   m.kd_temperature = 2.0          # T of every snapshot's KL term (each multiplied by T^2)
@@ -44,7 +44,8 @@ def with_method(data_preset, exemplars: bool):
       c.method.prune_finetune_epochs = 5
       c.method.mm_weight = 2.0    # digits, exemplar-free: weight 1 gave 77.7 / 2 gave 79.9 average incremental acc.
     if exemplars:
-      c.memory.total = 0 if c.data.name == 'digits' else 2000
+      if c.data.name != 'digits':
+        c.memory.per_class, c.memory.total = 0, 2000
     else:
       c.memory.per_class, c.memory.total = 0, 0
     return c

@@ -61,7 +61,7 @@ PRESETS = {
 
 def get_config(arg=None):
   c = cfglib.base_config()
-  c.method = ml_collections.ConfigDict({
+  c.method = cfglib.method_section(**{
       'name': 'podnet',
       'pooling': 'spatial',        # POD pooling: spatial (default), pixel, channel, gap, width, height
       'spatial_weight': 3.0,       # POD-spatial base weight (CIFAR 3, ImageNet 8), times sqrt(N/T)

@@ -82,5 +82,5 @@ PRESETS = {
 
 def get_config(arg=None):
   c = cfglib.base_config()
-  c.method = ml_collections.ConfigDict({'name': 'finetune'})
+  c.method = cfglib.method_section('finetune')
   return cfglib.apply_preset(c, arg, PRESETS, default='cifar10_resnet56')

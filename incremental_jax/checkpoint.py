@@ -61,10 +61,14 @@ def flatten_config(d: dict, prefix: str = '') -> dict:
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Fields (dotted) whose values differ between two config dicts, ignoring RUNTIME_FIELDS."""
+def config_differences(saved: dict, current: dict, defaults: Optional[dict] = None) -> list[str]:
+  """Fields (dotted) whose values differ between two config dicts, ignoring RUNTIME_FIELDS. A field absent
+  from `saved` (written before the field was declared) whose current value is its default in `defaults`
+  ({'section.field': value}) is no difference."""
   a, b = flatten_config(saved), flatten_config(json.loads(json.dumps(current)))
-  skip = lambda k: any(k == f or k.startswith(f + '.') for f in RUNTIME_FIELDS)
+  defaults = json.loads(json.dumps(defaults or {}))
+  skip = lambda k: (any(k == f or k.startswith(f + '.') for f in RUNTIME_FIELDS)
+                    or (k not in a and k in defaults and b.get(k) == defaults[k]))
   return [f'{k}: checkpoint has {a.get(k, "<absent>")!r}, config has {b.get(k, "<absent>")!r}'
           for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 

@@ -2,12 +2,21 @@
 
 Every config file has `get_config(arg=None)`; `arg` names a preset (`configs/icarl.py:digits`). A preset is
 a function that edits the base config, so a reader sees only what differs from the base.
+
+One source of truth: every field the library reads is declared here, once, with its default (a method's own
+fields in its config file's `method` section, made by `method_section`), and the library reads fields by
+attribute, so a missing one fails loudly and every declared one can be set on the command line
+(`--config.optim.lr=0.05`).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import difflib
+
 import ml_collections
+
+from incremental_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -20,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_runs = 1                  # > 1: that many independent runs trained together (incremental_jax.runs)
   c.runs_vary = 'seed_and_order'  # run k: seed + k and/or data.class_order_seed + k ('seed', 'order')
 
-  c.method = ml_collections.ConfigDict({'name': 'finetune'})
+  c.method = method_section('finetune')
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar100'        # see incremental_jax.data.sources.SOURCES
@@ -44,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.sampler_kwargs = ml_collections.ConfigDict()   # extra keyword arguments of the sampler
   c.data.sampler_kwargs.same_class_per_anchor = c.data.get_ref('same_class_per_anchor')  # follows the field
   c.data.augment = ml_collections.ConfigDict({'crop_padding': 4, 'flip': True, 'brightness': 0.0})
+  c.data.verify_images = True     # image folders: open every image once before training (False skips the check)
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = 'cifar_resnet'  # 'cifar_resnet' (depth 6n+2) or 'resnet' (18/34/50)
@@ -69,13 +79,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.gamma = 0.1
   c.optim.warmup_epochs = 0
   c.optim.schedule_unit = 'epoch'  # 'epoch' (PyTorch-style per-epoch steps) or 'step'
+  c.optim.clip_value = 0.0        # > 0: clamp each gradient element to [-clip_value, clip_value] (PODNet)
   c.optim.first_task_epochs = 0   # task 0 overrides (0/() = same as later tasks)
   c.optim.first_task_lr = 0.0
   c.optim.first_task_milestones = ()
 
   c.memory = ml_collections.ConfigDict()
-  c.memory.per_class = 20         # exemplars per class (used when total == 0)
-  c.memory.total = 0              # fixed total budget (e.g. 2000), split over the seen classes
+  c.memory.per_class = 20         # exemplars per class; set 0 when memory.total is used
+  c.memory.total = 0              # fixed total budget (e.g. 2000) split over the seen classes; needs per_class 0
   c.memory.selection = 'herding'  # 'herding' or 'random'
   c.memory.nme_flip = True        # NME class means also from horizontally flipped exemplars
 
@@ -84,6 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 2    # task-end checkpoints kept (0 = all)
   c.checkpoint.every_epochs = 0   # also checkpoint inside a task every n epochs (0 = only at task ends)
   return c
+
+
+def method_section(name: str, **fields) -> ml_collections.ConfigDict:
+  """A `method` config section: `name` (the registered method), `aux_losses` (auxiliary loss terms added to the
+  method's loss, `losses.auxiliary`; none by default) and the method's own fields with their defaults."""
+  return ml_collections.ConfigDict({'name': name, 'aux_losses': ml_collections.ConfigDict(), **fields})
 
 
 # ---- shared presets --------------------------------------------------------------------------------------
@@ -182,5 +199,24 @@ def apply_preset(config: ml_collections.ConfigDict, arg: Optional[str], presets:
   """Applies the preset named `arg` (or `default`); an unknown name lists the valid ones."""
   name = arg or default
   if name not in presets:
-    raise ValueError(f'Unknown preset {name!r}; valid presets: {sorted(presets)}.')
+    raise ConfigError(f'unknown preset {name!r}{close_matches(name, presets)}; valid presets: {sorted(presets)}.')
   return presets[name](config)
+
+
+def close_matches(name: str, candidates) -> str:
+  """' (did you mean ...?)' naming the candidates close to `name`, or ''."""
+  close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=3, cutoff=0.6)
+  return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ''
+
+
+def flat_defaults() -> dict:
+  """The base config's fields as {'section.field': default} (for checkpoints written before a field existed)."""
+  def flatten(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flatten(v, f'{prefix}{k}.'))
+      else:
+        out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+    return out
+  return flatten(base_config().to_dict())

@@ -39,7 +39,7 @@ def herding_order(features: np.ndarray, m: int) -> np.ndarray:
 
 def per_class_budget(memory_cfg, num_seen_classes: int) -> int:
   """Exemplars per class: `memory.total // seen classes` when a fixed total is set, else `memory.per_class`."""
-  total = int(memory_cfg.get('total', 0) or 0)
+  total = int(memory_cfg.total or 0)
   if total > 0:
     return total // num_seen_classes
   return int(memory_cfg.per_class)

@@ -1,35 +1,50 @@
-"""A whole class-incremental run: `train_and_evaluate(config, workdir) -> results`.
+"""A whole class-incremental protocol: `train_and_evaluate(config, workdir) -> results`.
 
-For each task: the method's hooks and phases (see `methods.base`), the exemplar memory update, evaluation
-(CNN and NME), a checkpoint, and the result files. Running it again on the same workdir resumes after the
-last completed task and produces the same results as an uninterrupted run.
+One task loop over a list of runs. A single run is a list of one; `num_runs` > 1 is a longer list (`runs`:
+run k has its own seed and class order and its own workdir `run_k/`) whose phases are trained together by one
+vmapped step, while their host hooks (imprinting, exemplar selection, evaluation) run one after the other.
+
+Each run is split in two:
+- `RunSpec`, what is fixed for the run (config, data and scenario, method and its networks, augmentation,
+  predict/embed, mesh), built by `build_run_spec`;
+- `RunState`, the one mutable state (train state, frozen teachers, method state, exemplar memory, step
+  records): the only thing the loop updates and the only thing checkpointed (`RunStore`).
+
+For each task t: the method's hooks and phases (see `methods.base`), the exemplar memory update, evaluation (CNN
+and NME), a checkpoint, and the result files. Running it again on the same workdir resumes after the last
+completed task (or inside a task, from a mid-task checkpoint) and produces the same results as an
+uninterrupted run.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
 from incremental_jax import checkpoint as ckpt_lib
+from incremental_jax import config as cfglib
 from incremental_jax import evaluate as eval_lib
 from incremental_jax import faults
 from incremental_jax import memory as memory_lib
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
+from incremental_jax import runs as runs_lib
 from incremental_jax import train as train_lib
 from incremental_jax import validate
 from incremental_jax.data import augment, scenario as scenario_lib, sources
-from incremental_jax.methods import build_method
+from incremental_jax.errors import CheckpointError
+from incremental_jax.methods import Method, build_method
 from incremental_jax.methods.base import TaskContext
+from incremental_jax.step import check_finite, init_train_state, make_optimizer, make_task_info
+from incremental_jax.types import TrainState
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RunData:
   """The data of a run with labels remapped to class-order positions."""
   dataset: sources.Dataset
@@ -44,6 +59,38 @@ def prepare_data(config) -> RunData:
   return RunData(dataset, scenario, scenario.remap(dataset.train_labels), scenario.remap(dataset.test_labels))
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """What is fixed for one run. `config_dict` is the config as JSON (checkpoint metadata, results)."""
+  config: Any
+  workdir: str
+  data: RunData
+  method: Method
+  augment_fn: Callable
+  predict: Callable
+  embed: Callable
+  mesh: Any
+  config_dict: dict
+
+  @property
+  def scenario(self) -> scenario_lib.Scenario:
+    return self.data.scenario
+
+  @property
+  def model(self):
+    return self.method.model
+
+
+@dataclasses.dataclass
+class RunState:
+  """The mutable state of a run: what the loop updates after each task and checkpoints."""
+  train: TrainState
+  frozen: Any
+  method_state: dict
+  memory: memory_lib.Memory
+  steps: list
+
+
 def make_embed_fn(predict, images):
   """`embed(params, batch_stats, indices, flip=False)`: embeddings of train images by index."""
   def embed(params, batch_stats, indices, flip=False):
@@ -51,191 +98,103 @@ def make_embed_fn(predict, images):
   return embed
 
 
-def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
-  """iCaRL memory update after task t: shrink old classes to the new per-class budget, then select the new
-  classes' exemplars from their train embeddings under the current model."""
-  lo, hi = ctx.class_range()
-  m = memory_lib.per_class_budget(config.memory, hi)
-  memory = ctx.memory.reduced(m)
-  for c in range(lo, hi):
-    faults.reached('exemplar_selection')
-    idx = np.flatnonzero(ctx.train_labels == c)
-    feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx)
-    pos = memory_lib.select_exemplars(feats, m, config.memory.get('selection', 'herding'), seed=config.seed + c)
-    memory = memory.with_class(c, idx[pos])
-  return memory
+def build_run_spec(config, workdir: str, mesh) -> RunSpec:
+  """Loads the data of `config` (checked field by field by `validate.validate_config`), checks it against the
+  data set and scenario, and builds the method with its networks: everything a run needs that never changes
+  while it trains."""
+  data = prepare_data(config)
+  ds = data.dataset
+  validate.validate_against_data(config, ds, data.scenario)
+  method = build_method(config, data.scenario.num_classes, ds.image_shape)
+  augment_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
+  preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
+  predict = eval_lib.make_predict_fn(method.model, mesh, preprocess, int(config.eval.batch_size))
+  return RunSpec(config=config, workdir=workdir, data=data, method=method, augment_fn=augment_fn, predict=predict,
+                 embed=make_embed_fn(predict, ds.train_images), mesh=mesh,
+                 config_dict=json.loads(config.to_json_best_effort()))
 
 
-def nme_class_means(ctx: TaskContext, config) -> np.ndarray:
-  """Class means of the exemplars (and of their flipped copies when `memory.nme_flip`)."""
-  idx = ctx.memory.indices()
-  labels = ctx.train_labels[idx]
-  feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx)
-  flipped = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx, flip=True) if config.memory.get('nme_flip', True) else None
-  return memory_lib.class_means(feats, labels, ctx.scenario.num_classes, flipped)
+def initial_state(spec: RunSpec) -> RunState:
+  train = init_train_state(spec.model, spec.mesh, make_optimizer(spec.config.optim))
+  return RunState(train=train, frozen=None, method_state={}, memory=memory_lib.Memory(), steps=[])
 
 
-def phase_task_info(method, ctx: TaskContext, phase):
-  """The `TaskInfo` of `phase` in task `ctx.task`: its trainable classes, by default the new ones when the
-  method freezes old classes, else every seen one."""
-  trainable = phase.trainable_classes
-  if trainable is None:
-    masks = ctx.scenario.class_masks(ctx.task)
-    trainable = masks['new'] if method.freeze_old_classes else masks['seen']
-  return train_lib.make_task_info(ctx.scenario, ctx.task, trainable)
+# ---- checkpoints and result files -------------------------------------------------------------------------
+@dataclasses.dataclass
+class Resume:
+  """Where a restored run continues: at task `start_task`, inside it after a mid-task checkpoint (`mid`: its
+  'mid_task' metadata plus the restored `state`); `task_start_step` is the global step of the last task end."""
+  start_task: int = 0
+  mid: Optional[dict] = None
+  task_start_step: Optional[int] = None
 
 
-class RunSession:
-  """One run of the protocol in `workdir`: its data, method, model, checkpoints and results, and the steps of
-  its task loop (`begin_task`, `update_memory`, `end_task`, `finish`). `train_and_evaluate` drives one session;
-  `runs.train_and_evaluate_runs` drives several in lockstep and trains their phases together.
+class RunStore:
+  """The checkpoints and result files of one run's workdir."""
 
-  Construction checks every input before any training (`validate`, the data set, the scenario, the checkpoint
-  directory) and restores the latest checkpoint of `workdir`, if any: training resumes at `start_task` (and,
-  after a mid-task checkpoint, inside it: `mid`).
-  """
+  def __init__(self, spec: RunSpec):
+    self.spec = spec
+    self.checkpointer = ckpt_lib.RunCheckpointer(os.path.join(spec.workdir, 'checkpoints'),
+                                                 max_to_keep=spec.config.checkpoint.max_to_keep)
 
-  def __init__(self, config, workdir: str, show_progress: bool, mesh=None):
-    validate.validate_config(config)
-    self.config, self.workdir, self.show_progress = config, workdir, show_progress
-    self.is_main = jax.process_index() == 0
-    self.data = data = prepare_data(config)
-    self.scenario, ds = data.scenario, data.dataset
-    validate.validate_against_data(config, ds, self.scenario)
-    self.mesh = mesh = parallel.make_mesh() if mesh is None else mesh
-    self.method = build_method(config)
-    self.model = self.method.build_model(self.scenario.num_classes, ds.image_shape)
-    self.aug_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
-    preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
-    self.predict = eval_lib.make_predict_fn(self.model, mesh, preprocess, int(config.eval.batch_size))
-    self.embed = make_embed_fn(self.predict, ds.train_images)
-    self.trainer = train_lib.Trainer(self.model, self.method, mesh, self.aug_fn, seed=config.seed,
-                                     show_progress=show_progress)
-    self.state = train_lib.init_train_state(self.model, mesh, train_lib.make_optimizer(config.optim))
-    self.frozen, self.method_state, self.memory, self.steps = None, {}, memory_lib.Memory(), []
-    self.checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
-                                                 max_to_keep=config.checkpoint.get('max_to_keep', 2))
-    self.config_dict = json.loads(config.to_json_best_effort())
-    self.start_task, self.mid, self.task_start_step = 0, None, None
-    self._restore()
-    self.base_results = {'method': config.method.name, 'dataset': ds.name, 'num_tasks': self.scenario.num_tasks,
-                         'class_order': self.scenario.order.tolist(), 'task_sizes': list(self.scenario.sizes),
-                         'config': self.config_dict}
-
-  def _restore(self) -> None:
-    checkpointer, workdir, mesh = self.checkpointer, self.workdir, self.mesh
+  def restore(self, state: RunState) -> tuple[RunState, Resume]:
+    """The latest checkpointed state of the workdir (or `state` when there is none) and where it resumes."""
+    spec, checkpointer = self.spec, self.checkpointer
     latest = checkpointer.latest_step()
     if latest is None:
-      _refuse_orphan_results(workdir)
-      return
+      _refuse_orphan_results(spec.workdir)
+      return state, Resume()
     meta = checkpointer.restore_meta(latest)
-    diffs = ckpt_lib.config_differences(meta['config'], self.config_dict)
+    diffs = ckpt_lib.config_differences(meta['config'], spec.config_dict, cfglib.flat_defaults())
     if diffs:
-      raise ckpt_lib.CheckpointError(
-          f'{workdir} holds a run with a different config; refusing to resume over it. Differences:\n  '
+      raise CheckpointError(
+          f'{spec.workdir} holds a run with a different config; refusing to resume over it. Differences:\n  '
           + '\n  '.join(diffs[:20]) + '\nUse a new --workdir for a different run.')
     mid = meta.get(ckpt_lib.MID_TASK)
-    self.task_start_step = mid['start_step'] if mid else latest
-    if self.task_start_step is not None:
-      if self.task_start_step not in checkpointer.all_steps():
-        raise ckpt_lib.CheckpointError(
+    task_start_step = mid['start_step'] if mid else latest
+    if task_start_step is not None:
+      if task_start_step not in checkpointer.all_steps():
+        raise CheckpointError(
             f'mid-task checkpoint {latest} in {checkpointer.directory} needs the task-end checkpoint '
-            f'{self.task_start_step}, which is missing. Delete {os.path.join(checkpointer.directory, str(latest))} '
+            f'{task_start_step}, which is missing. Delete {os.path.join(checkpointer.directory, str(latest))} '
             'to resume from the latest task-end checkpoint, or use a new --workdir.')
-      self.state, self.frozen, self.method_state, mem_arr = checkpointer.restore(self.task_start_step, self.state,
-                                                                                 mesh)
-      self.memory = memory_lib.Memory.from_array(mem_arr)
+      train, frozen, method_state, mem_arr = checkpointer.restore(task_start_step, state.train, spec.mesh)
+      state = RunState(train=train, frozen=frozen, method_state=method_state,
+                       memory=memory_lib.Memory.from_array(mem_arr), steps=state.steps)
     if mid:
-      self.mid = dict(mid, state=checkpointer.restore_train(latest, self.state, mesh))
-    self.steps, self.start_task = list(meta['steps']), int(meta['task']) + 1
-    if self.is_main and self.show_progress:
-      where = (f"in task {mid['task'] + 1} (phase {mid['phase_name']!r}, epoch {mid['epoch']})" if mid else
-               f'after task {self.start_task}')
-      print(f'resuming {workdir} {where} of {self.scenario.num_tasks} (checkpoint step {latest})', flush=True)
+      mid = dict(mid, state=checkpointer.restore_train(latest, state.train, spec.mesh))
+    state.steps = list(meta['steps'])
+    return state, Resume(start_task=int(meta['task']) + 1, mid=mid, task_start_step=task_start_step)
 
-  def begin_task(self, t: int) -> TaskContext:
-    """The context of task t after the method's `before_task` hook."""
-    ds = self.data.dataset
-    ctx = TaskContext(config=self.config, task=t, scenario=self.scenario, train_images=ds.train_images,
-                      train_labels=self.data.train_labels, model=self.model, state=self.state, frozen=self.frozen,
-                      method_state=self.method_state, memory=self.memory, embed=self.embed, predict=self.predict,
-                      mesh=self.mesh, augment_fn=self.aug_fn, workdir=self.workdir)
-    return self.method.before_task(ctx)
-
-  def update_memory(self, ctx: TaskContext) -> TaskContext:
-    return dataclasses.replace(ctx, memory=update_memory(ctx, self.config)) if self.method.uses_memory else ctx
-
-  def end_task(self, ctx: TaskContext, epoch_losses: dict, t0: float) -> dict:
-    """The `after_task` hook, evaluation, the task-end checkpoint and the result files; returns the step record."""
-    config, scenario, ds, t = self.config, self.scenario, self.data.dataset, ctx.task
-    ctx = self.method.after_task(ctx)
-    train_seconds = time.time() - t0
-    means = nme_class_means(ctx, config) if self.method.uses_memory else None
-    record = eval_lib.evaluate_task(self.predict, ctx.state.params, ctx.state.batch_stats, ds.test_images,
-                                    self.data.test_labels, scenario, t, means)
-    lo, hi = ctx.class_range()
-    record.update(step=t, num_classes=hi, classes=scenario.order[lo:hi].tolist(), memory_size=len(ctx.memory),
-                  train_seconds=round(train_seconds, 3), epoch_losses=epoch_losses)
-    self.steps.append(record)
-    self.state, self.frozen, self.method_state, self.memory = ctx.state, ctx.frozen, ctx.method_state, ctx.memory
-    self.task_start_step = int(jax.device_get(self.state.step))
-    self.checkpointer.save(self.task_start_step, self.state, self.frozen, self.method_state,
-                           self.memory.to_array(scenario.num_classes), self.task_meta(t))
-    self.checkpointer.wait()  # results.json never reports a task whose checkpoint is incomplete
-    results = {**self.base_results, **metrics_lib.summarize(self.steps), 'steps': self.steps,
-               'complete': t == scenario.num_tasks - 1}
-    if self.is_main:
-      metrics_lib.write_results(self.workdir, results, plots=config.get('plots', True))
-      _print_step(record, config, self.show_progress)
-    faults.reached('task_end')
-    return record
-
-  def task_meta(self, t: int) -> dict:
+  def task_meta(self, t: int, steps: list) -> dict:
     """Checkpoint metadata after task t (the steps recorded so far)."""
-    return {'task': t, 'steps': list(self.steps), 'class_order': self.scenario.order.tolist(),
-            'config': self.config_dict}
+    return {'task': t, 'steps': list(steps), 'class_order': self.spec.scenario.order.tolist(),
+            'config': self.spec.config_dict}
 
-  def finish(self, compilations: int) -> dict:
-    """Closes the checkpointer and writes the final results (with the number of compiled train steps)."""
+  def save_task_end(self, t: int, state: RunState) -> int:
+    """The task-end checkpoint of task t, complete when this returns; returns its global step."""
+    step = int(jax.device_get(state.train.step))
+    self.checkpointer.save(step, state.train, state.frozen, state.method_state,
+                           state.memory.to_array(self.spec.scenario.num_classes), self.task_meta(t, state.steps))
+    self.checkpointer.wait()  # results.json never reports a task whose checkpoint is incomplete
+    return step
+
+  def save_mid_task(self, train: TrainState, meta: dict) -> None:
+    self.checkpointer.save_mid_task(int(jax.device_get(train.step)), train, meta)
+
+  def results(self, steps: list, **extra) -> dict:
+    spec = self.spec
+    return {'method': spec.config.method.name, 'dataset': spec.data.dataset.name,
+            'num_tasks': spec.scenario.num_tasks, 'class_order': spec.scenario.order.tolist(),
+            'task_sizes': list(spec.scenario.sizes), 'config': spec.config_dict, **metrics_lib.summarize(steps),
+            'steps': steps, **extra}
+
+  def write_results(self, results: dict) -> None:
+    if jax.process_index() == 0:
+      metrics_lib.write_results(self.spec.workdir, results, plots=self.spec.config.plots)
+
+  def close(self) -> None:
     self.checkpointer.close()
-    results = {**self.base_results, **metrics_lib.summarize(self.steps), 'steps': self.steps, 'complete': True,
-               'compilations': compilations}
-    if self.is_main:
-      metrics_lib.write_results(self.workdir, results, plots=self.config.get('plots', True))
-      if self.show_progress:
-        print(metrics_lib.format_summary(results), flush=True)
-        print(f'results written to {os.path.join(self.workdir, "results.json")}', flush=True)
-    return results
-
-
-def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = None) -> dict:
-  """Runs (or resumes) the incremental protocol of `config`, writing checkpoints and results into `workdir`.
-
-  Returns the results dict that is also written to `workdir/results.json`. Every input is checked before any
-  training (`validate`, the data set, the scenario, the checkpoint directory). With several processes
-  (`jax.distributed`), every process calls this; only process 0 writes results, plots and progress. With
-  `num_runs` > 1 the runs are trained together (`runs.train_and_evaluate_runs`) and the summary is returned.
-  """
-  show_progress = config.get('progress', True) if show_progress is None else show_progress
-  if int(config.get('num_runs', 1)) > 1:
-    from incremental_jax import runs
-    return runs.train_and_evaluate_runs(config, workdir, show_progress=show_progress)
-  s = RunSession(config, workdir, show_progress)
-  every = int(config.checkpoint.get('every_epochs', 0) or 0)
-  for t in range(s.start_task, s.scenario.num_tasks):
-    t0 = time.time()
-    ctx = s.begin_task(t)
-    resume = s.mid if s.mid is not None and s.mid['task'] == t else None
-    epoch_losses = dict(resume['epoch_losses']) if resume else {}
-    save_mid = None
-    if every > 0:
-      save_mid = functools.partial(_save_mid_task, s.checkpointer, every, t, s.task_start_step, s.task_meta(t - 1))
-    ctx, epoch_losses = _run_phases(s.trainer, s.method, ctx, s.method.phases(ctx), s.data, epoch_losses,
-                                    on_epoch_end=save_mid, resume=resume)
-    ctx = s.update_memory(ctx)
-    ctx, epoch_losses = _run_phases(s.trainer, s.method, ctx, s.method.balancing_phases(ctx), s.data, epoch_losses)
-    s.end_task(ctx, epoch_losses, t0)
-  return s.finish(s.trainer.compile_count)
 
 
 def _refuse_orphan_results(workdir: str) -> None:
@@ -252,62 +211,236 @@ def _refuse_orphan_results(workdir: str) -> None:
     done = None
   if done != 0:
     what = f'results of {done} finished task(s)' if done else 'a results.json that is not from incremental_jax'
-    raise ckpt_lib.CheckpointError(
+    raise CheckpointError(
         f'{workdir} holds {what} but no checkpoint to resume from (checkpoints/ is missing or empty); refusing '
         f'to start over and overwrite them. Use a new --workdir, or delete {path} to rerun from scratch.')
 
 
-def _save_mid_task(checkpointer, every: int, t: int, task_start_step, base_meta: dict, p_idx: int, phase,
-                   e: int, state, epoch_losses: dict, history: list) -> None:
-  """After epoch e of main phase `p_idx` of task t: a mid-task checkpoint every `every` epochs (never after a
-  phase's last epoch, whose state the task's next checkpoint supersedes)."""
+# ---- one run's task, host side ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+  """A run in the loop: its spec, store, state and resume point."""
+  spec: RunSpec
+  store: RunStore
+  state: RunState
+  resume: Resume
+
+  def context(self, t: int, trainer: train_lib.SubnetworkTrainer) -> TaskContext:
+    spec, state, ds = self.spec, self.state, self.spec.data.dataset
+    return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=ds.train_images,
+                       train_labels=spec.data.train_labels, model=spec.model, state=state.train,
+                       frozen=state.frozen, method_state=state.method_state, memory=state.memory, embed=spec.embed,
+                       predict=spec.predict, mesh=spec.mesh, augment_fn=spec.augment_fn, workdir=spec.workdir,
+                       trainer=trainer)
+
+  def resume_in(self, t: int) -> Optional[dict]:
+    mid = self.resume.mid
+    return mid if mid is not None and mid['task'] == t else None
+
+
+def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
+  """iCaRL memory update after task t: shrink old classes to the new per-class budget, then select the new
+  classes' exemplars from their train embeddings under the current model."""
+  lo, hi = ctx.class_range()
+  m = memory_lib.per_class_budget(config.memory, hi)
+  memory = ctx.memory.reduced(m)
+  for c in range(lo, hi):
+    faults.reached('exemplar_selection')
+    idx = np.flatnonzero(ctx.train_labels == c)
+    feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx)
+    pos = memory_lib.select_exemplars(feats, m, config.memory.selection, seed=config.seed + c)
+    memory = memory.with_class(c, idx[pos])
+  return memory
+
+
+def nme_class_means(ctx: TaskContext, config) -> np.ndarray:
+  """Class means of the exemplars (and of their flipped copies when `memory.nme_flip`)."""
+  idx = ctx.memory.indices()
+  labels = ctx.train_labels[idx]
+  feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx)
+  flipped = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx, flip=True) if config.memory.nme_flip else None
+  return memory_lib.class_means(feats, labels, ctx.scenario.num_classes, flipped)
+
+
+def phase_task_info(method, ctx: TaskContext, phase):
+  """The `TaskInfo` of `phase` in task `ctx.task`: its trainable classes, by default the new ones when the
+  method freezes old classes, else every seen one."""
+  trainable = phase.trainable_classes
+  if trainable is None:
+    masks = ctx.scenario.class_masks(ctx.task)
+    trainable = masks['new'] if method.freeze_old_classes else masks['seen']
+  return make_task_info(ctx.scenario, ctx.task, trainable)
+
+
+def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_progress: bool) -> dict:
+  """The `after_task` hook, evaluation, the task-end checkpoint and the result files; returns the step record."""
+  spec, t = run.spec, ctx.task
+  method, scenario, ds = spec.method, spec.scenario, spec.data.dataset
+  ctx = method.after_task(ctx)
+  train_seconds = time.time() - t0
+  means = nme_class_means(ctx, spec.config) if method.uses_memory else None
+  record = eval_lib.evaluate_task(spec.predict, ctx.state.params, ctx.state.batch_stats, ds.test_images,
+                                  spec.data.test_labels, scenario, t, means)
+  lo, hi = ctx.class_range()
+  record.update(step=t, num_classes=hi, classes=scenario.order[lo:hi].tolist(), memory_size=len(ctx.memory),
+                train_seconds=round(train_seconds, 3), epoch_losses=epoch_losses)
+  run.state = RunState(train=ctx.state, frozen=ctx.frozen, method_state=ctx.method_state, memory=ctx.memory,
+                       steps=run.state.steps + [record])
+  run.resume.task_start_step = run.store.save_task_end(t, run.state)
+  run.store.write_results(run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
+  if show_progress and jax.process_index() == 0:
+    print(_step_line(record), flush=True)
+  faults.reached('task_end')
+  return record
+
+
+# ---- phases of all runs of a task -----------------------------------------------------------------------
+def run_phases(trainer: train_lib.Trainer, runs: list, ctxs: list, phase_lists: list, losses: list,
+               resumes: Optional[list] = None, every: int = 0) -> list:
+  """Trains the runs' phases in order, the i-th phases of all runs together, and returns the runs' contexts
+  with their trained states; `losses[k]` gets run k's per-epoch losses by phase name.
+
+  `resumes[k]` (a mid-task checkpoint's 'mid_task' entry plus its `state`, or None) makes run k skip the
+  phases and epochs it covers. With `every` > 0, each run writes a mid-task checkpoint every `every` epochs
+  (never after a phase's last epoch, whose state the task's next checkpoint supersedes)."""
+  resumes = resumes or [None] * len(runs)
+  names = [[p.name for p in phases] for phases in phase_lists]
+  if any(n != names[0] for n in names):
+    raise RuntimeError(f'runs trained together must have the same phases; got {names}.')
+  t, num_tasks = ctxs[0].task, ctxs[0].scenario.num_tasks
+  for p_idx in range(len(names[0])):
+    phases = [pl[p_idx] for pl in phase_lists]
+    parts = [_phase_part(run, ctx, phase, p_idx, loss, resume)
+             for run, ctx, phase, loss, resume in zip(runs, ctxs, phases, losses, resumes)]
+    todo = [k for k, part in enumerate(parts) if part.start_epoch < int(part.phase.optim.epochs)]
+    if not todo:
+      continue
+    # Runs trained together stay together (one vmapped step) even when one of them resumed past this phase:
+    # its updates are discarded, and the others' numbers stay those of the uninterrupted group.
+    desc = f'step {t}/{num_tasks - 1} {phases[0].name}' + (f' ({len(runs)} runs)' if len(runs) > 1 else '')
+    on_epoch_end = None
+    if every > 0:
+      on_epoch_end = lambda e, states, live, p_idx=p_idx, parts=parts: _save_mid_task(
+          runs, parts, losses, every, t, p_idx, e, states, live, desc)
+    results = train_lib.run_phase(trainer, parts, ctxs[0].train_images, desc, on_epoch_end)
+    for k in todo:
+      check_finite(results[k].state, f'run {k} {desc}' if len(runs) > 1 else desc)
+      losses[k][phases[0].name] = [round(m['loss'], 6) for m in results[k].epoch_metrics]
+      ctxs[k] = ctxs[k].replace(state=results[k].state)
+  return ctxs
+
+
+def _phase_part(run: _Run, ctx: TaskContext, phase, p_idx: int, losses: dict,
+                resume: Optional[dict]) -> train_lib.PhaseRun:
+  """Run k's share of phase `p_idx`, started where its mid-task checkpoint `resume` left it."""
+  state, start_epoch, history = ctx.state, 0, []
+  if resume is not None:
+    if p_idx < resume['phase']:
+      start_epoch = int(phase.optim.epochs)   # done before the checkpoint
+    elif p_idx == resume['phase']:
+      if phase.name != resume['phase_name']:
+        raise CheckpointError(
+            f"the mid-task checkpoint was taken in phase {resume['phase_name']!r} but the method's phase "
+            f'{p_idx} of task {ctx.task} is now {phase.name!r}; its hooks are not deterministic.')
+      state, start_epoch = resume['state'], int(resume['epoch'])
+      history = [{'loss': loss} for loss in resume['phase_losses']]
+  config = run.spec.config
+  return train_lib.PhaseRun(state=state, frozen=ctx.frozen, task=phase_task_info(run.spec.method, ctx, phase),
+                            phase=phase, labels=run.spec.data.train_labels,
+                            rng_seed=(int(config.seed), ctx.task, len(losses)), seed=int(config.seed),
+                            start_epoch=start_epoch, history=history)
+
+
+def _save_mid_task(runs: list, parts: list, losses: list, every: int, t: int, p_idx: int, e: int, states,
+                   live: np.ndarray, desc: str) -> None:
+  """After epoch e of main phase `p_idx` of task t: each run that trained in it writes a mid-task checkpoint
+  every `every` epochs (never after a phase's last epoch)."""
+  phase = parts[0].phase
   if (e + 1) % every or e + 1 >= int(phase.optim.epochs):
     return
-  train_lib.check_finite(state, f'task {t + 1} {phase.name}')
-  mid = {'task': t, 'phase': p_idx, 'phase_name': phase.name, 'epoch': e + 1, 'start_step': task_start_step,
-         'epoch_losses': dict(epoch_losses), 'phase_losses': [round(m['loss'], 6) for m in history]}
-  checkpointer.save_mid_task(int(jax.device_get(state.step)), state, {**base_meta, ckpt_lib.MID_TASK: mid})
+  for run, part, loss, state, trained in zip(runs, parts, losses, states(), live):
+    if not trained:
+      continue
+    check_finite(state, desc)
+    mid = {'task': t, 'phase': p_idx, 'phase_name': phase.name, 'epoch': e + 1,
+           'start_step': run.resume.task_start_step, 'epoch_losses': dict(loss),
+           'phase_losses': [round(m['loss'], 6) for m in part.history]}
+    run.store.save_mid_task(state, {**run.store.task_meta(t - 1, run.state.steps), ckpt_lib.MID_TASK: mid})
 
 
-def _run_phases(trainer, method, ctx: TaskContext, phases, data: RunData, epoch_losses: dict,
-                on_epoch_end=None, resume: Optional[dict] = None):
-  """Trains `phases` in order. `on_epoch_end(p_idx, phase, e, state, epoch_losses, history)` after each epoch;
-  `resume` (a mid-task checkpoint's `mid_task` entry plus its `state`) skips the phases and epochs it covers."""
-  state = ctx.state
-  for p_idx, phase in enumerate(phases):
-    start_epoch, history = 0, []
-    if resume is not None:
-      if p_idx < resume['phase']:
-        continue
-      if p_idx == resume['phase']:
-        if phase.name != resume['phase_name']:
-          raise ckpt_lib.CheckpointError(
-              f"the mid-task checkpoint was taken in phase {resume['phase_name']!r} but the method's phase "
-              f'{p_idx} of task {ctx.task} is now {phase.name!r}; its hooks are not deterministic.')
-        state, start_epoch = resume['state'], int(resume['epoch'])
-        history = [{'loss': loss} for loss in resume['phase_losses']]
-    task_info = phase_task_info(method, ctx, phase)
-    desc = f'task {ctx.task + 1}/{ctx.scenario.num_tasks} {phase.name}'
-    callback = None
-    if on_epoch_end is not None:
-      callback = functools.partial(_epoch_callback, on_epoch_end, p_idx, phase, epoch_losses, history)
-    result = trainer.run_phase(state, ctx.frozen, task_info, phase, ctx.train_images, data.train_labels,
-                               rng_seed=(int(ctx.config.seed), ctx.task, len(epoch_losses)), desc=desc,
-                               on_epoch_end=callback, start_epoch=start_epoch, history=history)
-    state = result.state
-    train_lib.check_finite(state, desc)
-    epoch_losses[phase.name] = [round(m['loss'], 6) for m in result.epoch_metrics]
-  return dataclasses.replace(ctx, state=state), epoch_losses
+# ---- the task loop --------------------------------------------------------------------------------------
+def open_run(config, workdir: str, mesh, show_progress: bool) -> _Run:
+  """Builds a run's spec, opens its workdir and restores its latest checkpoint, if any."""
+  spec = build_run_spec(config, workdir, mesh)
+  store = RunStore(spec)
+  state, resume = store.restore(initial_state(spec))
+  if resume.start_task or resume.mid:
+    if show_progress and jax.process_index() == 0:
+      mid, latest = resume.mid, store.checkpointer.latest_step()
+      where = (f"in step {mid['task']} (phase {mid['phase_name']!r}, epoch {mid['epoch']})" if mid else
+               f'after step {resume.start_task - 1}')
+      print(f'resuming {workdir} {where} of steps 0-{spec.scenario.num_tasks - 1} (checkpoint step {latest})',
+            flush=True)
+  return _Run(spec=spec, store=store, state=state, resume=resume)
 
 
-def _epoch_callback(on_epoch_end, p_idx, phase, epoch_losses, history, e, state):
-  on_epoch_end(p_idx, phase, e, state, epoch_losses, history)
+def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = None) -> dict:
+  """Runs (or resumes) the incremental protocol of `config`, writing checkpoints and results into `workdir`.
+
+  Returns the results dict that is also written to `workdir/results.json`; with `num_runs` > 1, the runs'
+  summary that is also written to `workdir/summary.json` (each run's results are in `workdir/run_k/`). Every
+  input is checked before any training (`validate`, the data set, the scenario, the checkpoint directory).
+  With several processes (`jax.distributed`), every process calls this; only process 0 writes results, plots
+  and progress.
+  """
+  show_progress = config.progress if show_progress is None else show_progress
+  configs = runs_lib.run_configs(config)
+  for c in configs:
+    validate.validate_config(c)   # before anything starts (the mesh, data loading)
+  group = len(configs) > 1
+  workdirs = [os.path.join(workdir, f'run_{k}') for k in range(len(configs))] if group else [workdir]
+  mesh = parallel.make_mesh()
+  runs = [open_run(c, w, mesh, show_progress and not group) for c, w in zip(configs, workdirs)]
+  lead = runs[0].spec
+  trainer = train_lib.Trainer(lead.model, lead.method, mesh, lead.augment_fn, show_progress=show_progress)
+  subnetworks = train_lib.SubnetworkTrainer(mesh, show_progress=bool(config.progress))
+  every = int(config.checkpoint.every_epochs or 0)
+  for t in range(min(r.resume.start_task for r in runs), lead.scenario.num_tasks):
+    t0 = time.time()
+    active = [r for r in runs if r.resume.start_task <= t]
+    ctxs = [r.spec.method.before_task(r.context(t, subnetworks)) for r in active]
+    resumes = [r.resume_in(t) for r in active]
+    losses = [dict(res['epoch_losses']) if res else {} for res in resumes]
+    ctxs = run_phases(trainer, active, ctxs, [r.spec.method.phases(c) for r, c in zip(active, ctxs)], losses,
+                      resumes, every)
+    ctxs = [c.replace(memory=update_memory(c, r.spec.config)) if r.spec.method.uses_memory else c
+            for r, c in zip(active, ctxs)]
+    ctxs = run_phases(trainer, active, ctxs, [r.spec.method.balancing_phases(c) for r, c in zip(active, ctxs)],
+                      losses)
+    records = [end_task(r, c, l, t0, show_progress and not group) for r, c, l in zip(active, ctxs, losses)]
+    if group and show_progress and jax.process_index() == 0:
+      print(runs_lib.task_line(t, records), flush=True)
+  results = [finish(r, trainer.compile_count, show_progress and not group) for r in runs]
+  if not group:
+    return results[0]
+  summary = {**runs_lib.summarize_runs(results, workdirs), 'compilations': trainer.compile_count}
+  runs_lib.write_summary(workdir, summary, show_progress)
+  return summary
 
 
-def _print_step(record: dict, config, show_progress: bool) -> None:
-  if not show_progress:
-    return
+def finish(run: _Run, compilations: int, show_progress: bool) -> dict:
+  """Closes the run's checkpointer and writes its final results (with the number of compiled train steps)."""
+  run.store.close()
+  results = run.store.results(run.state.steps, complete=True, compilations=compilations)
+  run.store.write_results(results)
+  if show_progress and jax.process_index() == 0:
+    print(metrics_lib.format_summary(results), flush=True)
+    print(f'results written to {os.path.join(run.spec.workdir, "results.json")}', flush=True)
+  return results
+
+
+def _step_line(record: dict) -> str:
   msg = f"step {record['step']}: {record['num_classes']} classes  CNN {record['cnn']['all']:.2f}%"
   if record.get('nme'):
     msg += f"  NME {record['nme']['all']:.2f}%"
-  print(msg, flush=True)
+  return msg

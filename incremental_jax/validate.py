@@ -6,9 +6,11 @@ import math
 
 import jax
 
-from incremental_jax.data import pipeline, scenario, sources
+from incremental_jax.data import pipeline, sources
+from incremental_jax.errors import ConfigError
 from incremental_jax.losses.auxiliary import AUX_LOSSES
-from incremental_jax.errors import USER_ERRORS, ConfigError  # noqa: F401
+from incremental_jax.methods import method_class
+from incremental_jax.models import BACKBONES, COMPUTE_DTYPES, HEADS, conv as conv_lib
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -18,34 +20,30 @@ def _require(cond: bool, msg: str) -> None:
 
 def validate_config(config) -> None:
   """Field-level checks that need no data."""
-  from incremental_jax.methods import METHODS
-  from incremental_jax.models import BACKBONES, HEADS
-  _require(config.method.name in METHODS,
-           f'method.name={config.method.name!r} is not a method; valid names: {sorted(METHODS)}.')
-  for name in dict(config.method.get('aux_losses', None) or {}):
+  method_class(config.method.name)
+  for name in dict(config.method.aux_losses or {}):
     _require(name in AUX_LOSSES, f'method.aux_losses names {name!r}, not an auxiliary loss; valid names: '
              f'{sorted(AUX_LOSSES)}.')
   _require(config.data.name in sources.SOURCES,
            f'data.name={config.data.name!r} is not a data set; valid names: {sorted(sources.SOURCES)}.')
-  from incremental_jax.models import COMPUTE_DTYPES, conv as conv_lib
   conv_impls = ['auto'] + sorted(conv_lib.CONV_IMPLS)
-  _require(config.model.get('conv_impl', 'auto') in conv_impls,
-           f"model.conv_impl={config.model.get('conv_impl')!r} is unknown; valid names: {conv_impls}.")
-  _require(config.model.get('dtype', 'float32') in COMPUTE_DTYPES,
-           f"model.dtype={config.model.get('dtype')!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.")
+  _require(config.model.conv_impl in conv_impls,
+           f"model.conv_impl={config.model.conv_impl!r} is unknown; valid names: {conv_impls}.")
+  _require(config.model.dtype in COMPUTE_DTYPES,
+           f"model.dtype={config.model.dtype!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.")
   _require(config.model.backbone in BACKBONES,
            f'model.backbone={config.model.backbone!r} is unknown; valid names: {sorted(BACKBONES)}.')
   _require(config.model.head in HEADS, f'model.head={config.model.head!r} is unknown; valid names: {sorted(HEADS)}.')
-  sampler = config.data.get('sampler', 'shuffle')
+  sampler = config.data.sampler
   _require(sampler in pipeline.SAMPLERS, f'data.sampler={sampler!r} is unknown; valid names: {sorted(pipeline.SAMPLERS)}.')
   optim = config.optim
   _require(optim.schedule in ('multistep', 'cosine', 'constant'),
            f"optim.schedule={optim.schedule!r}; valid: 'multistep', 'cosine', 'constant'.")
   _require(int(optim.epochs) >= 1, f'optim.epochs must be >= 1; got {optim.epochs}.')
   for name in ('lr', 'first_task_lr'):
-    value = float(optim.get(name, 0) or 0)
+    value = float(optim[name] or 0)
     _require(math.isfinite(value) and (value > 0 or (name != 'lr' and value == 0)),
-             f'optim.{name} must be a finite number > 0; got {optim.get(name)}.')
+             f'optim.{name} must be a finite number > 0; got {optim[name]}.')
   for name, size in (('optim.batch_size', optim.batch_size), ('eval.batch_size', config.eval.batch_size)):
     _require(int(size) >= 1, f'{name} must be >= 1; got {size}.')
     _require(int(size) % jax.device_count() == 0,
@@ -53,24 +51,25 @@ def validate_config(config) -> None:
              f'{jax.device_count()}.')
   mem = config.memory
   _require(int(mem.per_class) >= 0, f'memory.per_class must be >= 0; got {mem.per_class}.')
-  _require(int(mem.get('total', 0) or 0) >= 0, f'memory.total must be >= 0; got {mem.total}.')
-  _require(mem.get('selection', 'herding') in ('herding', 'random'),
+  _require(int(mem.total or 0) >= 0, f'memory.total must be >= 0; got {mem.total}.')
+  _require(not (int(mem.per_class) > 0 and int(mem.total or 0) > 0),
+           f'memory.per_class={mem.per_class} and memory.total={mem.total} are both set; the budget is one of '
+           'them: set the other to 0.')
+  _require(mem.selection in ('herding', 'random'),
            f"memory.selection={mem.selection!r}; valid: 'herding', 'random'.")
   for name in ('max_to_keep', 'every_epochs'):
-    value = config.checkpoint.get(name, 0) or 0
+    value = config.checkpoint[name] or 0
     _require(int(value) >= 0, f'checkpoint.{name} must be >= 0; got {value}.')
-  order = tuple(config.data.get('class_order', ()) or ())
+  order = tuple(config.data.class_order or ())
   _require(all(float(c) == int(c) for c in order),
            f'data.class_order must hold integer class ids; got {list(order)[:20]}.')
 
 
 def validate_against_data(config, dataset, scenario) -> None:
   """Checks that need the data set's size (memory budgets)."""
-  from incremental_jax.methods import METHODS
-  method_cls = METHODS[config.method.name]
-  if not getattr(method_cls, 'uses_memory', False):
+  if not method_class(config.method.name).uses_memory:
     return
-  total = int(config.memory.get('total', 0) or 0)
+  total = int(config.memory.total or 0)
   _require(total == 0 or total >= scenario.num_classes,
            f'memory.total={total} is smaller than the {scenario.num_classes} classes: the last task would keep '
            f'no exemplar per class. Use at least {scenario.num_classes} (or memory.per_class).')

@@ -60,8 +60,10 @@ CASES = [
     ('negative memory per class', _set(memory__per_class=-1), None, None, ConfigError,
      r'memory.per_class must be >= 0; got -1'),
     ('negative memory total', _set(memory__total=-20), None, None, ConfigError, r'memory.total must be >= 0; got -20'),
-    ('memory smaller than the classes', _set(memory__total=6), None, None, ConfigError,
+    ('memory smaller than the classes', _set(memory__total=6, memory__per_class=0), None, None, ConfigError,
      r'memory.total=6 is smaller than the 10 classes'),
+    ('two memory budgets', _set(memory__total=100), None, None, ConfigError,
+     r'memory.per_class=3 and memory.total=100 are both set'),
     ('class order not a permutation', _set(data__class_order=(0, 1, 2, 3, 4, 5, 6, 7, 8, 8)), None, None,
      scenario_lib.ScenarioError, r'class_order must be a permutation of 0..9'),
     ('class order too short', _set(data__class_order=(3, 1, 2)), None, None, scenario_lib.ScenarioError,
@@ -91,7 +93,7 @@ def test_bad_input_is_one_clear_error_before_training(tmp_path, monkeypatch, cas
   def no_training(*args, **kwargs):
     raise AssertionError('training started')
 
-  monkeypatch.setattr(train_lib.Trainer, 'run_phase', no_training)
+  monkeypatch.setattr(train_lib, 'run_phase', no_training)
   edit(c)
   with pytest.raises(error, match=pattern):
     incremental_jax.train_and_evaluate(c, str(tmp_path / 'run'))
@@ -141,7 +143,7 @@ def test_image_folder_with_an_empty_class(tmp_path, monkeypatch):
   _image_tree(tmp_path / 'data')
   for f in os.listdir(tmp_path / 'data' / 'train' / 'bee'):
     os.remove(tmp_path / 'data' / 'train' / 'bee' / f)
-  monkeypatch.setattr(train_lib.Trainer, 'run_phase', lambda *a, **k: pytest.fail('training started'))
+  monkeypatch.setattr(train_lib, 'run_phase', lambda *a, **k: pytest.fail('training started'))
   with pytest.raises(sources.DataError, match='bee'):
     incremental_jax.train_and_evaluate(_folder_config(tmp_path / 'data'), str(tmp_path / 'run'))
 
@@ -150,6 +152,6 @@ def test_image_folder_with_an_empty_class(tmp_path, monkeypatch):
 def test_image_folder_with_an_unreadable_image(tmp_path, monkeypatch):
   _image_tree(tmp_path / 'data')
   (tmp_path / 'data' / 'train' / 'cat' / '1.png').write_bytes(b'not an image at all')
-  monkeypatch.setattr(train_lib.Trainer, 'run_phase', lambda *a, **k: pytest.fail('training started'))
+  monkeypatch.setattr(train_lib, 'run_phase', lambda *a, **k: pytest.fail('training started'))
   with pytest.raises(sources.DataError, match=r'1\.png'):
     incremental_jax.train_and_evaluate(_folder_config(tmp_path / 'data'), str(tmp_path / 'run'))

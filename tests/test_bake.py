@@ -139,8 +139,8 @@ def test_aux_losses_add_bake_to_any_method_and_bake_method_is_ce_plus_bake():
   labels = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
   outputs, batch, task = {'embedding': jnp.asarray(f), 'logits': jnp.asarray(z)}, {'label': labels}, _task()
   teacher = {'logits': jnp.asarray(z[::-1].copy())}
-  plain = build_method(icarl_cfg.get_config('test'))
-  with_bake = build_method(bake_cfg.on_method('icarl', 'test')(None))
+  plain = build_method(icarl_cfg.get_config('test'), 10, (8, 8, 1))
+  with_bake = build_method(bake_cfg.on_method('icarl', 'test')(None), 10, (8, 8, 1))
   base_loss, _ = jax.jit(plain.loss)(outputs, batch, task, teacher, {})
   total, metrics = jax.jit(with_bake.loss)(outputs, batch, task, teacher, {})
   ref = _np_bake(_np_targets(f, z[:, :3], 4.0, 0.5), z[:, :3].astype(np.float64), 4.0).mean()
@@ -150,7 +150,7 @@ def test_aux_losses_add_bake_to_any_method_and_bake_method_is_ce_plus_bake():
   # the BAKE method: CE over the seen classes + r * the same term
   cfg = bake_cfg.get_config('test')
   cfg.method.weight = 0.5
-  method = build_method(cfg)
+  method = build_method(cfg, 10, (8, 8, 1))
   loss, m = jax.jit(method.loss)(outputs, batch, task, None, {})
   ce = float(cross_entropy(z, labels, task.seen).mean())
   np.testing.assert_allclose(loss, ce + 0.5 * ref, rtol=1e-4)
@@ -253,7 +253,7 @@ SCRIPT = textwrap.dedent('''
     # a whole BAKE train step (ResNet, BatchNorm, augmentation), twice, on 1 and on 8 devices
     config = bake_cfg.get_config('test')
     config.method.temperature = 1.0   # sharper predictions than T=4 on an untrained net: a larger BAKE term
-    method = build_method(config)
+    method = build_method(config, 10, (8, 8, 1))
     model = build_model(config.model, 10, (8, 8, 1), seed=0)
     optim = config.optim.copy_and_resolve_references()
     optim.batch_size = 16

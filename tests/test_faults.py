@@ -143,7 +143,7 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path, ref
   # 2. resumes inside task 0 (the half-written checkpoint is never read), killed choosing task 0's exemplars
   out = run_main(workdir, 'exemplar_selection:2')
   assert out.returncode == -9, out.stderr[-3000:]
-  assert resumed_from(out) == mid0 and "in task 1 (phase 'train', epoch 1)" in out.stdout
+  assert resumed_from(out) == mid0 and "in step 0 (phase 'train', epoch 1)" in out.stdout
   assert complete_steps(workdir) == [mid0] and not partial_steps(workdir)  # leftovers are cleaned up
 
   # 3. resumes there again, finishes task 0, killed on the 2nd step of task 1's 2nd epoch
@@ -243,18 +243,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
   c.optim.lr = 1e30
   workdir = str(tmp_path / 'run')
   snapshots = []
-  original = train_lib.Trainer.run_phase
+  original = train_lib.run_phase
 
-  def run_phase(self, state, frozen, task, *args, **kwargs):
-    if int(task.index) == 1:
+  def run_phase(trainer, runs, *args, **kwargs):
+    if int(runs[0].task.index) == 1:
       snapshots.append(_tree_digest(os.path.join(workdir, 'checkpoints')))
-    return original(self, state, frozen, task, *args, **kwargs)
+    return original(trainer, runs, *args, **kwargs)
 
-  monkeypatch.setattr(train_lib.Trainer, 'run_phase', run_phase)
+  monkeypatch.setattr(train_lib, 'run_phase', run_phase)
   with pytest.raises(FloatingPointError) as e:
     incremental_jax.train_and_evaluate(c, workdir)
   (end0,) = complete_steps(workdir)
-  assert re.search(rf'task 2/3 train: the loss became (nan|inf|-inf) at global step {end0 + 1} \(step 2 of epoch 1\)',
+  assert re.search(rf'step 1/2 train: the loss became (nan|inf|-inf) at global step {end0 + 1} \(step 2 of epoch 1\)',
                    str(e.value)), str(e.value)
   assert len(snapshots) == 1 and _tree_digest(os.path.join(workdir, 'checkpoints')) == snapshots[0]
   results = json.loads(open(os.path.join(workdir, 'results.json')).read())

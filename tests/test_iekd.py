@@ -76,7 +76,7 @@ def test_inheritance_and_exploration_losses_match_numpy():
 def test_kd_loss_is_hinton_kd():
   cfg = iekd_cfg.get_config('test')
   cfg.method.name, cfg.method.kd_temperature, cfg.method.kd_alpha = 'kd', 3.0, 0.75
-  method = build_method(cfg)
+  method = build_method(cfg, 10, (8, 8, 1))
   rng = np.random.default_rng(1)
   s, t, y = rng.normal(size=(4, 10)), rng.normal(size=(4, 10)), np.array([0, 3, 9, 2])
   task = types.SimpleNamespace(seen=jnp.ones(10))
@@ -113,20 +113,20 @@ def _all_classes_task(n):
 def _iekd_setup(**method_overrides):
   cfg = iekd_cfg.get_config('test')
   cfg.method.update(method_overrides)
-  method = build_method(cfg)
-  model = method.build_model(10, (8, 8, 1))
+  method = build_method(cfg, 10, (8, 8, 1))
+  model = method.model
   return cfg, method, model
 
 
 def test_teacher_checkpoint_round_trip_and_checks(tmp_path):
   cfg, method, _ = _iekd_setup()
   mesh = parallel.make_mesh()
-  state = train_lib.init_train_state(method.teacher_model, mesh, train_lib.make_optimizer(cfg.optim))
+  state = train_lib.init_train_state(method.networks['teacher'], mesh, train_lib.make_optimizer(cfg.optim))
   state = state.replace(params=jax.tree.map(lambda p: p + 1.5, state.params), step=jnp.int32(7))
   teacher_cfg = train_cfg.get_config('test')
   order = np.random.default_rng(0).permutation(10)
   iekd_lib.save_network(str(tmp_path / 't'), state, teacher_cfg, order, 10)
-  loaded, meta = iekd_lib.load_network(str(tmp_path / 't'), method.teacher_model, mesh)
+  loaded, meta = iekd_lib.load_network(str(tmp_path / 't'), method.networks['teacher'], mesh)
   jax.tree.map(np.testing.assert_array_equal, {'params': state.params, 'batch_stats': state.batch_stats},
                jax.tree.map(np.asarray, loaded))
   ctx = types.SimpleNamespace(config=cfg, scenario=types.SimpleNamespace(order=order))
@@ -139,7 +139,7 @@ def test_teacher_checkpoint_round_trip_and_checks(tmp_path):
   with pytest.raises(ConfigError, match='depth'):
     iekd_lib.check_teacher_meta(meta, other, ctx, 't')
   with pytest.raises(incremental_jax.checkpoint.CheckpointError, match='configs/train.py'):
-    iekd_lib.load_network(str(tmp_path / 'missing'), method.teacher_model, mesh)
+    iekd_lib.load_network(str(tmp_path / 'missing'), method.networks['teacher'], mesh)
 
 
 def test_iedml_without_coupling_is_two_independent_sgd_trainings():
@@ -148,8 +148,8 @@ def test_iedml_without_coupling_is_two_independent_sgd_trainings():
   cfg = iekd_cfg.get_config('test')
   cfg.method.update(name='iekd_dml', inherit_weight=0.0, explore_weight=0.0)
   cfg.optim.update(momentum=0.9, nesterov=True, weight_decay=5e-3)
-  method = build_method(cfg)
-  model = method.build_model(10, (8, 8, 1))
+  method = build_method(cfg, 10, (8, 8, 1))
+  model = method.model
   mesh = parallel.make_mesh()
   state = train_lib.init_train_state(model, mesh, train_lib.make_optimizer(cfg.optim))
   assert set(state.params) == {'peer_a', 'peer_b', 'autoencoder_a', 'autoencoder_b'}
@@ -165,7 +165,7 @@ def test_iedml_without_coupling_is_two_independent_sgd_trainings():
 
   # the reference: one IE-KD student network (the peers' structure) trained alone with the default step
   peer_model = iekd_lib.build_model(cfg.model, 10, (8, 8, 1), extend=iekd_lib._student_extension(cfg.method, 8))
-  finetune = build_method(train_cfg.get_config('test'))
+  finetune = build_method(train_cfg.get_config('test'), 10, (8, 8, 1))
   step = jax.jit(train_lib.make_train_step(peer_model, finetune, Phase('ref', finetune.loss, np.arange(8), cfg.optim),
                                            aug, False))
   for name in ('peer_a', 'peer_b'):
@@ -183,7 +183,7 @@ def test_iedml_without_coupling_is_two_independent_sgd_trainings():
 def _context(cfg, model, mesh, workdir):
   return TaskContext(config=cfg, task=0, scenario=make_scenario(10, cfg.data), train_images=None, train_labels=None,
                      model=model, state=None, frozen=None, method_state={}, memory=None, embed=None, predict=None,
-                     mesh=mesh, workdir=workdir)
+                     mesh=mesh, workdir=workdir, trainer=train_lib.SubnetworkTrainer(mesh, show_progress=False))
 
 
 def test_teacher_is_trained_in_the_run_once_with_its_own_model_and_optimiser(tmp_path, monkeypatch):
@@ -192,18 +192,18 @@ def test_teacher_is_trained_in_the_run_once_with_its_own_model_and_optimiser(tmp
   mesh = parallel.make_mesh()
   calls = []
 
-  def fake_training(ctx, net, trainer_method, name, optim, frozen, seed_offset):
+  def fake_training(ctx, trainer_method, net, name, optim, indices, **kwargs):
     calls.append((name, trainer_method.config, optim))
     state = train_lib.init_train_state(net, mesh, train_lib.make_optimizer(optim))
     return state.replace(params=jax.tree.map(lambda p: p + 2.0, state.params), step=jnp.int32(9))
 
-  monkeypatch.setattr(iekd_lib, '_train_phase', fake_training)
+  monkeypatch.setattr(TaskContext, 'train_subnetwork', fake_training)
   ctx = _context(cfg, model, mesh, str(tmp_path))
-  teacher = method.teacher(ctx)
+  teacher = method.frozen_teacher(ctx)
   [(name, teacher_cfg, optim)] = calls
   assert name == 'teacher' and teacher_cfg.method.name == 'finetune' and optim.epochs == 3
   assert teacher_cfg.model.to_dict() == cfg.method.teacher_model.to_dict() and teacher_cfg.optim.epochs == 3
-  again = method.teacher(ctx)  # resumed: loaded from <workdir>/teacher, not trained again
+  again = method.frozen_teacher(ctx)  # resumed: loaded from <workdir>/teacher, not trained again
   assert len(calls) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, teacher), jax.tree.map(np.asarray, again))
 
@@ -218,7 +218,7 @@ def phase_one(tmp_path_factory):
   cfg.method.autoencoder_optim.update(epochs=20, batch_size=16)
   mesh = parallel.make_mesh()
   data = run_lib.prepare_data(cfg)
-  teacher = train_lib.init_train_state(method.teacher_model, mesh, train_lib.make_optimizer(cfg.optim))
+  teacher = train_lib.init_train_state(method.networks['teacher'], mesh, train_lib.make_optimizer(cfg.optim))
   iekd_lib.save_network(cfg.method.teacher_workdir, teacher, train_cfg.get_config('test'), data.scenario.order, 10)
   ds = data.dataset
   ctx = dataclasses.replace(_context(cfg, model, mesh, str(root / 'run')), train_images=ds.train_images[:32],
@@ -234,13 +234,13 @@ def test_teacher_autoencoder_training_lowers_the_reconstruction_error(phase_one)
   p = phase_one
   ds = p.data.dataset
   images = augment.normalize(jnp.asarray(ds.train_images[:32]), ds.mean, ds.std)
-  feature = p.method.teacher_model.apply(p.teacher['params'], p.teacher['batch_stats'], images)[0]['stages'][-1]
+  feature = p.method.networks['teacher'].apply(p.teacher['params'], p.teacher['batch_stats'], images)[0]['stages'][-1]
 
   def error(ae):
-    out = p.method.autoencoder_model.apply(ae['params'], ae['batch_stats'], feature, train=True)[0]
+    out = p.method.networks['autoencoder'].apply(ae['params'], ae['batch_stats'], feature, train=True)[0]
     return float(L.reconstruction_loss(out['reconstruction'], feature, 'l1').mean())
 
-  initial = dict(zip(('params', 'batch_stats'), p.method.autoencoder_model.init_variables()))
+  initial = dict(zip(('params', 'batch_stats'), p.method.networks['autoencoder'].init_variables()))
   assert error(p.autoencoder) < 0.75 * error(initial)
   ckpt = incremental_jax.checkpoint.RunCheckpointer(os.path.join(p.root, 'run', 'teacher_autoencoder', 'checkpoints'))
   assert ckpt.latest_step() == 40  # 20 epochs of 2 batches
@@ -258,12 +258,12 @@ def test_iekd_run_keeps_teacher_frozen_and_does_not_train_it_twice(phase_one, tm
   def no_training(*args, **kw):
     raise AssertionError('the teacher or its autoencoder was trained again')
 
-  monkeypatch.setattr(iekd_lib, '_train_phase', no_training)  # resumed: both are loaded
+  monkeypatch.setattr(TaskContext, 'train_subnetwork', no_training)  # resumed: both are loaded
   results = incremental_jax.train_and_evaluate(cfg, workdir)
   assert results['complete'] and results['num_tasks'] == 1
   assert np.isfinite(results['steps'][0]['epoch_losses']['train']).all()
-  method = build_method(cfg)
-  model = method.build_model(10, (8, 8, 1))
+  method = build_method(cfg, 10, (8, 8, 1))
+  model = method.model
   ckpt = incremental_jax.checkpoint.RunCheckpointer(os.path.join(workdir, 'checkpoints'))
   initial = train_lib.init_train_state(model, p.mesh, train_lib.make_optimizer(cfg.optim))
   final, frozen, _, _ = ckpt.restore(ckpt.latest_step(), initial, p.mesh)

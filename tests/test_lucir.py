@@ -144,8 +144,8 @@ def _tiny(preset='test', **method):
 
 def test_before_task_imprints_new_classes_with_the_current_model():
   config = _tiny()
-  method = build_method(config)
-  model = method.build_model(6, (8, 8, 1))
+  method = build_method(config, 6, (8, 8, 1))
+  model = method.model
   mesh = parallel.make_mesh()
   state = init_train_state(model, mesh, make_optimizer(config.optim))
   rng = np.random.default_rng(4)
@@ -167,7 +167,7 @@ def test_before_task_imprints_new_classes_with_the_current_model():
 
 
 def test_method_loss_is_ce_plus_weighted_lc_plus_mr():
-  method = build_method(_tiny())
+  method = build_method(_tiny(), 10, (8, 8, 1))
   rng = np.random.default_rng(5)
   c = 6
   old, new = np.array([1, 1, 1, 1, 0, 0], np.float32), np.array([0, 0, 0, 0, 1, 1], np.float32)
@@ -190,7 +190,7 @@ def test_method_loss_is_ce_plus_weighted_lc_plus_mr():
 
 def test_balanced_finetuning_phase_trains_the_classifier_only():
   config = _tiny(cb_finetune=True)
-  method = build_method(config)
+  method = build_method(config, 10, (8, 8, 1))
   ctx = SimpleNamespace(task=1, config=config, memory=Memory({0: np.array([1, 2]), 5: np.array([9])}),
                         scenario=Scenario(np.arange(10), (4, 3, 3)))
   (phase,) = method.balancing_phases(ctx)
@@ -198,7 +198,7 @@ def test_balanced_finetuning_phase_trains_the_classifier_only():
   np.testing.assert_array_equal(phase.indices, [1, 2, 9])
   np.testing.assert_array_equal(phase.trainable_classes, [1] * 7 + [0] * 3)  # old and new classes
   assert phase.optim.epochs == 20 and phase.optim.lr == 0.01 and tuple(phase.optim.milestones) == (10,)
-  assert build_method(_tiny()).balancing_phases(ctx) == []  # off by default, as the paper's main results
+  assert build_method(_tiny(), 10, (8, 8, 1)).balancing_phases(ctx) == []  # off by default, as the paper's main results
   # the trainer's update mask gives sigma (and only sigma in the head) no update
   model = build_model(config.model, 10, (8, 8, 1))
   params, _ = model.init_variables()
@@ -224,7 +224,7 @@ def test_train_step_updates_sigma_in_the_main_phase_but_not_in_balanced_finetuni
   from incremental_jax.data import augment
   from incremental_jax.models import Classifier, functional_model
   config = _tiny(cb_finetune=True)
-  method = build_method(config)
+  method = build_method(config, 10, (8, 8, 1))
   model = functional_model(lambda: Classifier(_FlatBackbone(nnx.Rngs(0)), CosineHead(5, 6, rngs=nnx.Rngs(1))),
                            CosineHead.class_axes, 6, 5)
   scenario = Scenario(np.arange(6), (4, 2))

@@ -61,11 +61,11 @@ def test_pruning_ties_and_bad_ratios():
 
 def _model_and_params(seed=0):
   cfg = m2kd_cfg.get_config('test')
-  method = build_method(cfg)
-  model = method.build_model(NUM_CLASSES, IMAGE_SHAPE)
+  method = build_method(cfg, NUM_CLASSES, IMAGE_SHAPE)
+  model = method.model
   params, stats = model.init_variables()
   cfg.method.prune_finetune_epochs = 0  # no data in these tests
-  method = build_method(cfg)
+  method = build_method(cfg, NUM_CLASSES, IMAGE_SHAPE)
   rng = np.random.default_rng(seed)
   # random, non-trivial batch statistics, so that inference mode is not the identity
   stats = jax.tree.map(lambda s: np.asarray(s) + rng.uniform(0.1, 0.5, np.shape(s)).astype(np.float32), stats)
@@ -160,7 +160,7 @@ def test_each_class_group_is_distilled_from_the_snapshot_that_learned_it():
   (sequential distillation's target) has the loss of the NumPy reference with each group's own b_j."""
   cfg, _, model, params, stats = _model_and_params()
   cfg.method.aux_losses = {}  # the multi-model term alone
-  method = build_method(cfg)
+  method = build_method(cfg, NUM_CLASSES, IMAGE_SHAPE)
   scenario = make_scenario(NUM_CLASSES, cfg.data)  # test preset: tasks of 4, 3, 3 classes
   rng = np.random.default_rng(3)
   biases = [rng.normal(size=NUM_CLASSES).astype(np.float32) * 3 for _ in range(scenario.num_tasks - 1)]
@@ -195,7 +195,7 @@ def test_each_class_group_is_distilled_from_the_snapshot_that_learned_it():
 def test_vmapped_stacked_snapshots_equal_a_loop_over_the_masked_models():
   cfg, method, model, params, stats = _model_and_params()
   cfg.method.prune_keep = 0.5
-  method = build_method(cfg)
+  method = build_method(cfg, NUM_CLASSES, IMAGE_SHAPE)
   rng = np.random.default_rng(4)
   snaps = [jax.tree.map(lambda w: w * rng.uniform(0.5, 1.5, w.shape).astype(np.float32), params) for _ in range(3)]
   stored = [{'params': pruning.compress_tree(p, 0.5), 'batch_stats': stats} for p in snaps]
@@ -216,7 +216,7 @@ def test_vmapped_stacked_snapshots_equal_a_loop_over_the_masked_models():
 def test_last_teacher_mode_keeps_only_the_previous_snapshot_on_every_old_class():
   cfg, _, model, params, stats = _model_and_params()
   cfg.method.teachers = 'last'
-  method = build_method(cfg)
+  method = build_method(cfg, NUM_CLASSES, IMAGE_SHAPE)
   frozen, method_state = _store_all(method, cfg, [params, params], stats)
   scenario = make_scenario(NUM_CLASSES, cfg.data)
   assert jax.tree.leaves(frozen['snapshots'])[0].shape[0] == 1

@@ -160,12 +160,12 @@ def test_imprinted_proxies_are_scaled_kmeans_centres_of_the_new_classes():
 
 def test_method_needs_the_lsc_head_and_keeps_memory_and_the_last_model():
   c = podnet_config.get_config('test')
-  method = build_method(c)
+  method = build_method(c, 10, (8, 8, 1))
   assert method.freeze_old_classes and method.uses_memory and method.teacher == 'last'
   with pytest.raises(Exception, match="model.head='lsc'"):
     c2 = podnet_config.get_config('test')
     c2.model.head = 'cosine'
-    build_method(c2)
+    build_method(c2, 10, (8, 8, 1))
 
 
 @pytest.mark.slow

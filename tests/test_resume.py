@@ -48,13 +48,13 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   monkeypatch.undo()
 
   trained_tasks = []
-  original_run_phase = train_lib.Trainer.run_phase
+  original_run_phase = train_lib.run_phase
 
-  def counting_run_phase(self, state, frozen, task, phase, *args, **kwargs):
-    trained_tasks.append(int(task.index))
-    return original_run_phase(self, state, frozen, task, phase, *args, **kwargs)
+  def counting_run_phase(trainer, runs, *args, **kwargs):
+    trained_tasks.append(int(runs[0].task.index))
+    return original_run_phase(trainer, runs, *args, **kwargs)
 
-  monkeypatch.setattr(train_lib.Trainer, 'run_phase', counting_run_phase)
+  monkeypatch.setattr(train_lib, 'run_phase', counting_run_phase)
   resumed = incremental_jax.train_and_evaluate(_config(), str(tmp_path / 'resumed'))
   assert trained_tasks == [2]  # tasks 0 and 1 came from the checkpoint
   assert _strip(resumed) == _strip(full)

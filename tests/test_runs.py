@@ -38,15 +38,12 @@ def test_run_configs_vary_seed_and_class_order():
     (dict(runs_vary='orders'), 'runs_vary'),
     (dict(num_runs=0), 'num_runs'),
     (dict(data_class_order=tuple(range(10))), 'class_order'),
-    (dict(every_epochs=1), 'every_epochs'),
 ])
 def test_run_configs_refuse_bad_fields(edit, match):
   c = _test_config(num_runs=2)
   for k, v in edit.items():
     if k == 'data_class_order':
       c.data.class_order = v
-    elif k == 'every_epochs':
-      c.checkpoint.every_epochs = v
     else:
       c[k] = v
   with pytest.raises(ConfigError, match=match):
@@ -57,10 +54,10 @@ def _phase_setup():
   config = cfglib.test_preset(cfglib.base_config())
   config.method.name = 'finetune'
   model = build_model(config.model, 4, (8, 8, 1), seed=0)
-  method = Finetune(config)
+  method = Finetune(config, 4, (8, 8, 1))
   mesh = parallel.make_mesh()
   aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
-  trainer = train.Trainer(model, method, mesh, aug, seed=0, show_progress=False)
+  trainer = train.Trainer(model, method, mesh, aug, show_progress=False)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (120, 8, 8, 1)).astype(np.uint8)
   labels = [rng.integers(0, 4, 120), rng.integers(0, 4, 120)]
@@ -79,13 +76,14 @@ def test_group_phase_equals_each_run_alone_with_uneven_steps():
   seeds = [3, 7]
   init = [train.init_train_state(build_model(config.model, 4, (8, 8, 1), seed=s), mesh,
                                  train.make_optimizer(config.optim)) for s in seeds]
-  group = train.run_phase_group(trainer, init, [None, None], tasks, phases, images, labels,
-                                [(s, 0, 0) for s in seeds], seeds)
+  group = train.run_phase(trainer, [train.PhaseRun(state, None, task, phase, lab, (s, 0, 0), s)
+                                     for state, task, phase, lab, s in zip(init, tasks, phases, labels, seeds)], images)
   for k, s in enumerate(seeds):
-    solo_trainer = train.Trainer(model, trainer.method, mesh, trainer.augment_fn, seed=s, show_progress=False)
+    solo_trainer = train.Trainer(model, trainer.method, mesh, trainer.augment_fn, show_progress=False)
     fresh = train.init_train_state(build_model(config.model, 4, (8, 8, 1), seed=s), mesh,
                                    train.make_optimizer(config.optim))
-    solo = solo_trainer.run_phase(fresh, None, tasks[k], phases[k], images, labels[k], rng_seed=(s, 0, 0))
+    (solo,) = train.run_phase(solo_trainer, [train.PhaseRun(fresh, None, tasks[k], phases[k], labels[k], (s, 0, 0), s)],
+                              images)
     assert int(group[k].state.step) == int(solo.state.step) == [3, 5][k] * 2
     for a, b in zip(jax.tree.leaves(group[k].state.params), jax.tree.leaves(solo.state.params)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -58,5 +58,5 @@ def augment_batch(key: jax.Array, images: jax.Array, *, mean: Sequence[float], s
 def make_augment_fn(aug_cfg, mean, std) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """`(key, uint8 images) -> float32 images` from the `data.augment` config section."""
   return functools.partial(augment_batch, mean=tuple(mean), std=tuple(std),
-                           crop_padding=int(aug_cfg.get('crop_padding', 0)), flip=bool(aug_cfg.get('flip', False)),
-                           brightness=float(aug_cfg.get('brightness', 0.0)))
+                           crop_padding=int(aug_cfg.crop_padding), flip=bool(aug_cfg.flip),
+                           brightness=float(aug_cfg.brightness))

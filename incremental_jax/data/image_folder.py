@@ -361,27 +361,27 @@ def load_image_folder(cfg) -> Dataset:
   none), num_workers (0: all cores), verify_images (True: open every file once up front), mean / std
   (default: ImageNet's), name.
   """
-  data_dir = os.path.expanduser(str(cfg.get('data_dir', '') or ''))
+  data_dir = os.path.expanduser(str(cfg.data_dir or ''))
   if not data_dir:
     raise DataError(f'The image_folder source needs --config.data.data_dir=<root>; {_LAYOUT_HINT}.')
   if not os.path.isdir(data_dir):
     raise DataError(f'data_dir {data_dir} does not exist or is not a folder; {_LAYOUT_HINT}.')
-  image_size = int(cfg.get('image_size', 0) or 0) or DEFAULT_IMAGE_SIZE
-  resize = int(cfg.get('resize', 0) or 0) or image_size
+  image_size = int(cfg.image_size or 0) or DEFAULT_IMAGE_SIZE
+  resize = int(cfg.resize or 0) or image_size
   if resize < image_size:
     raise DataError(f'data.resize ({resize}) must be at least data.image_size ({image_size}): the centre crop '
                     f'is taken from the resized image.')
-  num_workers = int(cfg.get('num_workers', 0) or 0) or os.cpu_count() or 1
-  train_list, test_list = str(cfg.get('train_list', '') or ''), str(cfg.get('test_list', '') or '')
+  num_workers = int(cfg.num_workers or 0) or os.cpu_count() or 1
+  train_list, test_list = str(cfg.train_list or ''), str(cfg.test_list or '')
   if train_list or test_list:
     splits = list_splits(data_dir, train_list, test_list)
   else:
     splits = folder_splits(data_dir)
   train_paths, train_labels, test_paths, test_labels, names = splits
-  if cfg.get('verify_images', True):
+  if cfg.verify_images:
     verify_images(train_paths + test_paths, num_workers)
   mean, std = normalisation(cfg)
-  return Dataset(name=str(cfg.get('name', 'image_folder')),
+  return Dataset(name=str(cfg.name),
                  train_images=LazyImages(train_paths, image_size, resize, num_workers), train_labels=train_labels,
                  test_images=LazyImages(test_paths, image_size, resize, num_workers), test_labels=test_labels,
                  num_classes=len(names), class_names=names, mean=mean, std=std)

@@ -77,8 +77,8 @@ def load_digits(cfg) -> Dataset:
   digits = sk_datasets.load_digits()
   images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
-  test_fraction = float(cfg.get('test_fraction', 0.2))
-  rng = np.random.default_rng(int(cfg.get('split_seed', 0)))
+  test_fraction = float(cfg.test_fraction)
+  rng = np.random.default_rng(int(cfg.split_seed))
   test_mask = np.zeros(len(labels), bool)
   for c in range(10):
     idx = np.flatnonzero(labels == c)

@@ -1,7 +1,13 @@
-"""Methods, registered by name. A method is a `Method` subclass (see `methods.base`)."""
+"""Methods, registered by name. A method is a `Method` subclass (see `methods.base`).
+
+A method defined outside the package (a user's module or notebook) joins the registry with
+`incremental_jax.register_method(name, cls)`; its config then sets `method.name = name` and runs through
+`train_and_evaluate` / `main.py` like the built-in ones.
+"""
 from __future__ import annotations
 
-from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, snapshot
+from incremental_jax.errors import ConfigError
+from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, snapshot  # noqa: F401
 from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
 from incremental_jax.methods.lucir import Lucir
 from incremental_jax.methods.podnet import PODNet
@@ -25,8 +31,29 @@ METHODS: dict[str, type] = {
 }
 
 
-def build_method(config) -> Method:
-  name = config.method.name
+def register_method(name: str, cls: type, *, replace: bool = False) -> type:
+  """Adds the `Method` subclass `cls` to the registry as `name` (the value of `method.name` that selects it).
+  Registering a taken name raises ValueError unless `replace` (re-running a notebook cell re-registers).
+  Returns `cls`, so it can decorate: `@functools.partial(register_method, 'my_method')`."""
+  if not (isinstance(cls, type) and issubclass(cls, Method)):
+    raise TypeError(f'register_method({name!r}, ...) needs a subclass of incremental_jax.methods.Method; got {cls!r}.')
+  if not name or not isinstance(name, str):
+    raise ValueError(f'a method name must be a non-empty string; got {name!r}.')
+  if name in METHODS and METHODS[name] is not cls and not replace:
+    raise ValueError(f'method {name!r} is already registered ({METHODS[name].__module__}.{METHODS[name].__name__}); '
+                     'pass replace=True to replace it.')
+  METHODS[name] = cls
+  return cls
+
+
+def method_class(name: str) -> type:
+  """The registered class of `method.name`; ConfigError listing the valid names otherwise."""
   if name not in METHODS:
-    raise ValueError(f'Unknown method {name!r}; valid names: {sorted(METHODS)}.')
-  return METHODS[name](config)
+    raise ConfigError(f'method.name={name!r} is not a method; valid names: {sorted(METHODS)} (a method of your own '
+                      'joins them with incremental_jax.register_method).')
+  return METHODS[name]
+
+
+def build_method(config, num_classes: int, image_shape: tuple[int, int, int]) -> Method:
+  """The method of `config.method.name`, built for `num_classes` classes of images of `image_shape`."""
+  return method_class(config.method.name)(config, num_classes, image_shape)

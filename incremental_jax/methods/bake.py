@@ -19,6 +19,6 @@ class BAKE(Finetune):
 
   def loss(self, outputs, batch, task, teacher, params):
     ce, metrics = super().loss(outputs, batch, task, teacher, params)
-    kd = bake_term(outputs, batch, task, teacher, params, temperature=float(self.mcfg.get('temperature', 4.0)),
-                   omega=float(self.mcfg.get('omega', 0.5)))
-    return ce + float(self.mcfg.get('weight', 1.0)) * kd, {**metrics, 'bake': kd}
+    kd = bake_term(outputs, batch, task, teacher, params, temperature=float(self.mcfg.temperature),
+                   omega=float(self.mcfg.omega))
+    return ce + float(self.mcfg.weight) * kd, {**metrics, 'bake': kd}

@@ -21,10 +21,13 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from incremental_jax import parallel
 from incremental_jax.errors import ConfigError
 from incremental_jax.losses.auxiliary import with_aux_losses
 from incremental_jax.memory import Memory
 from incremental_jax.models import build_model
+from incremental_jax.step import make_task_info, make_train_step
 from incremental_jax.types import LossFn, Phase, TaskInfo  # noqa: F401  (the vocabulary of every method)
 
 
@@ -46,9 +49,11 @@ class TaskContext:
       in inference mode (for herding, imprinting, class means).
     predict: `predict(params, batch_stats, images, flip=False) -> dict of np arrays` (`logits`, `embedding`),
       inference mode.
-    mesh: the device mesh (hooks that train auxiliary networks build their own `train.Trainer` on it).
+    mesh: the device mesh.
     augment_fn: `(key, uint8 images) -> float images`, the run's on-device augmentation.
     workdir: the run's directory (for auxiliary checkpoints or artefacts).
+    trainer: the training service (`train.SubnetworkTrainer`) for hooks that train a network of their own
+      (`train_subnetwork`).
   """
   config: Any
   task: int
@@ -65,6 +70,23 @@ class TaskContext:
   mesh: Any = None
   augment_fn: Optional[Callable] = None
   workdir: str = ''
+  trainer: Any = None
+
+  def replace(self, **changes) -> 'TaskContext':
+    return dataclasses.replace(self, **changes)
+
+  def train_subnetwork(self, method: 'Method', model, name: str, optim, indices: np.ndarray, frozen: Any = None,
+                       state: Any = None, seed_offset: int = 1000, seed: Optional[int] = None):
+    """Trains `model` (from `state`, or its initial variables) with `method`'s step for one phase named `name`
+    on the train examples `indices`, every seen class trainable, and returns its final `TrainState`. The
+    sampler draws from `(config.seed, task, seed_offset)`; the augmentation is keyed by `seed` (default
+    `config.seed`)."""
+    task = make_task_info(self.scenario, self.task, self.scenario.class_masks(self.task)['seen'])
+    phase = Phase(name, method.loss, indices, optim)
+    seed = int(self.config.seed) if seed is None else int(seed)
+    return self.trainer.train(method, model, phase, task, self.train_labels, self.train_images, self.augment_fn,
+                              rng_seed=(int(self.config.seed), self.task, seed_offset), seed=seed, state=state,
+                              frozen=frozen, desc=f'step {self.task} {name}')
 
   def class_range(self, t: Optional[int] = None) -> tuple[int, int]:
     t = self.task if t is None else t
@@ -89,11 +111,18 @@ def snapshot(state) -> dict:
 class Method:
   """Base class of all methods. Override what differs; the defaults give plain fine-tuning hooks.
 
+  A method is built for one problem, `Method(config, num_classes, image_shape)`: its networks are made once by
+  `build_networks` (`self.networks`; `self.model` is the trained one, `networks['model']`).
+
   Class attributes:
     uses_memory: keep exemplars (config.memory) and evaluate NME.
-    teacher: 'none' or 'last' (the default `after_task` then freezes a snapshot of the model as teacher);
-      methods with other teachers set `frozen` themselves and override `teacher_forward`.
+    teacher: what the train step's `frozen` pytree holds: 'none'; 'last' (the default `after_task` freezes a
+      snapshot of the model after every task); 'all' (every earlier snapshot, M2KD); 'pretrained' (a fixed
+      teacher network trained beforehand, KD / IE-KD). Methods other than 'last' set `frozen` in their hooks
+      and override `teacher_forward`.
     freeze_old_classes: old classes' classifier parameters get no updates (LUCIR, PODNet).
+    required_head: the `model.head` the method's losses need (checked at construction).
+    uses_aux_losses: whether `config.method.aux_losses` are added to `loss`.
 
   Auxiliary loss terms named in `config.method.aux_losses` (e.g. BAKE, see `losses.auxiliary`) are added to
   `self.loss` when the method is built, so every phase that trains with the method's loss gets them; phases
@@ -101,20 +130,30 @@ class Method:
   """
   uses_memory: bool = False
   teacher: str = 'none'
-  required_head: Optional[str] = None   # the `model.head` the method's losses need (checked at construction)
+  required_head: Optional[str] = None
   freeze_old_classes: bool = False
+  uses_aux_losses: bool = True
 
-  def __init__(self, config):
+  def __init__(self, config, num_classes: int, image_shape: tuple[int, int, int]):
     self.config = config
     self.mcfg = config.method
+    self.num_classes, self.image_shape = int(num_classes), tuple(image_shape)
     if self.required_head is not None and config.model.head != self.required_head:
       raise ConfigError(f'method {config.method.name} needs model.head={self.required_head!r}; got '
                         f'{config.model.head!r}.')
-    self.loss = with_aux_losses(self.loss, self.mcfg.get('aux_losses'))
+    self.check_config()
+    if self.uses_aux_losses:
+      self.loss = with_aux_losses(self.loss, self.mcfg.aux_losses)
+    self.networks = self.build_networks(self.num_classes, self.image_shape)
+    self.model = self.networks['model']
 
-  def build_model(self, num_classes: int, image_shape: tuple[int, int, int]):
-    """The trained network; methods with extra trainable modules (e.g. IE-KD's encoders) override this."""
-    return build_model(self.config.model, num_classes, image_shape, seed=self.config.seed)
+  def check_config(self) -> None:
+    """Raises ConfigError for invalid `method.*` values (called at construction, before any data or training)."""
+
+  def build_networks(self, num_classes: int, image_shape: tuple[int, int, int]) -> dict:
+    """{'model': the trained network, ...any other network the method's hooks or `teacher_forward` use}.
+    Methods with extra trainable modules (IE-KD's encoders) or a teacher architecture override this."""
+    return {'model': build_model(self.config.model, num_classes, image_shape, seed=self.config.seed)}
 
   # ---- traced -------------------------------------------------------------------------------------
   def loss(self, outputs: dict, batch: dict, task: TaskInfo, teacher: Optional[dict], params: dict):
@@ -127,10 +166,9 @@ class Method:
 
   def make_train_step(self, model, phase: Phase, augment_fn: Callable, has_teacher: bool) -> Callable:
     """The pure `train_step(state, frozen, task, batch) -> (state, metrics)` of `phase` (jitted by the trainer).
-    Default: one gradient step on `phase.loss` (`train.make_train_step`). Methods that need several updates per
+    Default: one gradient step on `phase.loss` (`step.make_train_step`). Methods that need several updates per
     batch (e.g. IE-DML's alternating peers) return their own step with the same signature."""
-    from incremental_jax import train
-    return train.make_train_step(model, self, phase, augment_fn, has_teacher)
+    return make_train_step(model, self, phase, augment_fn, has_teacher)
 
   # ---- host-side hooks ----------------------------------------------------------------------------
   def train_indices(self, ctx: TaskContext) -> np.ndarray:
@@ -150,7 +188,7 @@ class Method:
 
   def after_task(self, ctx: TaskContext) -> TaskContext:
     if self.teacher == 'last':
-      return dataclasses.replace(ctx, frozen=snapshot(ctx.state))
+      return ctx.replace(frozen=snapshot(ctx.state))
     return ctx
 
 
@@ -171,8 +209,6 @@ def with_imprinted_head(ctx: TaskContext, imprint: Callable) -> TaskContext:
   """`ctx` with the head's class kernel of the current task's classes imprinted (LUCIR, PODNet): `imprint(kernel,
   features, labels, new_classes, old_classes) -> kernel` receives the head kernel and the inference-mode
   embeddings of the new classes' training images, computed with the current (previous task's) model."""
-  import jax
-  from incremental_jax import parallel
   params, stats = ctx.state.params, ctx.state.batch_stats
   idx = ctx.new_class_indices()
   features = ctx.embed(params, stats, idx)
@@ -180,4 +216,4 @@ def with_imprinted_head(ctx: TaskContext, imprint: Callable) -> TaskContext:
   kernel = imprint(np.asarray(jax.device_get(params['head']['kernel'])), features, ctx.train_labels[idx],
                    np.arange(lo, hi), np.arange(0, lo))
   head = {**params['head'], 'kernel': parallel.replicate(kernel, ctx.mesh)}
-  return dataclasses.replace(ctx, state=ctx.state.replace(params={**params, 'head': head}))
+  return ctx.replace(state=ctx.state.replace(params={**params, 'head': head}))

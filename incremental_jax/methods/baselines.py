@@ -53,7 +53,7 @@ class ICaRL(Method):
 
   def loss(self, outputs, batch, task, teacher, params):
     logits = outputs['logits']
-    if self.mcfg.get('loss', 'ce_kd') == 'bce':
+    if self.mcfg.loss == 'bce':
       onehot = jax.nn.one_hot(batch['label'], logits.shape[-1])
       targets = onehot if teacher is None else jnp.where(task.old[None] > 0, jax.nn.sigmoid(teacher['logits']), onehot)
       bce = sigmoid_bce(logits, targets, task.seen).mean()

@@ -18,7 +18,6 @@ accepts), so a resumed run loads it instead of training it again; IE-KD's teache
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Callable
@@ -29,29 +28,31 @@ import ml_collections
 from flax import nnx
 
 from incremental_jax import checkpoint as ckpt_lib
-from incremental_jax import train as train_lib
+from incremental_jax import step as step_lib
 from incremental_jax.losses import cross_entropy, kd_kl
 from incremental_jax.losses.iekd import exploration_loss, inheritance_loss, reconstruction_loss
 from incremental_jax.memory import Memory
-from incremental_jax.methods.base import Method, Phase, TaskContext, snapshot
+from incremental_jax.methods.base import Method, TaskContext, snapshot
 from incremental_jax.methods.baselines import Finetune
 from incremental_jax.models import build_model, functional_model, make_classifier
 from incremental_jax.models.factor import FactorAutoencoder, IEStudent, MutualPeers, factor_channels
 from incremental_jax.errors import ConfigError
+from incremental_jax.types import TrainState
 
 TEACHER_DIR = 'teacher'                      # <workdir>/teacher: the teacher trained inside a run
 AUTOENCODER_DIR = 'teacher_autoencoder'      # <workdir>/teacher_autoencoder: IE-KD's trained paraphraser
 
 
 # ---- frozen networks in checkpoints ---------------------------------------------------------------------
-def _abstract_state(model) -> train_lib.TrainState:
+def _abstract_state(model) -> TrainState:
   """The TrainState structure of `model` (shapes only), to restore a checkpoint against."""
-  tx = train_lib.make_optimizer(ml_collections.ConfigDict({'weight_decay': 0.0, 'momentum': 0.9}))
+  tx = step_lib.make_optimizer(ml_collections.ConfigDict({'weight_decay': 0.0, 'momentum': 0.9, 'nesterov': False,
+                                                          'clip_value': 0.0}))
 
   def make():
     params, stats = model.init_variables()
     zero = jnp.zeros((), jnp.int32)
-    return train_lib.TrainState(step=zero, phase_step=zero, params=params, batch_stats=stats, opt_state=tx.init(params))
+    return TrainState(step=zero, phase_step=zero, params=params, batch_stats=stats, opt_state=tx.init(params))
 
   return jax.eval_shape(make)
 
@@ -119,26 +120,17 @@ def _sub_config(config, **sections):
   return c
 
 
-def _train_phase(ctx: TaskContext, model, method: Method, name: str, optim, frozen, seed_offset: int):
-  """Trains `model` from its initial variables on every training example of the task (one phase of its own
-  `train.Trainer`, on the run's mesh and augmentation)."""
-  trainer = train_lib.Trainer(model, method, ctx.mesh, ctx.augment_fn, seed=int(ctx.config.seed),
-                              show_progress=ctx.config.get('progress', True))
-  state = train_lib.init_train_state(model, ctx.mesh, train_lib.make_optimizer(optim))
-  task = train_lib.make_task_info(ctx.scenario, ctx.task, ctx.scenario.class_masks(ctx.task)['seen'])
-  phase = Phase(name, method.loss, ctx.seen_class_indices(), optim)
-  result = trainer.run_phase(state, frozen, task, phase, ctx.train_images, ctx.train_labels,
-                             rng_seed=(int(ctx.config.seed), ctx.task, seed_offset), desc=name)
-  return result.state
-
-
 class _ReconstructTeacherFeatures(Method):
   """IE-KD phase 1: the teacher's autoencoder learns to reconstruct the frozen teacher's last-stage feature map
   (the model trained is the autoencoder, applied to the teacher's features; the teacher is `frozen`)."""
+  uses_aux_losses = False
 
-  def __init__(self, config, teacher_model, kind: str):
-    super().__init__(config)
-    self.teacher_model, self.kind = teacher_model, kind
+  def __init__(self, config, teacher_model, autoencoder_model, kind: str):
+    self.teacher_model, self.autoencoder_model, self.kind = teacher_model, autoencoder_model, kind
+    super().__init__(config, teacher_model.num_classes, ())
+
+  def build_networks(self, num_classes, image_shape):
+    return {'model': self.autoencoder_model, 'teacher': self.teacher_model}
 
   def teacher_forward(self, model, frozen, images):
     return {'feature': self.teacher_model.apply(frozen['params'], frozen['batch_stats'], images)[0]['stages'][-1]}
@@ -148,8 +140,8 @@ class _ReconstructTeacherFeatures(Method):
     return rec, {'reconstruction': rec}
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
-    return train_lib.make_train_step(model, self, phase, augment_fn, has_teacher,
-                                     model_input=lambda images, teacher: teacher['feature'])
+    return step_lib.make_train_step(model, self, phase, augment_fn, has_teacher,
+                                    model_input=lambda images, teacher: teacher['feature'])
 
 
 # ---- KD ----------------------------------------------------------------------------------------------
@@ -158,33 +150,37 @@ class KD(Method):
   || softmax(s/T)) with `kd_alpha`, `kd_temperature` (the IE-KD release's KD baseline: T=4, alpha=0.9 on
   CIFAR-100; T=20, alpha=0.95 for CIFAR-10 ResNet-56 -> ResNet-20). The teacher (`method.teacher_model`) may
   be another architecture than the student (`model`)."""
+  teacher = 'pretrained'
 
-  def build_model(self, num_classes, image_shape):
-    self.teacher_model = build_model(self.mcfg.teacher_model, num_classes, image_shape, seed=self.config.seed)
-    return self.build_student(num_classes, image_shape)
+  def build_networks(self, num_classes, image_shape):
+    teacher = build_model(self.mcfg.teacher_model, num_classes, image_shape, seed=self.config.seed)
+    return {**self.student_networks(num_classes, image_shape, teacher), 'teacher': teacher}
 
-  def build_student(self, num_classes, image_shape):
-    return Method.build_model(self, num_classes, image_shape)
+  def student_networks(self, num_classes, image_shape, teacher) -> dict:
+    """{'model': the student, ...}: here the run's network (`model`) alone."""
+    return {'model': build_model(self.config.model, num_classes, image_shape, seed=self.config.seed)}
 
   def teacher_forward(self, model, frozen, images):
     teacher = frozen['teacher']
-    return self.teacher_model.apply(teacher['params'], teacher['batch_stats'], images)[0]
+    return self.networks['teacher'].apply(teacher['params'], teacher['batch_stats'], images)[0]
 
   def before_task(self, ctx: TaskContext) -> TaskContext:
     _require_single_task(ctx, self.mcfg.name)
-    return dataclasses.replace(ctx, frozen={'teacher': self.teacher(ctx)})
+    return ctx.replace(frozen={'teacher': self.frozen_teacher(ctx)})
 
-  def teacher(self, ctx: TaskContext) -> dict:
+  def frozen_teacher(self, ctx: TaskContext) -> dict:
     """The frozen teacher: from `method.teacher_workdir`, else from `<workdir>/teacher`, else trained now
     (cross-entropy with `method.teacher_optim`) and checkpointed there."""
-    workdir = self.mcfg.get('teacher_workdir', '') or os.path.join(ctx.workdir, TEACHER_DIR)
-    if self.mcfg.get('teacher_workdir', '') or has_checkpoint(workdir):
-      teacher, meta = load_network(workdir, self.teacher_model, ctx.mesh)
+    workdir = self.mcfg.teacher_workdir or os.path.join(ctx.workdir, TEACHER_DIR)
+    if self.mcfg.teacher_workdir or has_checkpoint(workdir):
+      teacher, meta = load_network(workdir, self.networks['teacher'], ctx.mesh)
       check_teacher_meta(meta, self.mcfg.teacher_model, ctx, workdir)
       return teacher
-    config = _sub_config(ctx.config, method=ml_collections.ConfigDict({'name': 'finetune'}),
+    config = _sub_config(ctx.config, method=ml_collections.ConfigDict({'name': 'finetune', 'aux_losses': {}}),
                          model=self.mcfg.teacher_model, optim=self.mcfg.teacher_optim)
-    state = _train_phase(ctx, self.teacher_model, Finetune(config), 'teacher', config.optim, None, 1000)
+    supervised = Finetune(config, self.num_classes, self.image_shape)
+    state = ctx.train_subnetwork(supervised, supervised.model, 'teacher', config.optim, ctx.seen_class_indices(),
+                                 seed_offset=1000)
     save_network(workdir, state, config, ctx.scenario.order, ctx.scenario.num_classes)
     return snapshot(state)
 
@@ -204,15 +200,15 @@ def iekd_loss(mcfg, outputs: dict, labels: jax.Array, class_mask: jax.Array, tea
   ce = cross_entropy(outputs['logits'], labels, class_mask).mean()
   if teacher_factor is None:
     return ce, {'ce': ce}
-  inh = inheritance_loss(outputs['factor_inherit'], teacher_factor, mcfg.get('inherit_measure', 'l1')).mean()
-  exp = exploration_loss(outputs['factor_explore'], teacher_factor, mcfg.get('explore_measure', 'l1')).mean()
+  inh = inheritance_loss(outputs['factor_inherit'], teacher_factor, mcfg.inherit_measure).mean()
+  exp = exploration_loss(outputs['factor_explore'], teacher_factor, mcfg.explore_measure).mean()
   loss = ce + float(mcfg.inherit_weight) * inh + float(mcfg.explore_weight) * exp
   return loss, {'ce': ce, 'inherit': inh, 'explore': exp}
 
 
 def _student_extension(mcfg, factor_dim: int) -> Callable:
   def extend(classifier, rngs):
-    return IEStudent(classifier, factor_dim, mcfg.get('split', 'natural'), int(mcfg.get('split_seed', 0)), rngs=rngs)
+    return IEStudent(classifier, factor_dim, mcfg.split, int(mcfg.split_seed), rngs=rngs)
   return extend
 
 
@@ -225,35 +221,37 @@ class IEKD(KD):
   parameters) and trained with `iekd_loss` against the teacher's factor (inference mode, no gradient).
   """
 
-  def build_student(self, num_classes, image_shape):
-    channels, rate, seed = self.teacher_model.embedding_dim, float(self.mcfg.factor_rate), int(self.config.seed)
-    self.autoencoder_model = functional_model(
+  def student_networks(self, num_classes, image_shape, teacher) -> dict:
+    """The student with its two encoders (`model`) and the teacher's factor autoencoder (`autoencoder`)."""
+    channels, rate, seed = teacher.embedding_dim, float(self.mcfg.factor_rate), int(self.config.seed)
+    autoencoder = functional_model(
         lambda: FactorAutoencoder(channels, rate, rngs=nnx.Rngs(params=jax.random.key(seed, impl='rbg'))),
         {}, 0, factor_channels(channels, rate))
-    return build_model(self.config.model, num_classes, image_shape, seed=self.config.seed,
-                       extend=_student_extension(self.mcfg, factor_channels(channels, rate)))
+    student = build_model(self.config.model, num_classes, image_shape, seed=self.config.seed,
+                          extend=_student_extension(self.mcfg, factor_channels(channels, rate)))
+    return {'model': student, 'autoencoder': autoencoder}
 
   def before_task(self, ctx: TaskContext) -> TaskContext:
     ctx = super().before_task(ctx)
-    return dataclasses.replace(ctx, frozen={**ctx.frozen, 'autoencoder': self.teacher_autoencoder(ctx)})
+    return ctx.replace(frozen={**ctx.frozen, 'autoencoder': self.teacher_autoencoder(ctx)})
 
   def teacher_autoencoder(self, ctx: TaskContext) -> dict:
     """The trained paraphraser of the teacher's features: from `<workdir>/teacher_autoencoder`, else trained now
     and checkpointed there."""
     workdir = os.path.join(ctx.workdir, AUTOENCODER_DIR)
     if has_checkpoint(workdir):
-      return load_network(workdir, self.autoencoder_model, ctx.mesh)[0]
-    method = _ReconstructTeacherFeatures(ctx.config, self.teacher_model, self.mcfg.get('reconstruction', 'l1'))
-    optim = self.mcfg.autoencoder_optim
-    state = _train_phase(ctx, self.autoencoder_model, method, 'teacher_autoencoder', optim,
-                         ctx.frozen['teacher'], 1001)
+      return load_network(workdir, self.networks['autoencoder'], ctx.mesh)[0]
+    method = _ReconstructTeacherFeatures(ctx.config, self.networks['teacher'], self.networks['autoencoder'],
+                                         self.mcfg.reconstruction)
+    state = ctx.train_subnetwork(method, method.model, 'teacher_autoencoder', self.mcfg.autoencoder_optim,
+                                 ctx.seen_class_indices(), frozen=ctx.frozen['teacher'], seed_offset=1001)
     save_network(workdir, state, ctx.config, ctx.scenario.order, ctx.scenario.num_classes)
     return snapshot(state)
 
   def teacher_forward(self, model, frozen, images):
     teacher = super().teacher_forward(model, frozen, images)
     ae = frozen['autoencoder']
-    factor = self.autoencoder_model.apply(ae['params'], ae['batch_stats'], teacher['stages'][-1])[0]['factor']
+    factor = self.networks['autoencoder'].apply(ae['params'], ae['batch_stats'], teacher['stages'][-1])[0]['factor']
     return {'logits': teacher['logits'], 'factor': factor}
 
   def loss(self, outputs, batch, task, teacher, params):
@@ -292,16 +290,16 @@ class IEDML(Method):
   steps 2 and 4 (0 by default: IE-KD replaces it). The run evaluates peer `method.eval_peer`.
   """
 
-  def build_model(self, num_classes, image_shape):
+  def build_networks(self, num_classes, image_shape):
     m = self.mcfg
-    peer_cfg = m.get('peer_model', None) or self.config.model
+    peer_cfg = m.peer_model
 
     def extend(classifier_a, rngs):
       classifier_b = make_classifier(peer_cfg, num_classes, image_shape, rngs)
-      return MutualPeers(classifier_a, classifier_b, float(m.factor_rate), m.get('split', 'natural'),
-                         int(m.get('split_seed', 0)), m.get('eval_peer', 'a'), rngs=rngs)
+      return MutualPeers(classifier_a, classifier_b, float(m.factor_rate), m.split,
+                         int(m.split_seed), m.eval_peer, rngs=rngs)
 
-    return build_model(self.config.model, num_classes, image_shape, seed=self.config.seed, extend=extend)
+    return {'model': build_model(self.config.model, num_classes, image_shape, seed=self.config.seed, extend=extend)}
 
   def before_task(self, ctx: TaskContext) -> TaskContext:
     _require_single_task(ctx, self.mcfg.name)
@@ -310,15 +308,15 @@ class IEDML(Method):
   def loss(self, outputs, batch, task, teacher, params):
     """One peer's objective; `teacher` holds the other peer's `factor` and `logits`."""
     loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'])
-    kl_weight = float(self.mcfg.get('dml_kl_weight', 0.0))
+    kl_weight = float(self.mcfg.dml_kl_weight)
     if kl_weight:
       kl = kd_kl(outputs['logits'], teacher['logits'], 1.0, task.seen).mean()
       loss, metrics = loss + kl_weight * kl, {**metrics, 'kl': kl}
     return loss, metrics
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
-    tx = train_lib.make_optimizer(phase.optim)
-    kind = self.mcfg.get('reconstruction', 'l1')
+    tx = step_lib.make_optimizer(phase.optim)
+    kind = self.mcfg.reconstruction
 
     def forward(params, stats, part, inputs, train):
       module = model.merge(params, stats)
@@ -335,8 +333,8 @@ class IEDML(Method):
       return {**params, part: new_part}, stats, _with_part(opt_state, part_state, params, part), metrics
 
     def train_step(state, frozen, task, batch):
-      x = augment_fn(jax.random.fold_in(jax.random.key(task.seed), state.step), batch['image'])
-      lr = train_lib.learning_rate(phase.optim, task, state.phase_step)
+      x = step_lib.augmented_batch(augment_fn, task, state, batch['image'])
+      lr = step_lib.learning_rate(phase.optim, task, state.phase_step)
       params, stats, opt_state, metrics = state.params, state.batch_stats, state.opt_state, {}
       for student, teacher in (('a', 'b'), ('b', 'a')):
         teacher_out, stats = forward(params, stats, f'peer_{teacher}', x, True)
@@ -361,7 +359,6 @@ class IEDML(Method):
         metrics.update({f'{k}_{student}': v for k, v in m_peer.items()})
         metrics[f'reconstruction_{teacher}'] = m_rec['reconstruction']
       metrics.update(loss=metrics['loss_a'] + metrics['loss_b'], lr=lr)
-      return state.replace(step=state.step + 1, phase_step=state.phase_step + 1, params=params, batch_stats=stats,
-                           opt_state=opt_state), metrics
+      return step_lib.advanced(state, params, stats, opt_state), metrics
 
     return train_step

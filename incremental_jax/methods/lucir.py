@@ -70,13 +70,13 @@ class Lucir(Method):
       return ce, {'ce': ce}
     m = self.mcfg
     total, metrics = ce, {'ce': ce}
-    if m.get('less_forget', True):
-      lam = adaptive_lambda(float(m.lambda_base), task.old, task.new) if m.get('adaptive_lambda', True) \
+    if m.less_forget:
+      lam = adaptive_lambda(float(m.lambda_base), task.old, task.new) if m.adaptive_lambda \
           else jnp.float32(m.lambda_base)
       lc = less_forget(outputs['embedding'], teacher['embedding']).mean()
       total = total + lam * lc
       metrics.update(lc=lc, lambda_lc=lam)
-    if float(m.get('mr_weight', 1.0)) > 0:
+    if float(m.mr_weight) > 0:
       values, weights = margin_ranking(outputs['cosine'], labels, task.old, task.new,
                                        int(m.num_hard_negatives), float(m.margin))
       mr = masked_mean(values, weights)
@@ -86,12 +86,12 @@ class Lucir(Method):
 
   # ---- host-side hooks ----------------------------------------------------------------------------
   def before_task(self, ctx: TaskContext) -> TaskContext:
-    if ctx.task == 0 or not self.mcfg.get('imprint', True):
+    if ctx.task == 0 or not self.mcfg.imprint:
       return ctx
     return with_imprinted_head(ctx, imprinted_weights)
 
   def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
-    if ctx.task == 0 or not self.mcfg.get('cb_finetune', False):
+    if ctx.task == 0 or not self.mcfg.cb_finetune:
       return []
     optim = ctx.config.optim.copy_and_resolve_references()
     with optim.unlocked():

@@ -26,7 +26,6 @@ pruned copy) are PROPOSALs consistent with the abstract, all exposed in `configs
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -36,10 +35,12 @@ import numpy as np
 import jax.numpy as jnp
 
 from incremental_jax import parallel, pruning
-from incremental_jax import train as train_lib
+from incremental_jax.step import make_train_step
 from incremental_jax.losses import cross_entropy, kd_kl
 from incremental_jax.losses.m2kd import multi_model_kd
-from incremental_jax.methods.base import Method, Phase, TaskContext, snapshot
+from incremental_jax.errors import ConfigError
+from incremental_jax.methods.base import Method, TaskContext, snapshot
+from incremental_jax.types import TrainState
 
 
 def store_snapshot(model_vars: dict, keep: float) -> dict:
@@ -62,10 +63,16 @@ class PrunedSnapshotTraining(Method):
   """Retrains a pruned copy of a snapshot with its mask fixed, to reconstruct the dense snapshot's predictions
   (PROPOSAL, the retraining step of mask-based pruning): loss = T^2 KL(softmax(dense / T) || softmax(pruned / T))
   over the seen classes, T = `method.kd_temperature`; after every update the pruned weights are set back to 0.
-  `frozen` = {'dense': the dense snapshot, 'mask': `weight_masks`}. No auxiliary loss terms."""
+  `frozen` = {'dense': the dense snapshot, 'mask': `weight_masks`}. No auxiliary loss terms. It trains the
+  run's own network `model`."""
+  uses_aux_losses = False
 
-  def __init__(self, config):
-    self.config, self.mcfg = config, config.method
+  def __init__(self, config, model):
+    self._model = model
+    super().__init__(config, model.num_classes, ())
+
+  def build_networks(self, num_classes, image_shape):
+    return {'model': self._model}
 
   def teacher_forward(self, model, frozen, images):
     return model.apply(frozen['dense']['params'], frozen['dense']['batch_stats'], images, train=False)[0]
@@ -76,7 +83,7 @@ class PrunedSnapshotTraining(Method):
     return kd, {'reconstruction_kd': kd}
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
-    step = train_lib.make_train_step(model, self, phase, augment_fn, has_teacher)
+    step = make_train_step(model, self, phase, augment_fn, has_teacher)
 
     def masked_step(state, frozen, task, batch):
       state, metrics = step(state, frozen, task, batch)
@@ -118,14 +125,19 @@ class M2KD(Method):
   weight array a stored snapshot keeps; 1 = no pruning), and `aux_losses.feature_kd` {weight, stages}."""
   teacher = 'all'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, num_classes, image_shape):
+    super().__init__(config, num_classes, image_shape)
+    self.pruned_snapshot_training = PrunedSnapshotTraining(config, self.model)
+
+  def check_config(self) -> None:
     m = self.mcfg
-    if m.get('teachers', 'all') not in ('all', 'last'):
-      raise ValueError(f"method.teachers must be 'all' or 'last'; got {m.teachers!r}.")
-    if self.uses_memory and m.get('ce_classes', 'seen') != 'seen':
-      raise ValueError("with exemplars, method.ce_classes must be 'seen' (exemplars of old classes are trained on).")
-    pruning.num_kept(1, float(m.get('prune_keep', 1.0)))  # checks the ratio
+    if m.teachers not in ('all', 'last'):
+      raise ConfigError(f"method.teachers must be 'all' or 'last'; got {m.teachers!r}.")
+    if self.uses_memory and m.ce_classes != 'seen':
+      raise ConfigError("with exemplars, method.ce_classes must be 'seen' (exemplars of old classes are trained on).")
+    keep = float(m.prune_keep)
+    if not 0.0 < keep <= 1.0:
+      raise ConfigError(f'method.prune_keep must be in (0, 1]; got {m.prune_keep}.')
 
   # ---- traced -------------------------------------------------------------------------------------
   def teacher_forward(self, model, frozen, images):
@@ -137,21 +149,21 @@ class M2KD(Method):
 
   def loss(self, outputs, batch, task, teacher, params):
     logits = outputs['logits']
-    ce_mask = task.new if self.mcfg.get('ce_classes', 'seen') == 'new' else task.seen
+    ce_mask = task.new if self.mcfg.ce_classes == 'new' else task.seen
     ce = cross_entropy(logits, batch['label'], ce_mask).mean()
     if teacher is None:
       return ce, {'ce': ce}
     mm = multi_model_kd(logits, teacher['snapshot_logits'], teacher['groups'], float(self.mcfg.kd_temperature),
-                        self.mcfg.get('mm_domain', 'group'), self.mcfg.get('mm_reduction', 'sum')).mean()
+                        self.mcfg.mm_domain, self.mcfg.mm_reduction).mean()
     return ce + float(self.mcfg.mm_weight) * mm, {'ce': ce, 'mm_kd': mm}
 
   # ---- host-side hooks ----------------------------------------------------------------------------
   def after_task(self, ctx: TaskContext) -> TaskContext:
     """Stores the pruned snapshot of task t: with `teachers='all'` it is appended to the stack and distils the
     classes of task t; with 'last' it replaces the stack and distils every class seen so far."""
-    keep_all = self.mcfg.get('teachers', 'all') == 'all'
+    keep_all = self.mcfg.teachers == 'all'
     masks = ctx.scenario.class_masks(ctx.task)
-    keep = float(self.mcfg.get('prune_keep', 1.0))
+    keep = float(self.mcfg.prune_keep)
     stored = store_snapshot(self._pruned_snapshot(ctx, keep), keep)
     frozen = append_snapshot(ctx.frozen, stored, masks['new'] if keep_all else masks['seen'], keep_all)
     dense = pruning.nbytes(jax.device_get({'params': ctx.state.params, 'batch_stats': ctx.state.batch_stats}))
@@ -161,36 +173,30 @@ class M2KD(Method):
       sizes = np.concatenate([np.asarray(previous, np.int32), sizes])
     _write_sizes(ctx.workdir, sizes)
     frozen = jax.device_put(frozen) if ctx.mesh is None else parallel.replicate(frozen, ctx.mesh)
-    return dataclasses.replace(ctx, frozen=frozen, method_state={**ctx.method_state, 'snapshot_bytes': sizes})
+    return ctx.replace(frozen=frozen, method_state={**ctx.method_state, 'snapshot_bytes': sizes})
 
   def _pruned_snapshot(self, ctx: TaskContext, keep: float) -> dict:
     """The model of task t to store: the dense snapshot, or (with `prune_finetune_epochs` > 0 and keep < 1) its
     pruned copy retrained by `PrunedSnapshotTraining` on the task's training data at `prune_finetune_lr`."""
     dense = snapshot(ctx.state)
-    epochs = int(self.mcfg.get('prune_finetune_epochs', 0) or 0)
+    epochs = int(self.mcfg.prune_finetune_epochs or 0)
     if epochs <= 0 or keep >= 1.0:
       return dense
     mask = weight_masks(dense['params'], keep)
     frozen = {'dense': dense, 'mask': mask}
     frozen = jax.device_put(frozen) if ctx.mesh is None else parallel.replicate(frozen, ctx.mesh)
     params = jax.tree.map(jnp.multiply, dense['params'], frozen['mask'])
-    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), phase_step=jnp.zeros((), jnp.int32), params=params,
-                                 batch_stats=jax.tree.map(jnp.copy, dense['batch_stats']), opt_state=None)
+    state = TrainState(step=jnp.zeros((), jnp.int32), phase_step=jnp.zeros((), jnp.int32), params=params,
+                       batch_stats=jax.tree.map(jnp.copy, dense['batch_stats']), opt_state=None)
     if ctx.mesh is not None:
       state = parallel.replicate(state, ctx.mesh)
     optim = ctx.config.optim.copy_and_resolve_references()
     with optim.unlocked():
       optim.update(epochs=epochs, lr=float(self.mcfg.prune_finetune_lr), milestones=(), schedule='cosine')
-    if getattr(self, '_pruned_trainer', None) is None or self._pruned_trainer.model is not ctx.model:
-      self._pruned_trainer = train_lib.Trainer(ctx.model, PrunedSnapshotTraining(ctx.config), ctx.mesh,
-                                               ctx.augment_fn, seed=int(ctx.config.seed) + 1,
-                                               show_progress=ctx.config.get('progress', True))
-    trainer = self._pruned_trainer
-    task = train_lib.make_task_info(ctx.scenario, ctx.task, ctx.scenario.class_masks(ctx.task)['seen'])
-    phase = Phase('pruned_snapshot', trainer.method.loss, self.train_indices(ctx), optim)
-    result = trainer.run_phase(state, frozen, task, phase, ctx.train_images, ctx.train_labels,
-                               rng_seed=(int(ctx.config.seed), ctx.task, 1000), desc=f'task {ctx.task + 1} pruned snapshot')
-    return {'params': result.state.params, 'batch_stats': result.state.batch_stats}
+    method = self.pruned_snapshot_training
+    trained = ctx.train_subnetwork(method, method.model, 'pruned_snapshot', optim, self.train_indices(ctx),
+                                   frozen=frozen, state=state, seed_offset=1000, seed=int(ctx.config.seed) + 1)
+    return {'params': trained.params, 'batch_stats': trained.batch_stats}
 
 
 class M2KDExemplars(M2KD):

@@ -72,8 +72,7 @@ class PODNet(Method):
   freeze_old_classes = True
   required_head = 'lsc'      # the local similarity classifier
 
-  def __init__(self, config):
-    super().__init__(config)
+  def check_config(self) -> None:
     if self.mcfg.pooling not in POOLINGS:
       raise ConfigError(f'method.pooling={self.mcfg.pooling!r} is not a POD pooling; valid: {list(POOLINGS)}.')
 
@@ -82,7 +81,7 @@ class PODNet(Method):
     """NCA over the seen classes with the learned scale eta."""
     del teacher, params
     m = self.mcfg
-    if m.get('nca', 'official') == 'official':
+    if m.nca == 'official':
       value = nca_official(outputs['logits'], batch['label'], task.seen, outputs['eta']).mean()
     else:
       value = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], float(m.nca_margin),
@@ -102,19 +101,19 @@ class PODNet(Method):
 
   # ---- host-side hooks ----------------------------------------------------------------------------
   def phases(self, ctx: TaskContext) -> list[Phase]:
-    if self.mcfg.get('learn_scale', True):
+    if self.mcfg.learn_scale:
       return super().phases(ctx)
     return [dataclasses.replace(p, frozen_params=p.frozen_params + ('head/eta',)) for p in super().phases(ctx)]
 
   def before_task(self, ctx: TaskContext) -> TaskContext:
-    if ctx.task == 0 or not self.mcfg.get('imprint', True):
+    if ctx.task == 0 or not self.mcfg.imprint:
       return ctx
     return with_imprinted_head(ctx, functools.partial(imprinted_proxies, seed=int(ctx.config.seed)))
 
   def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
     """Class-balanced finetuning of every seen class's proxies on the (balanced) exemplar memory, with NCA at
     a constant learning rate; eta and the backbone stay fixed."""
-    epochs = int(self.mcfg.get('finetune_epochs', 0))
+    epochs = int(self.mcfg.finetune_epochs)
     if ctx.task == 0 or epochs <= 0:
       return []
     optim = ctx.config.optim.copy_and_resolve_references()

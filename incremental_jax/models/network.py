@@ -112,8 +112,8 @@ def layers_of(model_cfg) -> resnet.Layers:
   """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'materialized', see `models.conv`) and
   `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch statistics, heads and losses stay
   float32)."""
-  conv_impl = conv_lib.resolve(str(model_cfg.get('conv_impl', 'auto')))
-  dtype = str(model_cfg.get('dtype', 'float32'))
+  conv_impl = conv_lib.resolve(str(model_cfg.conv_impl))
+  dtype = str(model_cfg.dtype)
   if dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'model.dtype={dtype!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.')
   return resnet.Layers(conv_impl=conv_impl, dtype=COMPUTE_DTYPES[dtype])
@@ -122,10 +122,10 @@ def layers_of(model_cfg) -> resnet.Layers:
 def _backbone_kwargs(model_cfg) -> dict:
   if model_cfg.backbone not in BACKBONES:
     raise ConfigError(f'model.backbone={model_cfg.backbone!r} is unknown; valid names: {sorted(BACKBONES)}.')
-  kw = dict(depth=int(model_cfg.depth), width=int(model_cfg.width), last_relu=bool(model_cfg.get('last_relu', True)),
-            shortcut=str(model_cfg.get('shortcut', 'conv')), layers=layers_of(model_cfg))
+  kw = dict(depth=int(model_cfg.depth), width=int(model_cfg.width), last_relu=bool(model_cfg.last_relu),
+            shortcut=str(model_cfg.shortcut), layers=layers_of(model_cfg))
   if model_cfg.backbone == 'resnet':
-    kw['stem'] = str(model_cfg.get('stem', 'imagenet'))
+    kw['stem'] = str(model_cfg.stem)
   return kw
 
 
@@ -134,7 +134,7 @@ def make_classifier(model_cfg, num_classes: int, image_shape: tuple[int, int, in
   `functional_model` constructor, e.g. to build several networks into one module)."""
   backbone = BACKBONES[model_cfg.backbone](image_shape[-1], rngs=rngs, **_backbone_kwargs(model_cfg))
   head = _head_class(model_cfg.head)(backbone.embedding_dim, num_classes, rngs=rngs,
-                                     **dict(model_cfg.get('head_kwargs', {}) or {}))
+                                     **dict(model_cfg.head_kwargs or {}))
   return Classifier(backbone, head)
 
 
