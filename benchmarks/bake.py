@@ -22,7 +22,7 @@ from incremental_jax.data import augment, pipeline
 from incremental_jax.losses.bake import soft_targets
 from incremental_jax.methods import build_method
 from incremental_jax.methods.base import Phase
-from incremental_jax.models import build_model
+from incremental_jax.types import TaskInfo
 
 ARCHS = {  # name: (backbone, depth, width, stem)
     'resnet32': ('cifar_resnet', 32, 16, 'cifar'),
@@ -58,15 +58,15 @@ def step_seconds(method_name: str, batch: int, args) -> float:
   config.optim.batch_size = batch
   mesh = parallel.make_mesh()
   shape = (args.image, args.image, 3)
-  model = build_model(config.model, args.classes, shape)
-  method = build_method(config)
+  method = build_method(config, args.classes, shape)
+  model = method.model
   phase = Phase('train', method.loss, np.arange(batch), config.optim)
   aug = augment.make_augment_fn(config.data.augment, (0.5,) * 3, (0.25,) * 3)
   step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=False), donate_argnums=(0,),
                  out_shardings=(parallel.replicated(mesh),) * 2)
   state = train.init_train_state(model, mesh, train.make_optimizer(config.optim))
   ones = np.ones(args.classes, np.float32)
-  task = parallel.replicate(train.TaskInfo(index=jnp.int32(0), old=jnp.zeros(args.classes), new=jnp.asarray(ones),
+  task = parallel.replicate(TaskInfo(index=jnp.int32(0), old=jnp.zeros(args.classes), new=jnp.asarray(ones),
                                            seen=jnp.asarray(ones), trainable=jnp.asarray(ones), lr=jnp.float32(0.1),
                                            epochs=jnp.float32(200), steps_per_epoch=jnp.float32(1000)), mesh)
   rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ from incremental_jax import parallel, train
 from incremental_jax.data import augment, pipeline
 from incremental_jax.methods import METHODS
 from incremental_jax.methods.base import Phase, snapshot
-from incremental_jax.models import build_model
+from incremental_jax.types import TaskInfo
 
 
 def make_config(method: str, args):
@@ -36,8 +36,8 @@ def make_config(method: str, args):
 def bench(method_name: str, args) -> dict:
   config = make_config(method_name, args)
   mesh = parallel.make_mesh()
-  model = build_model(config.model, 100, (32, 32, 3))
-  method = METHODS[method_name](config)
+  method = METHODS[method_name](config, 100, (32, 32, 3))
+  model = method.model
 
   phase = Phase('train', method.loss, np.arange(args.batch), config.optim)
   aug = augment.make_augment_fn(config.data.augment, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -48,7 +48,7 @@ def bench(method_name: str, args) -> dict:
   frozen = parallel.replicate(jax.tree.map(jnp.copy, snapshot(state)), mesh) if has_teacher else None
   scen_masks = {'old': np.r_[np.ones(50), np.zeros(50)], 'new': np.r_[np.zeros(50), np.ones(5), np.zeros(45)]}
   scen_masks['seen'] = scen_masks['old'] + scen_masks['new']
-  task = train.TaskInfo(index=jnp.int32(1), old=jnp.asarray(scen_masks['old'], jnp.float32),
+  task = TaskInfo(index=jnp.int32(1), old=jnp.asarray(scen_masks['old'], jnp.float32),
                         new=jnp.asarray(scen_masks['new'], jnp.float32), seen=jnp.asarray(scen_masks['seen'], jnp.float32),
                         trainable=jnp.asarray(scen_masks['seen'], jnp.float32), lr=jnp.float32(0.1),
                         epochs=jnp.float32(160), steps_per_epoch=jnp.float32(390))

@@ -35,7 +35,6 @@ from incremental_jax import parallel, train
 from incremental_jax.data import augment, pipeline
 from incremental_jax.methods import METHODS
 from incremental_jax.methods.base import Phase, snapshot
-from incremental_jax.models import build_model
 
 NUM_CLASSES, OLD, NEW = 100, 50, 5
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -50,8 +49,8 @@ def jax_step(args):
     config.model.conv_impl = args.conv_impl
   config.model.dtype = args.dtype
   mesh = parallel.make_mesh()
-  model = build_model(config.model, NUM_CLASSES, (32, 32, 3))
-  method = METHODS['lucir'](config)
+  method = METHODS['lucir'](config, NUM_CLASSES, (32, 32, 3))
+  model = method.model
   phase = Phase('train', method.loss, np.arange(args.batch), config.optim)
   aug = augment.make_augment_fn(config.data.augment, MEAN, STD)
   step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=True),

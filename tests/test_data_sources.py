@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from incremental_jax import config as cfglib
 from incremental_jax.data import cifar, image_folder
 from incremental_jax.data.sources import DataError, channel_stats, check_dataset
 
 
 def data_cfg(**fields) -> ml_collections.ConfigDict:
-  base = dict(name='cifar100', data_dir='', image_size=0, resize=0, train_list='', test_list='', num_workers=2)
-  base.update(fields)
-  return ml_collections.ConfigDict(base)
+  """The base config's data section with `fields` set (2 decoding threads)."""
+  c = cfglib.base_config().data
+  c.update(dict(dict(name='cifar100', num_workers=2), **fields))
+  return c
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -340,8 +342,7 @@ def test_index_array():
 
 
 def test_image_folder_defaults(folder_tree):
-  ds = image_folder.load_image_folder(ml_collections.ConfigDict({'name': 'image_folder',
-                                                                 'data_dir': str(folder_tree)}))
+  ds = image_folder.load_image_folder(data_cfg(name='image_folder', data_dir=str(folder_tree)))
   assert ds.train_images.shape == (9, 224, 224, 3)  # image_size 224, resize = image_size
   np.testing.assert_array_equal(ds.train_images[3], solid(colour_of(1, 0, 'train'), 224, 224))
 

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from incremental_jax import config as cfglib
 
 from incremental_jax.models import build_model
 from incremental_jax.train import head_update_mask
@@ -13,9 +13,10 @@ def _jit_apply(model, train):
 
 
 def _cfg(**kw):
-  base = dict(backbone='cifar_resnet', depth=32, width=16, head='linear', last_relu=True, shortcut='conv')
-  base.update(kw)
-  return ConfigDict(base)
+  c = cfglib.base_config().model
+  c.update(dict(dict(backbone='cifar_resnet', depth=32, width=16, head='linear', last_relu=True, shortcut='conv'),
+                **kw))
+  return c
 
 
 def _count(tree):

@@ -19,10 +19,11 @@ SCRIPT = textwrap.dedent('''
     assert jax.device_count() == 8, jax.devices()
 
     config = cfglib.test_preset(cfglib.base_config())
-    config.method = ConfigDict({'name': 'icarl', 'loss': 'ce_kd', 'kd_temperature': 2.0, 'kd_weight': 1.0})
-    model = build_model(config.model, 6, (8, 8, 1), seed=0)
-    method = ICaRL(config)
-    optim = ConfigDict(dict(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule='constant', epochs=1, batch_size=16))
+    config.method = cfglib.method_section('icarl', loss='ce_kd', kd_temperature=2.0, kd_weight=1.0)
+    method = ICaRL(config, 6, (8, 8, 1))
+    model = method.model
+    optim = config.optim
+    optim.update(dict(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule='constant', epochs=1, batch_size=16))
     phase = Phase('train', method.loss, np.arange(16), optim)
     aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))   # random crop on device
     rng = np.random.default_rng(0)

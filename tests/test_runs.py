@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 
 import incremental_jax
 from incremental_jax import config as cfglib, parallel, runs, train
+from configs import icarl
 from incremental_jax.data import augment
 from incremental_jax.methods.base import Phase
 from incremental_jax.methods.baselines import Finetune
@@ -134,3 +135,53 @@ def _stable(c):
   c.model.conv_impl = 'xla'
   c.optim.lr = 0.01
   return c
+
+
+def _without_timings(results: dict) -> dict:
+  return {**{k: v for k, v in results.items() if k != 'steps'},
+          'steps': [{k: v for k, v in s.items() if k != 'train_seconds'} for s in results['steps']]}
+
+
+@pytest.mark.slow
+def test_group_killed_inside_a_task_resumes_to_the_uninterrupted_group(tmp_path):
+  """A 2-run iCaRL group with a checkpoint every epoch, SIGKILLed inside step 2 when run 0 has its mid-task
+  checkpoint of step 2 and run 1 has none (killed as run 0 starts its task-end write, the 11th checkpoint write:
+  each run writes a mid-task and a task-end checkpoint per step; run 1's mid-task one is removed, as a kill
+  between the two runs' writes leaves it). Run 0 resumes inside step 2 after epoch 1, run 1 from the end of
+  step 1, trained together again; both runs' results equal the uninterrupted group's."""
+  import shutil
+  import subprocess
+  import sys
+  from incremental_jax import faults
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = ['--config.num_runs=2', '--config.checkpoint.every_epochs=1', '--config.progress=True']
+  config = icarl.get_config('test')
+  config.num_runs, config.checkpoint.every_epochs = 2, 1
+  reference = incremental_jax.train_and_evaluate(config, str(tmp_path / 'reference'))
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, 'main.py', '--config=configs/icarl.py:test', f'--workdir={workdir}', *flags]
+  env = {**os.environ, faults.ENV_VAR: 'checkpoint_write:11'}
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == -9, out.stderr[-3000:]
+
+  def complete(k):
+    ckpts = workdir / f'run_{k}' / 'checkpoints'
+    steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    return ckpts, [(s, json.loads((ckpts / str(s) / 'meta' / 'metadata').read_text())) for s in steps]
+
+  ckpts, run1 = complete(1)
+  for step, meta in run1:
+    if 'mid_task' in meta:
+      shutil.rmtree(ckpts / str(step))
+  _, run0 = complete(0)
+  assert run0[-1][1]['mid_task']['task'] == 2 and run0[-1][1]['mid_task']['epoch'] == 1   # run 0: inside step 2
+  assert 'mid_task' not in complete(1)[1][-1][1] and complete(1)[1][-1][1]['task'] == 1     # run 1: end of step 1
+  env.pop(faults.ENV_VAR)
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'step 2/2 train (2 runs)' in out.stderr   # the resumed step trained both runs together
+  for k in range(2):
+    resumed = json.loads((workdir / f'run_{k}' / 'results.json').read_text())
+    ref = json.loads((tmp_path / 'reference' / f'run_{k}' / 'results.json').read_text())
+    assert _without_timings(resumed)['steps'] == _without_timings(ref)['steps']
+  assert reference['num_runs'] == 2
