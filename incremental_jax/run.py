@@ -22,6 +22,7 @@ from incremental_jax import faults
 from incremental_jax import memory as memory_lib
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
+from incremental_jax import tensorboard
 from incremental_jax import train as train_lib
 from incremental_jax import validate
 from incremental_jax.data import augment, scenario as scenario_lib, sources
@@ -118,6 +119,7 @@ class RunSession:
     self.config_dict = json.loads(config.to_json_best_effort())
     self.start_task, self.mid, self.task_start_step = 0, None, None
     self._restore()
+    self.tb = tensorboard.make_logger(config, workdir)
     self.base_results = {'method': config.method.name, 'dataset': ds.name, 'num_tasks': self.scenario.num_tasks,
                          'class_order': self.scenario.order.tolist(), 'task_sizes': list(self.scenario.sizes),
                          'config': self.config_dict}
@@ -187,6 +189,8 @@ class RunSession:
     if self.is_main:
       metrics_lib.write_results(self.workdir, results, plots=config.get('plots', True))
       _print_step(record, config, self.show_progress)
+    if self.tb is not None:
+      self.tb.log_task(self.steps)
     faults.reached('task_end')
     return record
 
@@ -198,6 +202,8 @@ class RunSession:
   def finish(self, compilations: int) -> dict:
     """Closes the checkpointer and writes the final results (with the number of compiled train steps)."""
     self.checkpointer.close()
+    if self.tb is not None:
+      self.tb.close()
     results = {**self.base_results, **metrics_lib.summarize(self.steps), 'steps': self.steps, 'complete': True,
                'compilations': compilations}
     if self.is_main:
@@ -231,9 +237,10 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
     if every > 0:
       save_mid = functools.partial(_save_mid_task, s.checkpointer, every, t, s.task_start_step, s.task_meta(t - 1))
     ctx, epoch_losses = _run_phases(s.trainer, s.method, ctx, s.method.phases(ctx), s.data, epoch_losses,
-                                    on_epoch_end=save_mid, resume=resume)
+                                    on_epoch_end=save_mid, resume=resume, logger=s.tb)
     ctx = s.update_memory(ctx)
-    ctx, epoch_losses = _run_phases(s.trainer, s.method, ctx, s.method.balancing_phases(ctx), s.data, epoch_losses)
+    ctx, epoch_losses = _run_phases(s.trainer, s.method, ctx, s.method.balancing_phases(ctx), s.data, epoch_losses,
+                                    logger=s.tb)
     s.end_task(ctx, epoch_losses, t0)
   return s.finish(s.trainer.compile_count)
 
@@ -270,9 +277,10 @@ def _save_mid_task(checkpointer, every: int, t: int, task_start_step, base_meta:
 
 
 def _run_phases(trainer, method, ctx: TaskContext, phases, data: RunData, epoch_losses: dict,
-                on_epoch_end=None, resume: Optional[dict] = None):
+                on_epoch_end=None, resume: Optional[dict] = None, logger=None):
   """Trains `phases` in order. `on_epoch_end(p_idx, phase, e, state, epoch_losses, history)` after each epoch;
-  `resume` (a mid-task checkpoint's `mid_task` entry plus its `state`) skips the phases and epochs it covers."""
+  `resume` (a mid-task checkpoint's `mid_task` entry plus its `state`) skips the phases and epochs it covers;
+  `logger` (a `tensorboard.TensorBoardLogger`) gets each trained epoch's metrics."""
   state = ctx.state
   for p_idx, phase in enumerate(phases):
     start_epoch, history = 0, []
@@ -291,10 +299,14 @@ def _run_phases(trainer, method, ctx: TaskContext, phases, data: RunData, epoch_
     callback = None
     if on_epoch_end is not None:
       callback = functools.partial(_epoch_callback, on_epoch_end, p_idx, phase, epoch_losses, history)
+    start_step = int(jax.device_get(state.step))
     result = trainer.run_phase(state, ctx.frozen, task_info, phase, ctx.train_images, data.train_labels,
                                rng_seed=(int(ctx.config.seed), ctx.task, len(epoch_losses)), desc=desc,
                                on_epoch_end=callback, start_epoch=start_epoch, history=history)
     state = result.state
+    if logger is not None:
+      logger.log_phase(ctx.task, phase.name, result.epoch_metrics[start_epoch:], start_step,
+                       int(jax.device_get(state.step)), first_epoch=start_epoch)
     train_lib.check_finite(state, desc)
     epoch_losses[phase.name] = [round(m['loss'], 6) for m in result.epoch_metrics]
   return dataclasses.replace(ctx, state=state), epoch_losses

@@ -92,7 +92,7 @@ def _train_together(trainer, sessions: list, ctxs: list, phase_lists: list, loss
   """Trains each session's phases; the i-th phases of all sessions together (one alone runs unbatched)."""
   if len(sessions) == 1:
     s = sessions[0]
-    ctx, loss = _run_phases(s.trainer, s.method, ctxs[0], phase_lists[0], s.data, losses[0])
+    ctx, loss = _run_phases(s.trainer, s.method, ctxs[0], phase_lists[0], s.data, losses[0], logger=s.tb)
     return [ctx], [loss]
   names = [[p.name for p in phases] for phases in phase_lists]
   if any(n != names[0] for n in names):
@@ -102,6 +102,7 @@ def _train_together(trainer, sessions: list, ctxs: list, phase_lists: list, loss
     t = ctxs[0].task
     tasks = [phase_task_info(s.method, c, p) for p, c, s in zip(phases, ctxs, sessions)]
     desc = f'task {t + 1}/{ctxs[0].scenario.num_tasks} {phases[0].name} ({len(sessions)} runs)'
+    start_steps = [int(jax.device_get(c.state.step)) for c in ctxs]
     results = train_lib.run_phase_group(
         trainer, [c.state for c in ctxs], [c.frozen for c in ctxs], tasks, phases, ctxs[0].train_images,
         [s.data.train_labels for s in sessions],
@@ -109,6 +110,8 @@ def _train_together(trainer, sessions: list, ctxs: list, phase_lists: list, loss
     for k, (r, c) in enumerate(zip(results, ctxs)):
       train_lib.check_finite(r.state, f'run {k} {desc}')
       losses[k][phases[0].name] = [round(m['loss'], 6) for m in r.epoch_metrics]
+      if sessions[k].tb is not None:
+        sessions[k].tb.log_phase(t, phases[0].name, r.epoch_metrics, start_steps[k], int(jax.device_get(r.state.step)))
     ctxs = [dataclasses.replace(c, state=r.state) for c, r in zip(ctxs, results)]
   return ctxs, losses
 
