@@ -22,6 +22,7 @@ from incremental_jax import faults
 from incremental_jax import memory as memory_lib
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
+from incremental_jax import startup
 from incremental_jax import tensorboard
 from incremental_jax import train as train_lib
 from incremental_jax import validate
@@ -120,6 +121,8 @@ class RunSession:
     self.start_task, self.mid, self.task_start_step = 0, None, None
     self._restore()
     self.tb = tensorboard.make_logger(config, workdir)
+    if self.is_main and show_progress:
+      print(startup.session_summary([self], workdir, config), flush=True)
     self.base_results = {'method': config.method.name, 'dataset': ds.name, 'num_tasks': self.scenario.num_tasks,
                          'class_order': self.scenario.order.tolist(), 'task_sizes': list(self.scenario.sizes),
                          'config': self.config_dict}

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from incremental_jax import parallel
+from incremental_jax import startup
 from incremental_jax import train as train_lib
 from incremental_jax.run import RunSession, _run_phases, phase_task_info
 from incremental_jax.errors import ConfigError
@@ -59,6 +60,8 @@ def train_and_evaluate_runs(config, workdir: str, *, show_progress: bool = True)
   sessions = [RunSession(c, os.path.join(workdir, f'run_{k}'), show_progress=False, mesh=mesh)
               for k, c in enumerate(configs)]
   lead = sessions[0]
+  if show_progress and jax.process_index() == 0:
+    print(startup.session_summary(sessions, workdir, config), flush=True)
   group_trainer = train_lib.Trainer(lead.model, lead.method, mesh, lead.aug_fn, seed=lead.config.seed,
                                     show_progress=show_progress)
   num_tasks = lead.scenario.num_tasks
