@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from incremental_jax.errors import ReportError
+from incremental_jax.startup import protocol
 
 KINDS = ('cnn', 'nme')
 METRICS = (('avg_incremental_accuracy', 'avg inc.'), ('last_accuracy', 'last'), ('average_forgetting', 'forgetting'))
@@ -101,16 +102,6 @@ def load_entry(path: str) -> Entry:
     return Entry(path, [_read_json(os.path.join(path, 'results.json'))])
   raise ReportError(f'{path} holds neither results.json (a run) nor summary.json (a num_runs group); pass the '
                     '--workdir of a run.')
-
-
-def protocol(task_sizes: Sequence[int]) -> str:
-  """'base + increments', e.g. (2, 2, 2, 2, 2) -> '2 + 4×2', (50, 5, 5) -> '50 + 2×5', (4, 6) -> '4 + 6'."""
-  base, rest = task_sizes[0], list(task_sizes[1:])
-  if not rest:
-    return str(base)
-  if len(set(rest)) == 1 and len(rest) > 1:
-    return f'{base} + {len(rest)}×{rest[0]}'
-  return ' + '.join(str(s) for s in task_sizes)
 
 
 def check_protocols(entries: Sequence[Entry], mix: bool = False) -> None:

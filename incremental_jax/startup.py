@@ -10,8 +10,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from incremental_jax.report import protocol
-
 MAX_ORDER = 10       # class-order entries shown
 MAX_METHOD = 14      # method fields shown
 
@@ -29,6 +27,16 @@ def _flat(d: dict, prefix: str = '') -> list:
 
 def _numbers(values: Sequence[float]) -> str:
   return '(' + ', '.join(f'{float(v):.4f}' for v in values) + ')'
+
+
+def protocol(task_sizes: Sequence[int]) -> str:
+  """'base + increments', e.g. (2, 2, 2, 2, 2) -> '2 + 4×2', (50, 5, 5) -> '50 + 2×5', (4, 6) -> '4 + 6'."""
+  base, rest = task_sizes[0], list(task_sizes[1:])
+  if not rest:
+    return str(base)
+  if len(set(rest)) == 1 and len(rest) > 1:
+    return f'{base} + {len(rest)}×{rest[0]}'
+  return ' + '.join(str(s) for s in task_sizes)
 
 
 def startup_summary(config: Any, workdir: str, *, dataset_name: str, location: str, num_classes: int,
