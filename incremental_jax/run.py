@@ -120,7 +120,7 @@ class RunSession:
     self.config_dict = json.loads(config.to_json_best_effort())
     self.start_task, self.mid, self.task_start_step = 0, None, None
     self._restore()
-    self.tb = tensorboard.make_logger(config, workdir)
+    self.tb = tensorboard.make_logger(config, workdir, self.steps)
     if self.is_main and show_progress:
       print(startup.session_summary([self], workdir, config), flush=True)
     self.base_results = {'method': config.method.name, 'dataset': ds.name, 'num_tasks': self.scenario.num_tasks,

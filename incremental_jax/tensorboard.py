@@ -62,6 +62,7 @@ class TensorBoardLogger:
     per_epoch = (int(end_step) - int(start_step)) // len(epoch_metrics)
     for i, means in enumerate(epoch_metrics):
       self.log_epoch(task, phase_name, first_epoch + i, int(start_step) + (i + 1) * per_epoch, means)
+    self._writer.flush()
 
   def log_task(self, steps_so_far: Sequence[dict]) -> None:
     """The evaluation of the last record of `steps_so_far` (results.json's `steps`), at x = its `step`."""
@@ -82,9 +83,14 @@ class TensorBoardLogger:
     self._writer.close()
 
 
-def make_logger(config, workdir: str) -> Optional[TensorBoardLogger]:
+def make_logger(config, workdir: str, restored_steps: Sequence[dict] = ()) -> Optional[TensorBoardLogger]:
   """The logger of the run in `workdir` when `config.tensorboard` is on, tensorboardX is installed and this is
-  process 0; else None (the run's loop then skips every call)."""
+  process 0; else None (the run's loop then skips every call). A resumed run passes the steps its checkpoint
+  restored: their evaluations are written again (the same values at the same steps), so a process killed after
+  a checkpoint but before its events reached the disk leaves no hole in the per-step curves."""
   if not config.tensorboard or jax.process_index() != 0 or not available():
     return None
-  return TensorBoardLogger(os.path.join(workdir, SUBDIR))
+  logger = TensorBoardLogger(os.path.join(workdir, SUBDIR))
+  for t in range(len(restored_steps)):
+    logger.log_task(restored_steps[:t + 1])
+  return logger

@@ -71,6 +71,20 @@ def test_group_writes_one_directory_per_run(tiny_workdirs):
   assert a != b   # each run's own numbers
 
 
+def test_resumed_logger_rewrites_the_restored_steps(tiny_workdirs, tmp_path):
+  """A run resumed after step t writes the evaluations of steps 0..t again (those of a killed process may not have
+  reached the disk): here from a finished run's steps, into an empty directory."""
+  from configs import lucir
+  from incremental_jax import tensorboard
+  with open(os.path.join(tiny_workdirs['lucir'], 'results.json')) as f:
+    steps = json.load(f)['steps']
+  logger = tensorboard.make_logger(lucir.get_config('test'), str(tmp_path), steps[:2])
+  logger.close()
+  tb = _scalars(str(tmp_path / 'tensorboard'))
+  assert tb['nme/all'] == [(s['step'], _f32(s['nme']['all'])) for s in steps[:2]]
+  assert tb['average_forgetting/cnn'] == [(1, _f32(metrics_lib.summarize(steps[:2])['average_forgetting']['cnn']))]
+
+
 def test_tensorboard_off(tmp_path):
   from configs import finetune
   import incremental_jax
