@@ -114,7 +114,8 @@ def _train_together(trainer, sessions: list, ctxs: list, phase_lists: list, loss
       train_lib.check_finite(r.state, f'run {k} {desc}')
       losses[k][phases[0].name] = [round(m['loss'], 6) for m in r.epoch_metrics]
       if sessions[k].tb is not None:
-        sessions[k].tb.log_phase(t, phases[0].name, r.epoch_metrics, start_steps[k], int(jax.device_get(r.state.step)))
+        sessions[k].tb.log_phase(t, phases[0].name, r.epoch_metrics, start_steps[k],
+                                 int(jax.device_get(r.state.step)))
     ctxs = [dataclasses.replace(c, state=r.state) for c, r in zip(ctxs, results)]
   return ctxs, losses
 
