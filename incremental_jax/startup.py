@@ -88,7 +88,8 @@ def startup_summary(config: Any, workdir: str, *, dataset_name: str, location: s
       ('memory', memory),
       ('network', f'{m.backbone}-{m.depth} width {m.width}, {m.head} head, {m.dtype}; {num_params:,} parameters'),
       ('devices', f'{num_devices} {platform} device(s), {num_processes} process(es)'),
-      ('workdir', f'{workdir} ({resume})' + (f'; {num_runs} runs in run_0..run_{num_runs - 1}' if num_runs > 1 else '')),
+      ('workdir', f'{workdir} ({resume})'
+                  + (f'; {num_runs} runs in run_0..run_{num_runs - 1}' if num_runs > 1 else '')),
   ]
   width = max(len(k) for k, _ in lines)
   return 'run set-up:\n' + '\n'.join(f'  {k:<{width}}  {v}' for k, v in lines)

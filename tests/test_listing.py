@@ -51,8 +51,9 @@ def test_listing_names_every_method_and_preset():
     assert sum(p.endswith('*') for p in block) == 1, file
   assert any(line.startswith('    cifar100_b50_s10*  ') for line in lines)       # finetune's default
   test_line = next(line for line in lines if line.startswith('    test ') and 'unit tests' in line)
-  assert test_line.split(None, 1)[1] == ('digits, 4 base + 3 per step, cifar_resnet-8, 2 epochs. The digits protocol '
-                                         'shrunk for unit tests: 3 tasks, tiny network, a few epochs, no plots or bars.')
+  assert test_line.split(None, 1)[1] == (
+      'digits, 4 base + 3 per step, cifar_resnet-8, 2 epochs. The digits protocol shrunk for unit tests: 3 tasks, '
+      'tiny network, a few epochs, no plots or bars.')
 
 
 def test_main_list_needs_no_config():

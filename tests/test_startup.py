@@ -53,7 +53,8 @@ def test_summary_resume_memory_and_groups():
   assert f['class order'] == '[99, 98, 97, 96, 95, 94, 93, 92, 91, 90, ...] (seed 1993)'
   assert f['tasks'] == '11 steps (0..10): 50 + 10×5 classes'
   assert f['memory'] == 'none' and f['method'] == 'finetune'
-  assert f['normalisation'] == 'mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762) per channel on the [0, 1] scale'
+  assert f['normalisation'] == ('mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762) per channel on the '
+                                '[0, 1] scale')
   assert f['network'].endswith('; 470,000 parameters') and f['devices'] == '8 gpu device(s), 2 process(es)'
   assert f['optimiser'] == ('160 epochs, batch 128, lr 0.1 (multistep x0.1 at epochs (80, 120)), momentum 0.9, '
                             'weight decay 0.0005')
