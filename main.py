@@ -31,7 +31,9 @@ _CACHE = flags.DEFINE_string(
                                       'incremental_jax', 'xla'),
     'Persistent XLA compilation cache (re-runs and resumes skip compilation); empty disables it. '
     'JAX_COMPILATION_CACHE_DIR, when set, takes precedence.')
-flags.mark_flags_as_required(['config'])
+_LIST = flags.DEFINE_bool('list', False, 'Print every method and every preset of configs/*.py, then exit.')
+flags.register_multi_flags_validator(['config', 'list'], lambda f: f['config'] is not None or f['list'],
+                                     '--config is required (or --list).')
 
 
 def default_workdir(config) -> str:
@@ -54,6 +56,10 @@ def distributed_args(environ=os.environ) -> dict | None:
 
 def main(argv):
   del argv
+  if _LIST.value:
+    from incremental_jax import listing
+    print(listing.listing(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')))
+    return
   import jax
   if _CACHE.value and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)

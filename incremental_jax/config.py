@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                      # parameter initialisation, augmentation and batch order
   c.progress = True               # progress bars and per-step lines (process 0 only)
   c.plots = True                  # PNG plots next to results.json
+  c.tensorboard = True            # TensorBoard scalars in <workdir>/tensorboard/ when tensorboardX is installed
   c.num_runs = 1                  # > 1: that many independent runs trained together (incremental_jax.runs)
   c.runs_vary = 'seed_and_order'  # run k: seed + k and/or data.class_order_seed + k ('seed', 'order')
 

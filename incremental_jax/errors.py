@@ -22,5 +22,9 @@ class CheckpointError(RuntimeError):
   """A checkpoint directory that cannot be resumed (corrupt, foreign, or from a different config)."""
 
 
+class ReportError(ValueError):
+  """A comparison report that cannot be made (a directory without results, runs of different protocols)."""
+
+
 # FloatingPointError is a diverged run (a non-finite loss), reported with its global step.
-USER_ERRORS = (ConfigError, DataError, ScenarioError, CheckpointError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, ScenarioError, CheckpointError, ReportError, FloatingPointError)

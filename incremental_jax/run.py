@@ -34,6 +34,8 @@ from incremental_jax import memory as memory_lib
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
 from incremental_jax import runs as runs_lib
+from incremental_jax import startup
+from incremental_jax import tensorboard
 from incremental_jax import train as train_lib
 from incremental_jax import validate
 from incremental_jax.data import augment, scenario as scenario_lib, sources
@@ -219,11 +221,12 @@ def _refuse_orphan_results(workdir: str) -> None:
 # ---- one run's task, host side ------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Run:
-  """A run in the loop: its spec, store, state and resume point."""
+  """A run in the loop: its spec, store, state, resume point and TensorBoard logger (None when off)."""
   spec: RunSpec
   store: RunStore
   state: RunState
   resume: Resume
+  tb: Optional[tensorboard.TensorBoardLogger] = None
 
   def context(self, t: int, trainer: train_lib.SubnetworkTrainer) -> TaskContext:
     spec, state, ds = self.spec, self.state, self.spec.data.dataset
@@ -288,6 +291,8 @@ def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_pr
                        steps=run.state.steps + [record])
   run.resume.task_start_step = run.store.save_task_end(t, run.state)
   run.store.write_results(run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
+  if run.tb is not None:
+    run.tb.log_task(run.state.steps)
   if show_progress and jax.process_index() == 0:
     print(_step_line(record), flush=True)
   faults.reached('task_end')
@@ -322,8 +327,13 @@ def run_phases(trainer: train_lib.Trainer, runs: list, ctxs: list, phase_lists: 
     if every > 0:
       on_epoch_end = lambda e, states, live, p_idx=p_idx, parts=parts: _save_mid_task(
           runs, parts, losses, every, t, p_idx, e, states, live, desc)
+    start_steps = [int(jax.device_get(part.state.step)) for part in parts]
     results = train_lib.run_phase(trainer, parts, ctxs[0].train_images, desc, on_epoch_end)
     for k in todo:
+      if runs[k].tb is not None:
+        first = parts[k].start_epoch
+        runs[k].tb.log_phase(t, phases[0].name, results[k].epoch_metrics[first:], start_steps[k],
+                             int(jax.device_get(results[k].state.step)), first_epoch=first)
       check_finite(results[k].state, f'run {k} {desc}' if len(runs) > 1 else desc)
       losses[k][phases[0].name] = [round(m['loss'], 6) for m in results[k].epoch_metrics]
       ctxs[k] = ctxs[k].replace(state=results[k].state)
@@ -381,7 +391,8 @@ def open_run(config, workdir: str, mesh, show_progress: bool) -> _Run:
                f'after step {resume.start_task - 1}')
       print(f'resuming {workdir} {where} of steps 0-{spec.scenario.num_tasks - 1} (checkpoint step {latest})',
             flush=True)
-  return _Run(spec=spec, store=store, state=state, resume=resume)
+  return _Run(spec=spec, store=store, state=state, resume=resume,
+              tb=tensorboard.make_logger(config, workdir, state.steps))
 
 
 def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = None) -> dict:
@@ -401,6 +412,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   workdirs = [os.path.join(workdir, f'run_{k}') for k in range(len(configs))] if group else [workdir]
   mesh = parallel.make_mesh()
   runs = [open_run(c, w, mesh, show_progress and not group) for c, w in zip(configs, workdirs)]
+  if show_progress and jax.process_index() == 0:
+    print(startup.session_summary(runs, workdir, config), flush=True)
   lead = runs[0].spec
   trainer = train_lib.Trainer(lead.model, lead.method, mesh, lead.augment_fn, show_progress=show_progress)
   subnetworks = train_lib.SubnetworkTrainer(mesh, show_progress=bool(config.progress))
@@ -431,6 +444,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
 def finish(run: _Run, compilations: int, show_progress: bool) -> dict:
   """Closes the run's checkpointer and writes its final results (with the number of compiled train steps)."""
   run.store.close()
+  if run.tb is not None:
+    run.tb.close()
   results = run.store.results(run.state.steps, complete=True, compilations=compilations)
   run.store.write_results(results)
   if show_progress and jax.process_index() == 0:

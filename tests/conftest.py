@@ -61,3 +61,20 @@ def eight_devices():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
   return run
+
+
+@pytest.fixture(scope='session')
+def tiny_workdirs(tmp_path_factory):
+  """Three small workdirs trained once per session (tests of TensorBoard logging and of the report read them):
+  `finetune` and `lucir` (the `test` presets, 4 + 3 + 3 classes) and `lucir_group` (the LUCIR one with
+  `num_runs=2`: summary.json and run_0/, run_1/). Returns {name: workdir}."""
+  import incremental_jax
+  from configs import finetune, lucir
+  root = tmp_path_factory.mktemp('tiny_workdirs')
+  workdirs = {}
+  for name, module, num_runs in (('finetune', finetune, 1), ('lucir', lucir, 1), ('lucir_group', lucir, 2)):
+    cfg = module.get_config('test')
+    cfg.num_runs = num_runs
+    workdirs[name] = str(root / name)
+    incremental_jax.train_and_evaluate(cfg, workdirs[name])
+  return workdirs

@@ -130,7 +130,8 @@ def load_pickle_folder(name: str, folder: str, layout: PickleLayout) -> Dataset:
   train_images, train_labels = read_split(folder, layout.train_files, layout.label_key)
   test_images, test_labels = read_split(folder, layout.test_files, layout.label_key)
   class_names = read_class_names(folder, layout)
-  return make_dataset(name, train_images, train_labels, test_images, test_labels, class_names)
+  return make_dataset(name, train_images, train_labels, test_images, test_labels, class_names,
+                      location=os.path.abspath(folder))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,7 +278,8 @@ def load_tfds(name: str, data_dir: str) -> Dataset:
   test_images, test_labels = tfds_split_arrays(test_source, where)
   hint = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1))) + 1
   class_names = tfds_class_names(train_source, hint)
-  return make_dataset(name, train_images, train_labels, test_images, test_labels, class_names)
+  return make_dataset(name, train_images, train_labels, test_images, test_labels, class_names,
+                      location=f'TFDS {where}')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,12 +303,14 @@ def uint8_channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[fl
   return tuple(mean.tolist()), tuple(np.sqrt(var).tolist())
 
 
-def make_dataset(name, train_images, train_labels, test_images, test_labels, class_names) -> Dataset:
+def make_dataset(name, train_images, train_labels, test_images, test_labels, class_names,
+                 location: str = '') -> Dataset:
   """A Dataset with the channel statistics of its train split."""
   mean, std = uint8_channel_stats(train_images)
   return Dataset(name=name, train_images=train_images, train_labels=train_labels.astype(np.int32),
                  test_images=test_images, test_labels=test_labels.astype(np.int32),
-                 num_classes=len(class_names), class_names=list(class_names), mean=mean, std=std)
+                 num_classes=len(class_names), class_names=list(class_names), mean=mean, std=std,
+                 location=location)
 
 
 def missing_data_message(name: str, looked: Sequence[str], layout: PickleLayout, tfds_note: str = '') -> str:

@@ -381,7 +381,9 @@ def load_image_folder(cfg) -> Dataset:
   if cfg.verify_images:
     verify_images(train_paths + test_paths, num_workers)
   mean, std = normalisation(cfg)
+  where = os.path.abspath(data_dir) + (f' (split lists {train_list}, {test_list})' if train_list or test_list else '')
   return Dataset(name=str(cfg.name),
                  train_images=LazyImages(train_paths, image_size, resize, num_workers), train_labels=train_labels,
                  test_images=LazyImages(test_paths, image_size, resize, num_workers), test_labels=test_labels,
-                 num_classes=len(names), class_names=names, mean=mean, std=std)
+                 num_classes=len(names), class_names=names, mean=mean, std=std,
+                 location=where)

@@ -28,6 +28,7 @@ class Dataset:
     num_classes: number of classes.
     class_names: one name per class id.
     mean, std: per-channel normalisation statistics on the [0, 1] scale.
+    location: where it was read (a folder, TFDS's directory, 'scikit-learn (bundled)'), for messages.
   """
   name: str
   train_images: Any
@@ -38,6 +39,7 @@ class Dataset:
   class_names: Sequence[str]
   mean: Sequence[float]
   std: Sequence[float]
+  location: str = ''
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -87,7 +89,8 @@ def load_digits(cfg) -> Dataset:
   mean, std = channel_stats(images[~test_mask])
   return Dataset(name='digits', train_images=images[~test_mask], train_labels=labels[~test_mask],
                  test_images=images[test_mask], test_labels=labels[test_mask], num_classes=10,
-                 class_names=[str(i) for i in range(10)], mean=mean, std=std)
+                 class_names=[str(i) for i in range(10)], mean=mean, std=std,
+                 location='scikit-learn (bundled, sklearn.datasets.load_digits)')
 
 
 def _lazy(module: str, attr: str) -> Callable:

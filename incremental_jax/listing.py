@@ -1,0 +1,79 @@
+"""What can be run: every method and every preset of every config file, each with its one-line docstring
+(`python main.py --list` prints `listing()`).
+
+A config file's presets are its module's `PRESETS` dict, or `config.COMMON_PRESETS` for the files built on
+the shared protocols alone. A preset without a docstring is described by the config it builds.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import re
+import sys
+from typing import Callable, Optional
+
+from incremental_jax import config as cfglib
+
+WIDTH = 110   # characters of a docstring's first sentence shown
+# a full stop followed by a space or the end, not after an abbreviation ("et al.", "e.g.", "i.e.", "vs.")
+_SENTENCE_END = re.compile(r'(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)\.(\s|$)')
+
+
+def one_line(doc: Optional[str], width: int = WIDTH) -> str:
+  """The first sentence of a docstring's first paragraph, on one line (cut at `width` characters)."""
+  paragraph = ' '.join((doc or '').strip().split('\n\n')[0].split())
+  end = _SENTENCE_END.search(paragraph)
+  sentence = paragraph[:end.start() + 1] if end else paragraph
+  return sentence if len(sentence) <= width else sentence[:width - 1].rstrip() + '…'
+
+
+def method_line(cls) -> str:
+  """A method class's first sentence, or its module's where the class's is only a name ("LUCIR.")."""
+  line = one_line(cls.__doc__)
+  return line if len(line.split()) > 1 else one_line(sys.modules[cls.__module__].__doc__)
+
+
+def config_modules(configs_dir: str) -> dict:
+  """{file name: imported module} of the config files in `configs_dir` (imported as the `configs` package)."""
+  root = os.path.dirname(os.path.abspath(configs_dir))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  package = os.path.basename(os.path.normpath(configs_dir))
+  names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(configs_dir, '*.py')))
+  return {n: importlib.import_module(f'{package}.{n}') for n in names if n != '__init__'}
+
+
+def presets_of(module) -> dict[str, Callable]:
+  return getattr(module, 'PRESETS', cfglib.COMMON_PRESETS)
+
+
+def describe(config) -> str:
+  """A preset's protocol in a few words, from the config it builds."""
+  d, m, o = config.data, config.model, config.optim
+  if int(d.increment) == 0:
+    tasks = 'one task'
+  else:
+    tasks = f'{d.initial_classes or d.increment} base + {d.increment} per step'
+  return f"{d.name}, {tasks}, {m.backbone}-{m.depth}, {o.epochs} epoch{'s' if int(o.epochs) != 1 else ''}"
+
+
+def listing(configs_dir: str = 'configs') -> str:
+  """The text of `python main.py --list`."""
+  from incremental_jax.methods import METHODS
+  shown = os.path.relpath(configs_dir)
+  lines = ['Methods (--config.method.name):']
+  width = max(map(len, METHODS))
+  lines += [f'  {name:<{width}}  {method_line(cls)}' for name, cls in METHODS.items()]
+  lines += ['', f'Config files and their presets (--config={shown}/<file>.py:<preset>; * the default):']
+  for name, module in config_modules(configs_dir).items():
+    lines.append(f'  {shown}/{name}.py  {one_line(module.__doc__)}')
+    presets = presets_of(module)
+    default = module.get_config().to_dict()
+    width = max(map(len, presets)) + 2
+    for preset, fn in presets.items():
+      cfg = module.get_config(preset)
+      mark = '*' if cfg.to_dict() == default else ''
+      doc = one_line(fn.__doc__)
+      lines.append(f'    {preset + mark:<{width}}  {describe(cfg)}' + (f'. {doc}' if doc else ''))
+  return '\n'.join(lines)

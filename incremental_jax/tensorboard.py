@@ -1,0 +1,96 @@
+"""TensorBoard event files of a run, written with tensorboardX (no TensorFlow): `<workdir>/tensorboard/`.
+
+Scalars (the tags a TensorBoard user sees):
+  per epoch, x = the global train step at the epoch's end (the run's `TrainState.step`):
+    `train/<phase>/<term>`  each metric the phase's train step returns, averaged over the epoch (the method's
+                            loss terms, e.g. `ce`, `kd`, `lc`, `mr`, and their total `loss`)
+    `lr/<phase>`            the learning rate (the epoch's mean)
+  per task, x = the 0-based step t of results.json (t = 0 is the base task):
+    `cnn/all`, `cnn/old`, `cnn/new` (and `nme/...`)      accuracy (%) after step t, as `steps[t]` of results.json
+    `avg_incremental_accuracy/cnn`, `average_forgetting/cnn` (and `/nme`)   over steps 0..t; at the last step
+                            they equal results.json's headline numbers
+
+A `num_runs` group writes one directory per run (`<workdir>/run_k/tensorboard/`), so
+`tensorboard --logdir <workdir>` shows each run as its own curve. Only process 0 writes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import jax
+
+from incremental_jax import metrics as metrics_lib
+
+SUBDIR = 'tensorboard'
+KINDS = ('cnn', 'nme')
+PARTS = ('all', 'old', 'new')
+SUMMARY_KEYS = ('avg_incremental_accuracy', 'average_forgetting')
+
+
+def available() -> bool:
+  """Whether the writer library (tensorboardX) is installed."""
+  try:
+    import tensorboardX  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+class TensorBoardLogger:
+  """Writes a run's scalars into `logdir` (module docstring)."""
+
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter
+    self.logdir = logdir
+    self._writer = SummaryWriter(logdir)
+
+  def log_epoch(self, task: int, phase_name: str, epoch: int, global_step: int, metrics: dict) -> None:
+    """One epoch's mean metrics of phase `phase_name` (`task` and `epoch` are 0-based; they name the point in
+    messages only: TensorBoard's x axis is `global_step`)."""
+    del task, epoch
+    for name, value in metrics.items():
+      tag = f'lr/{phase_name}' if name == 'lr' else f'train/{phase_name}/{name}'
+      self._writer.add_scalar(tag, float(value), int(global_step))
+
+  def log_phase(self, task: int, phase_name: str, epoch_metrics: Sequence[dict], start_step: int, end_step: int,
+                first_epoch: int = 0) -> None:
+    """Epochs `first_epoch ...` of a phase that ran from global step `start_step` to `end_step` (every epoch of a
+    phase has the same number of steps, so epoch e ends at start_step + (e - first_epoch + 1) * steps_per_epoch)."""
+    if not epoch_metrics:
+      return
+    per_epoch = (int(end_step) - int(start_step)) // len(epoch_metrics)
+    for i, means in enumerate(epoch_metrics):
+      self.log_epoch(task, phase_name, first_epoch + i, int(start_step) + (i + 1) * per_epoch, means)
+    self._writer.flush()
+
+  def log_task(self, steps_so_far: Sequence[dict]) -> None:
+    """The evaluation of the last record of `steps_so_far` (results.json's `steps`), at x = its `step`."""
+    record = steps_so_far[-1]
+    t = int(record['step'])
+    for kind in KINDS:
+      for part in PARTS:
+        if record.get(kind) and record[kind].get(part) is not None:
+          self._writer.add_scalar(f'{kind}/{part}', float(record[kind][part]), t)
+    summary = metrics_lib.summarize(steps_so_far)
+    for key in SUMMARY_KEYS:
+      for kind in KINDS:
+        if summary[key].get(kind) is not None:
+          self._writer.add_scalar(f'{key}/{kind}', float(summary[key][kind]), t)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def make_logger(config, workdir: str, restored_steps: Sequence[dict] = ()) -> Optional[TensorBoardLogger]:
+  """The logger of the run in `workdir` when `config.tensorboard` is on, tensorboardX is installed and this is
+  process 0; else None (the run's loop then skips every call). A resumed run passes the steps its checkpoint
+  restored: their evaluations are written again (the same values at the same steps), so a process killed after
+  a checkpoint but before its events reached the disk leaves no hole in the per-step curves."""
+  if not config.tensorboard or jax.process_index() != 0 or not available():
+    return None
+  logger = TensorBoardLogger(os.path.join(workdir, SUBDIR))
+  for t in range(len(restored_steps)):
+    logger.log_task(restored_steps[:t + 1])
+  return logger

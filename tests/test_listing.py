@@ -1,0 +1,64 @@
+"""`python main.py --list`: every method and every preset of every config file, with its one-line docstring."""
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from incremental_jax import listing
+from incremental_jax.methods import METHODS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, 'configs')
+
+
+def _valid_presets(module) -> list:
+  """The presets a config file accepts, from its own error message for an unknown one."""
+  with pytest.raises(ValueError, match='valid presets') as e:
+    module.get_config('no_such_preset')
+  return ast.literal_eval(str(e.value).split('valid presets: ')[1].rstrip('.'))
+
+
+def test_one_line():
+  assert listing.one_line('LUCIR (Hou et al., CVPR 2019): cosine classifier.\n  More text. And more.') == (
+      'LUCIR (Hou et al., CVPR 2019): cosine classifier.')
+  assert listing.one_line('Two\n  lines without a stop\n\nsecond paragraph.') == 'Two lines without a stop'
+  assert listing.one_line('x' * 200, width=20) == 'x' * 19 + '…'
+  assert listing.one_line(None) == ''
+
+
+def test_listing_names_every_method_and_preset():
+  text = listing.listing(CONFIGS)
+  lines = text.splitlines()
+  for name, cls in METHODS.items():
+    assert f'  {name:<{max(map(len, METHODS))}}  {listing.method_line(cls)}' in lines
+  assert '  lucir           LUCIR (Hou et al., "Learning a Unified Classifier Incrementally via Rebalancing", ' \
+         'CVPR 2019), as its official…' in lines        # the class says only "LUCIR.": its module's sentence
+  modules = listing.config_modules(CONFIGS)
+  assert sorted(modules) == sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, '*.py'))
+                                   if not p.endswith('__init__.py'))
+  for file, module in modules.items():
+    start = lines.index(f'  {os.path.relpath(CONFIGS)}/{file}.py  {listing.one_line(module.__doc__)}')
+    block = []
+    for line in lines[start + 1:]:
+      if not line.startswith('    '):
+        break
+      block.append(line.split()[0])
+    # exactly the presets get_config accepts, each once, the default one starred
+    assert sorted(p.rstrip('*') for p in block) == sorted(_valid_presets(module)), file
+    assert sum(p.endswith('*') for p in block) == 1, file
+  assert any(line.startswith('    cifar100_b50_s10*  ') for line in lines)       # finetune's default
+  test_line = next(line for line in lines if line.startswith('    test ') and 'unit tests' in line)
+  assert test_line.split(None, 1)[1] == (
+      'digits, 4 base + 3 per step, cifar_resnet-8, 2 epochs. The digits protocol shrunk for unit tests: 3 tasks, '
+      'tiny network, a few epochs, no plots or bars.')
+
+
+def test_main_list_needs_no_config():
+  out = subprocess.run([sys.executable, 'main.py', '--list'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == listing.listing(CONFIGS).strip()
+  missing = subprocess.run([sys.executable, 'main.py'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and '--config is required (or --list)' in missing.stderr
