@@ -34,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0           # digits: seed of the train/test split
   c.data.class_order = ()         # explicit permutation of class ids; () = seeded shuffle
   c.data.class_order_seed = 1993  # seed of np.random.seed(s); np.random.permutation (the iCaRL protocol)
+  c.data.named_order = ''         # a published order, e.g. 'podnet_cifar100:0' (:1, :2), see data/class_orders.py;
+                                  # num_runs > 1 walks the following ones; '' = class_order or the seeded shuffle
   c.data.initial_classes = 50     # classes of the first task (B50); 0 = same as increment (B0)
   c.data.increment = 10           # classes per later task; 0 = a single task with every class
   c.data.sampler = 'shuffle'      # batch sampler (incremental_jax.data.pipeline.SAMPLERS)
