@@ -63,7 +63,9 @@ def get_config(arg=None):
   c = cfglib.base_config()
   c.method = ml_collections.ConfigDict({
       'name': 'podnet',
-      'pooling': 'spatial',        # POD pooling: spatial (default), pixel, channel, gap, width, height
+      'pooling': 'spatial',        # POD pooling: spatial (default), channel, gap, width, height, pod_pixel (POD
+                                   # without pooling); 'pixel' = the official pixel ablation (perceptual_features)
+      'pixel_weight': 2.0,         # pooling='pixel' only: factor of the official pixel distillation (no sqrt(N/T))
       'spatial_weight': 3.0,       # POD-spatial base weight (CIFAR 3, ImageNet 8), times sqrt(N/T)
       'flat_weight': 1.0,          # POD-flat base weight (CIFAR 1, ImageNet 10), times sqrt(N/T)
       # 'official': the official code's NCA (its margin cancels; what produced the paper's numbers, see
