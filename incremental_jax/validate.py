@@ -54,8 +54,8 @@ def validate_config(config) -> None:
   mem = config.memory
   _require(int(mem.per_class) >= 0, f'memory.per_class must be >= 0; got {mem.per_class}.')
   _require(int(mem.get('total', 0) or 0) >= 0, f'memory.total must be >= 0; got {mem.total}.')
-  _require(mem.get('selection', 'herding') in ('herding', 'random'),
-           f"memory.selection={mem.selection!r}; valid: 'herding', 'random'.")
+  from incremental_jax.memory import SELECTIONS
+  _require(mem.selection in SELECTIONS, f'memory.selection={mem.selection!r}; valid: {list(SELECTIONS)}.')
   for name in ('max_to_keep', 'every_epochs'):
     value = config.checkpoint.get(name, 0) or 0
     _require(int(value) >= 0, f'checkpoint.{name} must be >= 0; got {value}.')
