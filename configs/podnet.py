@@ -66,7 +66,7 @@ def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c = cfglib.imagenet_subset(50, 5)(c)
   c.memory.selection = 'herding_loop'
   c.data.mean, c.data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-  c.optim.update(batch_size=64, lr=0.05, epochs=90, schedule='cosine', milestones=())
+  c.optim.update(batch_size=64, lr=0.05, epochs=90, schedule='cosine', milestones=(), weight_decay=5e-4)
   c.model.shortcut = 'conv'
   c.method.update(spatial_weight=8.0, flat_weight=10.0, finetune_lr=0.01)
   return c
