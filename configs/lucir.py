@@ -35,10 +35,25 @@ def lucir_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def lucir_cifar(preset):
+  """A shared CIFAR-100 preset with LUCIR's herding loop and normalisation constants
+  (`cifar100-class-incremental/class_incremental_cosine_cifar100.py`)."""
+
+  def build(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = preset(c)
+    c.memory.selection = 'herding_loop'
+    c.data.mean, c.data.std = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
+    return c
+
+  build.__doc__ = f'{preset.__doc__} LUCIR protocol (official herding loop and normalisation).'
+  return build
+
+
 def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """ImageNet-100 B50 in 10 steps: ResNet-18 without its last ReLU, lambda_base 10; NME class means from the
   original images only (the official ImageNet code has no second view)."""
   c = cfglib.imagenet_subset(50, 5)(c)
+  c.memory.selection = 'herding_loop'
   c.method.lambda_base = 10.0
   c.memory.nme_flip = False
   return c
@@ -47,7 +62,7 @@ def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 PRESETS = {
     'digits': lucir_digits,
     'test': cfglib.test_preset,
-    **cfglib.CIFAR100_B50_PRESETS,
+    **{name: lucir_cifar(p) for name, p in cfglib.CIFAR100_B50_PRESETS.items()},
     'imagenet100_b50_s10': imagenet100_b50_s10,
 }
 

@@ -18,8 +18,12 @@ brackets):
   imagenet100_b50_s10  ImageNet-100 B50, 10 steps of 5, ResNet-18 (paper: CNN only, Table 2)
   digits             the embedded digits protocol (B2, 4 steps of 2), runs offline in about a minute
   test               a tiny run for the unit tests
-The class order is the project's seeded shuffle (seed 1993), not the official 3 fixed orders; run 3 seeds
-(`--config.data.class_order_seed`) for a comparable mean.
+CIFAR presets follow the official protocol: the "rebuffi" ResNet-32 (`model.backbone='rebuffi'`,
+`inclearn/convnet/my_resnet.py`), PODNet's first official class order (`data.named_order='podnet_cifar100:0'`;
+`--config.num_runs=3` walks the three orders of `options/data/cifar100_3orders.yaml` at one seed, as its
+`seed: [1, 1, 1]`), the herding loop of `inclearn/lib/herding.py` (`memory.selection='herding_loop'`) and the
+normalisation constants of `inclearn/lib/data/datasets.py::iCIFAR100`. `cifar100_b50_s10_pixel` is the pixel
+ablation (`podnet_cnn_podFlat_podPixels_cifar100.yaml`: flat 5, pixel factor 2). Deviations: docs/protocols.md.
 """
 import ml_collections
 
@@ -36,9 +40,33 @@ def podnet_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def podnet_cifar(preset):
+  """A shared CIFAR-100 preset with PODNet's official network, class orders, herding and normalisation."""
+
+  def build(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = preset(c)
+    c.model.backbone = 'rebuffi'
+    c.data.named_order = 'podnet_cifar100:0'
+    c.runs_vary = 'order'
+    c.data.mean, c.data.std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+    c.memory.selection = 'herding_loop'
+    return c
+
+  build.__doc__ = f'{preset.__doc__} PODNet protocol (rebuffi ResNet-32, official orders and herding).'
+  return build
+
+
+def cifar100_b50_s10_pixel(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = podnet_cifar(cfglib.cifar100(50, 5))(c)
+  c.method.update(pooling='pixel', flat_weight=5.0, pixel_weight=2.0)
+  return c
+
+
 def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c = cfglib.imagenet_subset(50, 5)(c)
-  c.optim.update(batch_size=64, lr=0.05, epochs=90, schedule='cosine', milestones=())
+  c.memory.selection = 'herding_loop'
+  c.data.mean, c.data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  c.optim.update(batch_size=64, lr=0.05, epochs=90, schedule='cosine', milestones=(), weight_decay=5e-4)
   c.model.shortcut = 'conv'
   c.method.update(spatial_weight=8.0, flat_weight=10.0, finetune_lr=0.01)
   return c
@@ -54,7 +82,8 @@ def podnet_test(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 PRESETS = {
     'digits': podnet_digits,
     'test': podnet_test,
-    **cfglib.CIFAR100_B50_PRESETS,
+    **{name: podnet_cifar(p) for name, p in cfglib.CIFAR100_B50_PRESETS.items()},
+    'cifar100_b50_s10_pixel': cifar100_b50_s10_pixel,
     'imagenet100_b50_s10': imagenet100_b50_s10,
 }
 
@@ -63,7 +92,9 @@ def get_config(arg=None):
   c = cfglib.base_config()
   c.method = cfglib.method_section(**{
       'name': 'podnet',
-      'pooling': 'spatial',        # POD pooling: spatial (default), pixel, channel, gap, width, height
+      'pooling': 'spatial',        # POD pooling: spatial (default), channel, gap, width, height, pod_pixel (POD
+                                   # without pooling); 'pixel' = the official pixel ablation (perceptual_features)
+      'pixel_weight': 2.0,         # pooling='pixel' only: factor of the official pixel distillation (no sqrt(N/T))
       'spatial_weight': 3.0,       # POD-spatial base weight (CIFAR 3, ImageNet 8), times sqrt(N/T)
       'flat_weight': 1.0,          # POD-flat base weight (CIFAR 1, ImageNet 10), times sqrt(N/T)
       # 'official': the official code's NCA (its margin cancels; what produced the paper's numbers, see

@@ -44,8 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0           # digits: seed of the train/test split
   c.data.class_order = ()         # explicit permutation of class ids; () = seeded shuffle
   c.data.class_order_seed = 1993  # seed of np.random.seed(s); np.random.permutation (the iCaRL protocol)
+  c.data.named_order = ''         # a published order, e.g. 'podnet_cifar100:0' (:1, :2), see data/class_orders.py;
+                                  # num_runs > 1 walks the following ones; '' = class_order or the seeded shuffle
   c.data.initial_classes = 50     # classes of the first task (B50); 0 = same as increment (B0)
   c.data.increment = 10           # classes per later task; 0 = a single task with every class
+  c.data.mean = ()                # per-channel normalisation mean on [0, 1]; () = the source's (train-image statistics)
+  c.data.std = ()                 # per-channel std; () = the source's; set both or neither
   c.data.sampler = 'shuffle'      # batch sampler (incremental_jax.data.pipeline.SAMPLERS)
   # sampler 'intra_class' (BAKE): each batch is batch_size/(M+1) anchors, each followed by M other images of its
   # class, M = same_class_per_anchor; batch_size counts all images. Every image is an anchor once per epoch, so
@@ -88,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.memory = ml_collections.ConfigDict()
   c.memory.per_class = 20         # exemplars per class; set 0 when memory.total is used
   c.memory.total = 0              # fixed total budget (e.g. 2000) split over the seen classes; needs per_class 0
-  c.memory.selection = 'herding'  # 'herding' or 'random'
+  c.memory.selection = 'herding'  # 'herding' (greedy, PyCIL), 'herding_loop' (LUCIR/PODNet code) or 'random'
   c.memory.nme_flip = True        # NME class means also from horizontally flipped exemplars
 
   c.eval = ml_collections.ConfigDict({'batch_size': 256})

@@ -1,10 +1,19 @@
 """Exemplar memory: iCaRL herding selection, fixed-per-class or fixed-total budgets, and nearest-mean-of-
-exemplars (NME) classification (Rebuffi et al., "iCaRL", CVPR 2017, Algorithms 1, 4 and 5)."""
+exemplars (NME) classification (Rebuffi et al., "iCaRL", CVPR 2017, Algorithms 1, 4 and 5).
+
+Two herding variants (`memory.selection`): 'herding' is Alg. 4 as written and as PyCIL runs it (greedy, no
+repeats); 'herding_loop' is the fixed-iteration loop of LUCIR's and PODNet's code (`herding_loop_order`).
+"""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+
+from incremental_jax.errors import ConfigError
+
+SELECTIONS = ('herding', 'herding_loop', 'random')
+HERDING_LOOP_ITERATIONS = 1000   # the iteration cap of the LUCIR / PODNet loop
 
 
 def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -35,6 +44,34 @@ def herding_order(features: np.ndarray, m: int) -> np.ndarray:
     chosen[i] = True
     running += phi[i]
   return np.asarray(order, np.int64)
+
+
+def herding_loop_order(features: np.ndarray, m: int, max_iterations: int = HERDING_LOOP_ITERATIONS) -> np.ndarray:
+  """Herding as LUCIR's and PODNet's code run it (hshustc/CVPR19_Incremental_Learning,
+  `cifar100-class-incremental/class_incremental_cosine_cifar100.py`; arthurdouillard/incremental_learning.pytorch,
+  `inclearn/lib/herding.py::icarl_selection`): with phi the L2-normalised rows of `features` [n, D] and mu their
+  mean, start from w = mu and repeat at most `max_iterations` times, until min(m, n) distinct rows are picked:
+
+      i = argmax_x <w, phi(x)>;  record i if it was not picked before (else record nothing);  w += mu - phi(i).
+
+  `w` is updated on every iteration, repeated pick or not, so the order can differ from the greedy `herding_order`
+  and fewer than m rows are returned when the cap is reached first (LUCIR keeps only the picked rows; PODNet's
+  code would fill the rest with unpicked rows in index order). Returns the picked rows in pick order."""
+  phi = l2_normalize_rows(features)
+  m = min(int(m), len(phi))
+  mu = phi.mean(axis=0)
+  w = mu.copy()
+  picked: list[int] = []
+  seen = np.zeros(len(phi), bool)
+  for _ in range(int(max_iterations)):
+    if len(picked) >= m:
+      break
+    i = int(np.argmax(phi @ w))
+    if not seen[i]:
+      seen[i] = True
+      picked.append(i)
+    w = w + mu - phi[i]
+  return np.asarray(picked, np.int64)
 
 
 def per_class_budget(memory_cfg, num_seen_classes: int) -> int:
@@ -83,12 +120,15 @@ class Memory:
 
 
 def select_exemplars(features: np.ndarray, m: int, method: str = 'herding', seed: int = 0) -> np.ndarray:
-  """Positions (into `features`) of the m exemplars of one class: 'herding' or 'random'."""
+  """Positions (into `features`) of the m exemplars of one class, by `memory.selection`: 'herding' (greedy,
+  `herding_order`), 'herding_loop' (LUCIR/PODNet code, `herding_loop_order`) or 'random'."""
   if method == 'herding':
     return herding_order(features, m)
+  if method == 'herding_loop':
+    return herding_loop_order(features, m)
   if method == 'random':
     return np.random.default_rng(seed).permutation(len(features))[:m]
-  raise ValueError(f"memory.selection must be 'herding' or 'random'; got {method!r}.")
+  raise ConfigError(f'memory.selection={method!r} is unknown; valid: {list(SELECTIONS)}.')
 
 
 def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 
+from incremental_jax.data import class_orders
 from incremental_jax.errors import ConfigError
 
 VARY = ('seed_and_order', 'seed', 'order')
@@ -41,6 +42,8 @@ def run_configs(config) -> list:
       c.seed = int(config.seed) + (k if vary != 'order' else 0)
       if vary != 'seed':
         c.data.class_order_seed = int(config.data.class_order_seed) + k
+        if config.data.named_order:  # run k: the k-th published order after the configured one
+          c.data.named_order = class_orders.run_named_order(config.data.named_order, k)
     configs.append(c)
   return configs
 

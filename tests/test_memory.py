@@ -90,3 +90,18 @@ def test_memory_reduce_roundtrip_and_budget():
   assert M.per_class_budget(ConfigDict({'per_class': 20, 'total': 2000}), 60) == 33
   with pytest.raises(ValueError, match='selection'):
     M.select_exemplars(np.ones((3, 2)), 2, 'closest')
+
+
+def test_herding_loop_reproduces_a_hand_worked_example_with_a_repeated_pick():
+  # Unit rows a=(1,0), b=(0.8,0.6), c=(-1,0), d=(0,-1): mu = (0.2, -0.1). The official loop (w starts at mu):
+  #   w=( 0.2,-0.1): <w,.> = ( .2, .1, -.2, .1) -> a (0), recorded;  w += mu - a -> (-0.6,-0.2)
+  #   w=(-0.6,-0.2): <w,.> = (-.6,-.6,  .6, .2) -> c (2), recorded;  w += mu - c -> ( 0.6,-0.3)
+  #   w=( 0.6,-0.3): <w,.> = ( .6, .3, -.6, .3) -> a again: nothing recorded, w still moves -> (-0.2,-0.4)
+  #   w=(-0.2,-0.4): <w,.> = (-.2,-.4,  .2, .4) -> d (3), recorded: three distinct picks, stop.
+  x = np.array([[1.0, 0.0], [0.8, 0.6], [-1.0, 0.0], [0.0, -1.0]])
+  assert M.herding_loop_order(x, 3).tolist() == [0, 2, 3]
+  assert M.herding_order(x, 3).tolist() == [0, 2, 1]        # the greedy variant (PyCIL) differs here
+  assert M.herding_loop_order(x, 3, max_iterations=3).tolist() == [0, 2]  # the cap reached first: fewer rows
+  assert M.select_exemplars(x * 7.0, 3, 'herding_loop').tolist() == [0, 2, 3]  # rows are normalised first
+  with pytest.raises(M.ConfigError, match='herding_loop'):
+    M.select_exemplars(x, 3, 'herding_official')

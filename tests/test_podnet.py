@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import podnet as podnet_config
-from incremental_jax.losses.podnet import POOLINGS, adaptive_factor, nca, nca_official, pod_pool, pod_spatial
+from incremental_jax.losses.podnet import (POOLINGS, adaptive_factor, nca, nca_official, perceptual_features,
+                                           pod_pool, pod_spatial)
 from incremental_jax.methods import build_method
 from incremental_jax.methods.podnet import imprinted_proxies
 from incremental_jax.models.lsc import LocalSimilarityHead
@@ -21,7 +22,7 @@ RNG = np.random.default_rng(0)
 def ref_pool(h_nchw, pooling):
   """The paper's pooled vectors of an NCHW map (already squared)."""
   b, c, hh, ww = h_nchw.shape
-  if pooling == 'pixel':
+  if pooling == 'pod_pixel':
     return h_nchw.reshape(b, -1)
   if pooling == 'channel':
     return h_nchw.sum(1).reshape(b, -1)
@@ -84,6 +85,38 @@ def test_pod_pooling_and_distance_match_numpy(pooling):
   got = float(pod_spatial([_nhwc(o) for o in old], [_nhwc(n) for n in new], pooling))
   np.testing.assert_allclose(got, ref_pod(old, new, pooling), rtol=1e-5)
   assert float(pod_spatial([_nhwc(o) for o in old], [_nhwc(o) for o in old], pooling)) < 1e-5
+
+
+def test_pod_over_the_four_rebuffi_maps_matches_numpy():
+  # The official network's four maps (CIFAR shapes at width 2, NCHW): each level weighs 1/4.
+  shapes = [(3, 2, 32, 32), (3, 4, 16, 16), (3, 8, 8, 8), (3, 8, 8, 8)]
+  old = [RNG.normal(size=s).astype(np.float32) for s in shapes]
+  new = [o + 0.5 * RNG.normal(size=o.shape).astype(np.float32) for o in old]
+  want = 0.0
+  for a, b in zip(old, new):   # the official `pod(..., collapse_channels='spatial')`, written out
+    a, b = a ** 2, b ** 2
+    a = np.concatenate([a.sum(3).reshape(3, -1), a.sum(2).reshape(3, -1)], 1)
+    b = np.concatenate([b.sum(3).reshape(3, -1), b.sum(2).reshape(3, -1)], 1)
+    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    want += np.sqrt(((a - b) ** 2).sum(1)).mean() / 4
+  got = float(pod_spatial([_nhwc(o) for o in old], [_nhwc(n) for n in new], 'spatial'))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_pixel_ablation_is_the_official_perceptual_features_form():
+  shapes = [(3, 2, 6, 6), (3, 4, 3, 3)]
+  old = [RNG.normal(size=s).astype(np.float32) for s in shapes]
+  new = [o + 0.5 * RNG.normal(size=o.shape).astype(np.float32) for o in old]
+  want = 0.0
+  for a, b in zip(old, new):   # perceptual_features_reconstruction: no squaring, squared distance over c*h*w
+    a, b = a.reshape(3, -1), b.reshape(3, -1)
+    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    want += (((a - b + 1e-6) ** 2).sum(1) / a.shape[1]).mean()
+  want = 2.0 * want / len(shapes)   # factor 2 (the official ablation's), mean over the maps
+  got = float(perceptual_features([_nhwc(o) for o in old], [_nhwc(n) for n in new], factor=2.0))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  pod = float(pod_spatial([_nhwc(o) for o in old], [_nhwc(n) for n in new], 'pod_pixel'))
+  assert pod > 10 * got   # POD without pooling is a different (much larger) quantity
 
 
 def test_pod_spatial_gradient_reaches_only_the_new_maps():

@@ -35,6 +35,17 @@ def test_run_configs_vary_seed_and_class_order():
   assert [(r.seed, r.data.class_order_seed) for r in runs.run_configs(c)] == [(0, 1993), (0, 1994), (0, 1995)]
 
 
+def test_run_configs_walk_the_published_orders():
+  c = _test_config(num_runs=3)
+  c.runs_vary, c.data.named_order = 'order', 'podnet_cifar100:0'
+  assert [(r.seed, r.data.named_order) for r in runs.run_configs(c)] == [(0, f'podnet_cifar100:{k}') for k in range(3)]
+  c.runs_vary = 'seed'                       # the order stays; only the seed moves
+  assert {r.data.named_order for r in runs.run_configs(c)} == {'podnet_cifar100:0'}
+  c.runs_vary, c.num_runs = 'order', 4       # PODNet publishes three CIFAR-100 orders
+  with pytest.raises(ConfigError, match='num_runs'):
+    runs.run_configs(c)
+
+
 @pytest.mark.parametrize('edit,match', [
     (dict(runs_vary='orders'), 'runs_vary'),
     (dict(num_runs=0), 'num_runs'),

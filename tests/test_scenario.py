@@ -34,7 +34,7 @@ def test_class_order_must_be_a_permutation():
 
 
 def test_remap_masks_and_task_indices():
-  sc = S.make_scenario(6, ConfigDict({'class_order': (3, 5, 0, 1, 4, 2), 'initial_classes': 2, 'increment': 2}))
+  sc = S.make_scenario(6, ConfigDict({'class_order': (3, 5, 0, 1, 4, 2), 'initial_classes': 2, 'increment': 2, 'named_order': ''}))
   labels = np.array([3, 5, 0, 1, 4, 2, 3])
   remapped = sc.remap(labels)
   assert remapped.tolist() == [0, 1, 2, 3, 4, 5, 0]
@@ -44,3 +44,27 @@ def test_remap_masks_and_task_indices():
   assert masks['seen'].tolist() == [1, 1, 1, 1, 0, 0]
   assert sc.indices_of_classes(remapped, 2, 4).tolist() == [2, 3]
   assert sc.task_of_class().tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_podnet_official_orders_are_permutations_with_the_published_first_entries():
+  from incremental_jax.data import class_orders as O
+  firsts = [(87, 0, 52, 58), (58, 30, 93, 69), (71, 54, 45, 32)]  # options/data/cifar100_3orders.yaml
+  for k, first in enumerate(firsts):
+    order = O.named_order(f'podnet_cifar100:{k}', 100)
+    assert sorted(order.tolist()) == list(range(100)) and tuple(order[:4].tolist()) == first
+    assert order[-1] == (39, 61, 11)[k]
+  imnet = O.named_order('podnet_imagenet100', 100)
+  assert sorted(imnet.tolist()) == list(range(100)) and imnet[:4].tolist() == [68, 56, 78, 8]
+  np.testing.assert_array_equal(imnet, S.class_order(100, (), 1993))  # PODNet's ImageNet-100 order is seed 1993's
+  assert len({tuple(o) for o in O.PODNET_CIFAR100}) == 3
+  sc = S.make_scenario(100, ConfigDict({'class_order': (), 'class_order_seed': 1993, 'initial_classes': 50,
+                                        'increment': 10, 'named_order': 'podnet_cifar100:1'}))
+  assert sc.order[:4].tolist() == [58, 30, 93, 69]
+  assert [O.run_named_order('podnet_cifar100:0', k) for k in range(3)] == [f'podnet_cifar100:{k}' for k in range(3)]
+  for bad in ('podnet:0', 'podnet_cifar100:3', 'podnet_cifar100:x'):
+    with pytest.raises(O.ConfigError, match='data.named_order'):
+      O.named_order(bad, 100)
+  with pytest.raises(O.ConfigError, match='num_runs'):
+    O.run_named_order('podnet_cifar100:1', 2)
+  with pytest.raises(O.ConfigError, match='100 classes'):
+    O.named_order('podnet_cifar100:0', 10)

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 
-from incremental_jax.errors import ScenarioError  # noqa: F401  (raised here)
+from incremental_jax.data import class_orders
+from incremental_jax.errors import ConfigError, ScenarioError  # noqa: F401  (raised here)
 
 
 def class_order(num_classes: int, order: Sequence[int] = (), seed: int | None = 1993) -> np.ndarray:
@@ -97,6 +98,13 @@ class Scenario:
 
 
 def make_scenario(num_classes: int, cfg) -> Scenario:
-  """Builds the scenario from the data config (`class_order`, `class_order_seed`, `initial_classes`, `increment`)."""
-  order = class_order(num_classes, tuple(cfg.get('class_order', ()) or ()), cfg.get('class_order_seed', 1993))
+  """Builds the scenario from the data config (`named_order`, `class_order`, `class_order_seed`,
+  `initial_classes`, `increment`). A `named_order` (incremental_jax.data.class_orders) excludes `class_order`."""
+  explicit = tuple(cfg.class_order or ())
+  if cfg.named_order:
+    if explicit:
+      raise ConfigError(f'data.named_order={cfg.named_order!r} and data.class_order both fix the class order; '
+                        'set only one.')
+    explicit = tuple(class_orders.named_order(cfg.named_order, num_classes).tolist())
+  order = class_order(num_classes, explicit, cfg.class_order_seed)
   return Scenario(order=order, sizes=tuple(task_sizes(num_classes, int(cfg.initial_classes), int(cfg.increment))))

@@ -108,8 +108,20 @@ SOURCES: dict[str, Callable[[Any], Dataset]] = {
 }
 
 
+def with_normalisation(ds: Dataset, cfg) -> Dataset:
+  """`ds` with `data.mean` / `data.std` when set (a method's official constants); () keeps the source's."""
+  mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+  if not mean and not std:
+    return ds
+  channels = ds.image_shape[-1]
+  if len(mean) != channels or len(std) != channels or min(std) <= 0:
+    raise DataError(f'data.mean and data.std need {channels} values each (std > 0), or both (); got mean={mean}, '
+                    f'std={std}.')
+  return dataclasses.replace(ds, mean=mean, std=std)
+
+
 def load_dataset(cfg) -> Dataset:
-  """Loads the data set named `cfg.name` (see SOURCES) and checks it."""
+  """Loads the data set named `cfg.name` (see SOURCES), checks it and applies `data.mean` / `data.std`."""
   if cfg.name not in SOURCES:
     raise DataError(f'Unknown data set {cfg.name!r}; valid names: {sorted(SOURCES)}.')
-  return check_dataset(SOURCES[cfg.name](cfg))
+  return with_normalisation(check_dataset(SOURCES[cfg.name](cfg)), cfg)

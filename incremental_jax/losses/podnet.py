@@ -8,6 +8,8 @@ them, with feature maps in NHWC layout:
 - POD-flat (Eq. 6): 1 - cos between the old and the new final embedding, the same quantity as LUCIR's
   less-forget constraint (`losses.lucir.less_forget`);
 - the adaptive weight sqrt(N / T) of both (N classes seen including the current task, T new ones);
+- the "pixel" ablation of the paper's Table 3b as the official code computes it (`perceptual_features`, the
+  official `perceptual_features_reconstruction`): not POD with no pooling (that one is `pod_pool(.., 'pod_pixel')`);
 - NCA on the local similarity classifier's scores (Eq. 8, `nca`).
 """
 from __future__ import annotations
@@ -20,13 +22,14 @@ import jax.numpy as jnp
 from incremental_jax.losses.classification import masked_logits
 from incremental_jax.models.heads import l2_normalize
 
-POOLINGS = ('pixel', 'channel', 'gap', 'width', 'height', 'spatial')
+POOLINGS = ('pod_pixel', 'channel', 'gap', 'width', 'height', 'spatial')
 
 
 def pod_pool(h: jax.Array, pooling: str = 'spatial') -> jax.Array:
   """The pooled vector [B, n] of a (squared) feature map `h` [B, H, W, C] (paper Fig. 3 / Table 3b):
 
-    pixel    no pooling: the whole map flattened (H*W*C);
+    pod_pixel  no pooling: the whole map flattened (H*W*C); POD with this pooling is not the official pixel
+             ablation (`perceptual_features`);
     channel  sum over channels (H*W);
     gap      mean over height and width (C);
     width    sum over the height axis: one C-vector per column (W*C), the paper's POD-width;
@@ -35,7 +38,7 @@ def pod_pool(h: jax.Array, pooling: str = 'spatial') -> jax.Array:
              in the official code's `collapse_channels='spatial'`.
   """
   b = h.shape[0]
-  if pooling == 'pixel':
+  if pooling == 'pod_pixel':
     return h.reshape(b, -1)
   if pooling == 'channel':
     return h.sum(axis=3).reshape(b, -1)
@@ -64,6 +67,29 @@ def pod_spatial(old_stages: Sequence[jax.Array], new_stages: Sequence[jax.Array]
   if len(old_stages) != len(new_stages):
     raise ValueError(f'old and new models give {len(old_stages)} and {len(new_stages)} stage maps.')
   return sum(pod_distance(a, b, pooling).mean() for a, b in zip(old_stages, new_stages)) / len(new_stages)
+
+
+def perceptual_features(old_stages: Sequence[jax.Array], new_stages: Sequence[jax.Array],
+                        factor: float = 1.0) -> jax.Array:
+  """The official pixel-level distillation (scalar; arthurdouillard/incremental_learning.pytorch,
+  `inclearn/lib/losses/distillation.py::perceptual_features_reconstruction`, the `podPixels` ablation of
+  `options/podnet/ablations/perceptual_losses/`): per map of shape [B, H, W, C], with n the per-example L2
+  normalisation of the flattened (unsquared) map,
+
+      d = || n(old) - n(new) + 1e-6 ||_2^2 / (C H W)      (the 1e-6 is torch's pairwise_distance eps)
+
+  averaged over the batch, then over the maps, times `factor`. Unlike POD there is no squaring of the
+  activations and no pooling, the distance is squared and divided by the map size, and the official code adds
+  it without the adaptive weight sqrt(N/T)."""
+  if len(old_stages) != len(new_stages):
+    raise ValueError(f'old and new models give {len(old_stages)} and {len(new_stages)} stage maps.')
+  total = 0.0
+  for old, new in zip(old_stages, new_stages):
+    b = new.shape[0]
+    a = l2_normalize(jax.lax.stop_gradient(old).reshape(b, -1))
+    n = l2_normalize(new.reshape(b, -1))
+    total = total + (jnp.square(a - n + 1e-6).sum(-1) / a.shape[-1]).mean()
+  return factor * total / len(new_stages)
 
 
 def adaptive_factor(base: float, seen: jax.Array, new: jax.Array) -> jax.Array:

@@ -30,7 +30,8 @@ import numpy as np
 
 from incremental_jax import memory as memory_lib
 from incremental_jax.losses.lucir import less_forget
-from incremental_jax.losses.podnet import POOLINGS, adaptive_factor, nca, nca_official, pod_spatial
+from incremental_jax.losses.podnet import (POOLINGS, adaptive_factor, nca, nca_official, perceptual_features,
+                                           pod_spatial)
 from incremental_jax.errors import ConfigError
 from incremental_jax.methods.base import Method, Phase, TaskContext, with_imprinted_head
 
@@ -59,7 +60,9 @@ def imprinted_proxies(kernel: np.ndarray, features: np.ndarray, labels: np.ndarr
 class PODNet(Method):
   """PODNet. `method` config fields:
 
-    pooling: POD pooling ('spatial'; the ablation: pixel, channel, gap, width, height);
+    pooling: POD pooling ('spatial'; the ablation: channel, gap, width, height, pod_pixel = POD without pooling),
+      or 'pixel': the official pixel ablation, `losses.podnet.perceptual_features` times pixel_weight (2 in the
+      official `podnet_cnn_podFlat_podPixels_cifar100.yaml`) instead of POD-spatial, without sqrt(N/T);
     spatial_weight, flat_weight: base weights of POD-spatial and POD-flat (CIFAR 3 and 1; ImageNet 8 and 10);
     nca: 'official' (`losses.podnet.nca_official`) or 'paper' (`losses.podnet.nca` with nca_margin,
       nca_exclude_positive, nca_hinge: 0.6, True, True); learn_scale: train eta (True);
@@ -73,8 +76,9 @@ class PODNet(Method):
   required_head = 'lsc'      # the local similarity classifier
 
   def check_config(self) -> None:
-    if self.mcfg.pooling not in POOLINGS:
-      raise ConfigError(f'method.pooling={self.mcfg.pooling!r} is not a POD pooling; valid: {list(POOLINGS)}.')
+    if self.mcfg.pooling not in POOLINGS + ('pixel',):
+      raise ConfigError(f'method.pooling={self.mcfg.pooling!r} is not a POD pooling; valid: '
+                        f"{list(POOLINGS) + ['pixel']}.")
 
   # ---- traced -------------------------------------------------------------------------------------
   def classification_loss(self, outputs, batch, task, teacher, params):
@@ -95,6 +99,10 @@ class PODNet(Method):
     m = self.mcfg
     factor = adaptive_factor(1.0, task.seen, task.new)
     flat = less_forget(outputs['embedding'], teacher['embedding']).mean()
+    if m.pooling == 'pixel':   # the official pixel ablation: its own factor, no adaptive weight
+      pixel = perceptual_features(teacher['stages'], outputs['stages'], float(m.pixel_weight))
+      total = total + factor * float(m.flat_weight) * flat + pixel
+      return total, {**metrics, 'pod_flat': flat, 'pixel': pixel, 'pod_factor': factor}
     spatial = pod_spatial(teacher['stages'], outputs['stages'], m.pooling)
     total = total + factor * (float(m.flat_weight) * flat + float(m.spatial_weight) * spatial)
     return total, {**metrics, 'pod_flat': flat, 'pod_spatial': spatial, 'pod_factor': factor}

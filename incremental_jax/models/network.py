@@ -18,11 +18,13 @@ from incremental_jax.models import conv as conv_lib
 from incremental_jax.models import cosine as cosine_lib
 from incremental_jax.models import lsc as lsc_lib
 from incremental_jax.models import heads as heads_lib
+from incremental_jax.models import rebuffi
 from incremental_jax.models import resnet
 
 BACKBONES: dict[str, Callable[..., nnx.Module]] = {
     'cifar_resnet': resnet.cifar_resnet,
     'resnet': resnet.imagenet_resnet,
+    'rebuffi': rebuffi.rebuffi_resnet,   # PODNet's CIFAR ResNet-32 (four POD maps, no post-addition ReLU)
 }
 
 
