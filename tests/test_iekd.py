@@ -181,7 +181,8 @@ def test_iedml_without_coupling_is_two_independent_sgd_trainings():
 
 # ---- end to end on digits (tiny networks) --------------------------------------------------------------
 def _context(cfg, model, mesh, workdir):
-  return TaskContext(config=cfg, task=0, scenario=make_scenario(10, cfg.data), train_images=None, train_labels=None,
+  return TaskContext(config=cfg, task=0, scenario=make_scenario(10, cfg.data), train_images=None,
+                     train_labels=np.arange(10),
                      model=model, state=None, frozen=None, method_state={}, memory=None, embed=None, predict=None,
                      mesh=mesh, workdir=workdir, trainer=train_lib.SubnetworkTrainer(mesh, show_progress=False))
 

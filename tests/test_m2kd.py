@@ -143,6 +143,9 @@ class _Context:
   workdir: str = ''
   mesh: object = None
 
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
 
 def _store_all(method, cfg, snapshot_params, stats):
   """Runs `after_task` once per task, with `snapshot_params[j]` as the model trained on task j."""

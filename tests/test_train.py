@@ -22,8 +22,15 @@ def _task(**kw):
   return train.TaskInfo(**base)
 
 
+def _optim(fields: dict) -> ConfigDict:
+  """The base config's optimiser section with `fields` set."""
+  optim = cfglib.base_config().optim
+  optim.update(fields)
+  return optim
+
+
 def _lr(optim, step, **kw):
-  return float(train.learning_rate(ConfigDict(optim), _task(**kw), jnp.int32(step)))
+  return float(train.learning_rate(_optim(optim), _task(**kw), jnp.int32(step)))
 
 
 def test_multistep_schedule_per_epoch():
@@ -59,8 +66,8 @@ def _setup():
 
 def _run_steps(optim, n_steps, trainable=np.ones(4), train_backbone=True):
   config, model, batch = _setup()
-  method = Finetune(config)
-  phase = Phase('t', method.loss, np.arange(8), ConfigDict(optim), train_backbone=train_backbone)
+  method = Finetune(config, 4, (8, 8, 1))
+  phase = Phase('t', method.loss, np.arange(8), _optim(optim), train_backbone=train_backbone)
   aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
   step = jax.jit(train.make_train_step(model, method, phase, aug, has_teacher=False))
   mesh = parallel.make_mesh()
