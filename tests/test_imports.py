@@ -1,0 +1,73 @@
+"""The package's import graph has no circle (each floor imports only lower ones), and importing a building
+block does not load the run machinery."""
+import ast
+import collections
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module_imports() -> dict:
+  """{module: modules of the package it imports when it is imported} (imports inside functions are lazy and
+  left out; `from pkg import sub` counts as importing `pkg.sub`)."""
+  mods = {}
+  for d, _, files in os.walk(os.path.join(ROOT, 'incremental_jax')):
+    for f in files:
+      if f.endswith('.py'):
+        path = os.path.join(d, f)
+        name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, '.')
+        mods[name[:-len('.__init__')] if name.endswith('.__init__') else name] = path
+  graph = collections.defaultdict(set)
+  for name, path in mods.items():
+    tree = ast.parse(open(path).read())
+    lazy = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for n in ast.walk(fn)}
+    for node in ast.walk(tree):
+      if id(node) in lazy:
+        continue
+      if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('incremental_jax'):
+        targets = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in mods else node.module for a in node.names]
+      elif isinstance(node, ast.Import):
+        targets = [a.name for a in node.names if a.name.startswith('incremental_jax')]
+      else:
+        continue
+      graph[name].update(t for t in targets if t in mods and t != name)
+  return graph
+
+
+def _cycles(graph: dict) -> list:
+  state, stack, found = {}, [], []
+
+  def visit(u):
+    state[u] = 'open'
+    stack.append(u)
+    for v in sorted(graph.get(u, ())):
+      if state.get(v) == 'open':
+        found.append(stack[stack.index(v):] + [v])
+      elif v not in state:
+        visit(v)
+    stack.pop()
+    state[u] = 'done'
+
+  for u in sorted(graph):
+    if u not in state:
+      visit(u)
+  return found
+
+
+def test_the_import_graph_has_no_circle():
+  graph = _module_imports()
+  assert 'incremental_jax.step' in graph['incremental_jax.train']      # the graph is read (not empty)
+  assert _cycles(graph) == []
+  assert _cycles({'a': {'b'}, 'b': {'a'}}) == [['a', 'b', 'a']]        # and a circle would be found
+
+
+def test_importing_the_losses_loads_no_run_machinery():
+  code = ('import sys, incremental_jax.losses; '
+          "print(sorted(m for m in sys.modules if m in ('incremental_jax.run', 'incremental_jax.train', "
+          "'incremental_jax.methods')))")
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'
