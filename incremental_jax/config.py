@@ -88,12 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.first_task_epochs = 0   # task 0 overrides (0/() = same as later tasks)
   c.optim.first_task_lr = 0.0
   c.optim.first_task_milestones = ()
+  c.optim.first_task_weight_decay = 0.0
 
   c.memory = ml_collections.ConfigDict()
   c.memory.per_class = 20         # exemplars per class; set 0 when memory.total is used
   c.memory.total = 0              # fixed total budget (e.g. 2000) split over the seen classes; needs per_class 0
   c.memory.selection = 'herding'  # 'herding' (greedy, PyCIL), 'herding_loop' (LUCIR/PODNet code) or 'random'
-  c.memory.nme_flip = True        # NME class means also from horizontally flipped exemplars
+  c.memory.nme_flip = True        # NME class means also from a second view of the exemplars (memory.nme_view)
+  c.memory.nme_view = 'hflip'     # that view: 'hflip' (mirrored) or 'channel_reverse' (LUCIR code's RGB->BGR)
 
   c.eval = ml_collections.ConfigDict({'batch_size': 256})
   c.checkpoint = ml_collections.ConfigDict()

@@ -14,10 +14,20 @@ from incremental_jax import parallel
 from incremental_jax.data import pipeline
 
 
+# The second view of an image whose embedding enters the NME class means (`memory.nme_view`), on NHWC batches:
+# 'hflip' mirrors the width (the usual flip); 'channel_reverse' reverses the channel axis, RGB -> BGR, which is
+# what LUCIR's official CIFAR code computes with `[:, :, :, ::-1]` on HWC arrays (it calls it a flip).
+VIEWS: dict[str, Callable] = {
+    'hflip': lambda x: x[:, :, ::-1, :],
+    'channel_reverse': lambda x: x[..., ::-1],
+}
+
+
 def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=('logits', 'embedding')) -> Callable:
   """`predict(params, batch_stats, images, flip=False) -> {name: np.ndarray [N, ...]}` in inference mode over a
-  host image array (any length; the last batch is padded and trimmed). Each process loads its share of every
-  batch; the outputs are replicated (gathered over the mesh), so every process gets all of them."""
+  host image array (any length; the last batch is padded and trimmed); `flip` True is the 'hflip' view, or name
+  a view of `VIEWS`. Each process loads its share of every batch; the outputs are replicated (gathered over the
+  mesh), so every process gets all of them."""
   parallel.check_batch_divisible(batch_size, 'eval.batch_size')
 
   @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
@@ -27,11 +37,19 @@ def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=
     out, _ = model.apply(params, batch_stats, x, train=False)
     return {k: out[k] for k in outputs}
 
-  def predict(params, batch_stats, images, flip: bool = False) -> dict:
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh), static_argnums=3)
+  def forward_view(params, batch_stats, images, view):
+    out, _ = model.apply(params, batch_stats, VIEWS[view](preprocess(images)), train=False)
+    return {k: out[k] for k in outputs}
+
+  def predict(params, batch_stats, images, flip=False) -> dict:
     rows, n = pipeline.padded_rows(len(images), batch_size)
     ident = np.arange(len(images))
-    flip = np.bool_(flip)
-    chunks = [forward(params, batch_stats, b['image'], flip)
+    if isinstance(flip, str) and flip != 'hflip':
+      run = lambda b: forward_view(params, batch_stats, b['image'], flip)
+    else:
+      run = lambda b: forward(params, batch_stats, b['image'], np.bool_(flip))
+    chunks = [run(b)
               for b in pipeline.device_batches(images, ident, rows, mesh)]
     host = jax.device_get(chunks)
     return {k: np.concatenate([c[k] for c in host])[:n] for k in outputs}

@@ -257,11 +257,13 @@ def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
 
 
 def nme_class_means(ctx: TaskContext, config) -> np.ndarray:
-  """Class means of the exemplars (and of their flipped copies when `memory.nme_flip`)."""
+  """Class means of the exemplars (and of their second view `memory.nme_view` when `memory.nme_flip`)."""
   idx = ctx.memory.indices()
   labels = ctx.train_labels[idx]
   feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx)
-  flipped = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx, flip=True) if config.memory.nme_flip else None
+  flipped = None
+  if config.memory.nme_flip:
+    flipped = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx, flip=config.memory.nme_view)
   return memory_lib.class_means(feats, labels, ctx.scenario.num_classes, flipped)
 
 

@@ -9,6 +9,7 @@ import jax
 from incremental_jax.data import pipeline, sources
 from incremental_jax.errors import ConfigError
 from incremental_jax.losses.auxiliary import AUX_LOSSES
+from incremental_jax.evaluate import VIEWS
 from incremental_jax.memory import SELECTIONS
 from incremental_jax.methods import method_class
 from incremental_jax.models import BACKBONES, COMPUTE_DTYPES, HEADS, conv as conv_lib
@@ -56,6 +57,7 @@ def validate_config(config) -> None:
   _require(not (int(mem.per_class) > 0 and int(mem.total or 0) > 0),
            f'memory.per_class={mem.per_class} and memory.total={mem.total} are both set; the budget is one of '
            'them: set the other to 0.')
+  _require(mem.nme_view in VIEWS, f'memory.nme_view={mem.nme_view!r}; valid: {sorted(VIEWS)}.')
   _require(mem.selection in SELECTIONS, f'memory.selection={mem.selection!r}; valid: {list(SELECTIONS)}.')
   for name in ('max_to_keep', 'every_epochs'):
     value = config.checkpoint[name] or 0

@@ -40,3 +40,24 @@ def test_each_preset_matches_the_protocol_table(method):
       assert got == pytest.approx(want, abs=1e-6), (preset, field)
     else:
       assert got == want, (preset, field, got, want)
+
+
+def test_nme_views_are_a_mirror_and_a_channel_reversal():
+  """`predict(..., flip=view)`: 'hflip' equals the model on width-mirrored images, 'channel_reverse' (LUCIR's
+  official NME view) the model on RGB->BGR images; the two differ."""
+  import jax
+  import numpy as np
+  from incremental_jax import evaluate, parallel
+  from incremental_jax.config import base_config, test_preset
+  from incremental_jax.models import build_model
+  cfg = test_preset(base_config())
+  model = build_model(cfg.model, 4, (8, 8, 3), seed=0)
+  params, stats = model.init_variables()
+  predict = evaluate.make_predict_fn(model, parallel.make_mesh(), lambda x: x.astype(np.float32) / 255.0, 4)
+  images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3)).astype(np.uint8)
+  emb = lambda imgs, view=False: predict(params, stats, imgs, flip=view)['embedding']
+  np.testing.assert_allclose(emb(images, 'channel_reverse'), emb(images[..., ::-1].copy()), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(emb(images, 'hflip'), emb(images[:, :, ::-1].copy()), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(emb(images, 'hflip'), emb(images, True))
+  assert not np.allclose(emb(images, 'channel_reverse'), emb(images, 'hflip'), atol=1e-4)
+  assert sorted(evaluate.VIEWS) == ['channel_reverse', 'hflip'] and jax.device_count() >= 1
