@@ -143,6 +143,8 @@ def run_jax(args) -> dict:
   sys.path.insert(0, ROOT)   # this checkout's incremental_jax and configs/
   import incremental_jax
   import jax
+  if args.compilation_cache:   # what main.py does by default (~/.cache/incremental_jax/xla)
+    jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
   t0 = time.perf_counter()
   register_source(args)
   config = jax_config(args)
@@ -373,7 +375,8 @@ def child(args) -> None:
 
 def run_child(side: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--side={side}', f'--epochs={args.epochs}', f'--seed={args.seed}',
-         f'--data_seed={args.data_seed}', f'--torch_format={args.torch_format}', f'--eval_batch={args.eval_batch}']
+         f'--data_seed={args.data_seed}', f'--torch_format={args.torch_format}', f'--eval_batch={args.eval_batch}',
+         f'--compilation_cache={args.compilation_cache}']
   env = dict(os.environ)
   if side == 'torch':
     env['OMP_WAIT_POLICY'] = 'PASSIVE'
@@ -420,6 +423,8 @@ def main():
                       help="inference batch (eval.batch_size); the JAX side pads every call to it, herding's too")
   parser.add_argument('--torch_format', choices=('channels_last', 'contiguous'), default='channels_last',
                       help='memory format of the PyTorch side (channels-last was 15-20%% faster here)')
+  parser.add_argument('--compilation_cache', default='',
+                      help="JAX side: persistent compilation cache directory, as main.py keeps one ('' = compile cold)")
   parser.add_argument('--side', choices=('jax', 'torch'), help='run one side in this process (the child)')
   args = parser.parse_args()
   if args.side:

@@ -15,6 +15,7 @@ with their ratio. Prints figures; asserts nothing.
     python benchmarks/vs_torch.py --conv_impl=xla      # XLA's plain convolutions (default: model.conv_impl 'auto')
     INCREMENTAL_JAX_XLA_CPU_FLAGS= python benchmarks/vs_torch.py   # without the XLA:CPU flags of incremental_jax.xla_cpu
     python benchmarks/vs_torch.py --dtype=bfloat16     # mixed precision (accelerators)
+    python benchmarks/vs_torch.py --bn_impl=flax       # BatchNorm differentiated by autodiff (models/batch_norm.py)
 """
 import argparse
 import os
@@ -48,6 +49,8 @@ def jax_step(args):
   if args.conv_impl:
     config.model.conv_impl = args.conv_impl
   config.model.dtype = args.dtype
+  if getattr(args, 'bn_impl', ''):
+    config.model.bn_impl = args.bn_impl
   mesh = parallel.make_mesh()
   method = METHODS['lucir'](config, NUM_CLASSES, (32, 32, 3))
   model = method.model
@@ -78,7 +81,7 @@ def jax_step(args):
     jax.block_until_ready(metrics)
     return metrics
 
-  return run, compile_s
+  return run, compile_s, compiled
 
 
 # --------------------------------------------------------------------------------------- PyTorch side
@@ -189,9 +192,10 @@ def main():
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--conv_impl', default='', help="model.conv_impl ('' = the config's default)")
   parser.add_argument('--dtype', default='float32', help='model.dtype: float32 or bfloat16 (compute)')
+  parser.add_argument('--bn_impl', default='', help="model.bn_impl ('' = the config's default)")
   args = parser.parse_args()
   dev = jax.devices()[0]
-  run_jax, compile_s = jax_step(args)
+  run_jax, compile_s, _ = jax_step(args)
   run_torch, torch_version = torch_step(args)
   print(f'JAX {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}); PyTorch '
         f'{torch_version} on CPU with {os.cpu_count()} threads; LUCIR step, ResNet-32, batch {args.batch}')

@@ -247,10 +247,13 @@ def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
   lo, hi = ctx.class_range()
   m = memory_lib.per_class_budget(config.memory, hi)
   memory = ctx.memory.reduced(m)
+  # One inference pass over every new class (not one per class, each padded to eval.batch_size).
+  new = np.flatnonzero((ctx.train_labels >= lo) & (ctx.train_labels < hi))
+  new_feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, new)
   for c in range(lo, hi):
     faults.reached('exemplar_selection')
-    idx = np.flatnonzero(ctx.train_labels == c)
-    feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, idx)
+    of_c = ctx.train_labels[new] == c
+    idx, feats = new[of_c], new_feats[of_c]
     pos = memory_lib.select_exemplars(feats, m, config.memory.selection, seed=config.seed + c)
     memory = memory.with_class(c, idx[pos])
   return memory

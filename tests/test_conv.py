@@ -142,11 +142,15 @@ def test_xla_cpu_flags_are_not_set_once_xla_has_started(caplog):
 
 
 def test_materialized_large_leaves_small_inputs_to_xla():
-  """`min_size` (the 'auto' threshold): an input below it gets XLA's plain convolution (no identity product in
-  the compiled program), one at or above it the materialised one."""
+  """`min_size` (the 'auto' threshold): a differentiated convolution whose input is below it gets XLA's plain
+  convolution (no identity product in the compiled gradient), one at or above it the materialised input; an
+  undifferentiated one (a frozen teacher, evaluation) never gets the product."""
   x = np.ones((2, 4, 4, 3), np.float32)                           # 96 elements
   w = np.ones((3, 3, 3, 2), np.float32)
-  compiled = lambda size: jax.jit(lambda v: conv_lib.materialized_conv(
-      jax.nn.relu(v), w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN, min_size=size)).lower(x).compile().as_text()
-  assert ' dot(' not in compiled(97)
-  assert ' dot(' in compiled(96)
+  conv = lambda v, k, size: conv_lib.materialized_conv(jax.nn.relu(v), k, (1, 1), [(1, 1)] * 2,
+                                                       dimension_numbers=DN, min_size=size)
+  grad = lambda size: jax.jit(jax.grad(lambda v, k: jnp.sum(conv(v, k, size) ** 2), argnums=(0, 1))).lower(
+      x, w).compile().as_text()
+  assert ' dot(' not in grad(97)
+  assert ' dot(' in grad(96)
+  assert ' dot(' not in jax.jit(lambda v: conv(v, w, 0)).lower(x).compile().as_text()

@@ -7,7 +7,8 @@ the whole chain back to the previous convolutions, one scalar at a time: with pl
 transposes took 636 ms of a 1.46 s CIFAR ResNet-32 step (96 transposes of up to 38 ms each, against 2 ms for a
 transpose of a materialised array). `materialized_conv` cuts the chain: it routes the input through a matrix
 product with the identity, an operation XLA cannot fuse into its consumers, and gives the result to the forward
-convolution and, as the saved residual, to XLA's own input- and weight-gradient convolutions:
+convolution and, as the saved residual, to XLA's own input- and weight-gradient convolutions (only where the
+convolution is differentiated; an inference pass gets XLA's convolution unchanged):
 
     x_m = reshape(x, [-1, C]) @ I_C,   y = conv(x_m, W),   dx, dW = conv_vjp(x_m, W)(dy).
 
@@ -43,8 +44,10 @@ def materialize(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _materialized_conv(x, kernel, strides, padding, dimension_numbers, precision):
-  # Undifferentiated (a frozen teacher, evaluation) too: it measured as fast as XLA's plain convolution there.
-  return _materialized_conv_fwd(x, kernel, strides, padding, dimension_numbers, precision)[0]
+  # Undifferentiated (the frozen teacher, evaluation, herding): nothing transposes the input, so XLA's plain
+  # convolution; with the product, XLA:CPU fused a whole inference block into one slow YNNPACK call (34 ms of the
+  # LUCIR step for the teacher's last block; the step went from 1072 to 993 ms without it).
+  return _xla_conv(x, kernel, strides, padding, dimension_numbers, precision)
 
 
 def _materialized_conv_fwd(x, kernel, strides, padding, dimension_numbers, precision):

@@ -111,14 +111,14 @@ COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 
 def layers_of(model_cfg) -> resnet.Layers:
-  """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'materialized', see `models.conv`) and
-  `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch statistics, heads and losses stay
+  """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'materialized', see `models.conv`),
+  `model.bn_impl` ('fused' or 'flax', see `models.batch_norm`) and `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch statistics, heads and losses stay
   float32)."""
   conv_impl = conv_lib.resolve(str(model_cfg.conv_impl))
   dtype = str(model_cfg.dtype)
   if dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'model.dtype={dtype!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.')
-  return resnet.Layers(conv_impl=conv_impl, dtype=COMPUTE_DTYPES[dtype])
+  return resnet.Layers(conv_impl=conv_impl, dtype=COMPUTE_DTYPES[dtype], bn_impl=str(model_cfg.bn_impl))
 
 
 def _backbone_kwargs(model_cfg) -> dict:

@@ -52,7 +52,7 @@ class RebuffiResNet(nnx.Module):
     self.embedding_dim = cin
 
   def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    x = self.stem_bn(self.stem_conv(x), use_running_average=not train, relu=True)
     stages = []
     for s, (_, blocks, _) in enumerate(self.layout):
       for b in range(blocks):

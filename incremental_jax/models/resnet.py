@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from incremental_jax.errors import ConfigError
+from incremental_jax.models import batch_norm as bn_lib
 from incremental_jax.models import conv as conv_lib
 
 # PyTorch ResNets initialise convolutions with kaiming_normal(mode='fan_out', nonlinearity='relu').
@@ -24,19 +25,21 @@ _CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 @dataclasses.dataclass(frozen=True)
 class Layers:
-  """How the backbone's layers compute: `conv_impl` names the convolution lowering (`models.conv`), `dtype` the
-  compute dtype (None: float32; bfloat16 for mixed precision). Parameters are always float32."""
+  """How the backbone's layers compute: `conv_impl` names the convolution lowering (`models.conv`), `bn_impl` the
+  BatchNorm gradient (`models.batch_norm`: 'fused' or 'flax'), `dtype` the compute dtype (None: float32; bfloat16
+  for mixed precision). Parameters are always float32."""
   conv_impl: str = 'xla'
   dtype: Optional[Any] = None
+  bn_impl: str = 'fused'
 
   def conv(self, cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
                     use_bias=False, kernel_init=_CONV_INIT, dtype=self.dtype,
                     conv_general_dilated=conv_lib.conv_fn(self.conv_impl), rngs=rngs)
 
-  def bn(self, c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  def bn(self, c: int, rngs: nnx.Rngs) -> bn_lib.BatchNorm:
     # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) in Flax's convention.
-    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
+    return bn_lib.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, impl=self.bn_impl, rngs=rngs)
 
 
 class Shortcut(nnx.Module):
@@ -72,10 +75,9 @@ class BasicBlock(nnx.Module):
     self.relu_out = relu_out
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    y = self.bn2(self.conv2(y), use_running_average=not train)
-    y = y + (self.shortcut(x, train) if self.shortcut is not None else x)
-    return jax.nn.relu(y) if self.relu_out else y
+    y = self.bn1(self.conv1(x), use_running_average=not train, relu=True)
+    shortcut = self.shortcut(x, train) if self.shortcut is not None else x
+    return self.bn2(self.conv2(y), use_running_average=not train, residual=shortcut, relu=self.relu_out)
 
 
 class Bottleneck(nnx.Module):
@@ -92,11 +94,10 @@ class Bottleneck(nnx.Module):
     self.relu_out = relu_out
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=not train))
-    y = self.bn3(self.conv3(y), use_running_average=not train)
-    y = y + (self.shortcut(x, train) if self.shortcut is not None else x)
-    return jax.nn.relu(y) if self.relu_out else y
+    y = self.bn1(self.conv1(x), use_running_average=not train, relu=True)
+    y = self.bn2(self.conv2(y), use_running_average=not train, relu=True)
+    shortcut = self.shortcut(x, train) if self.shortcut is not None else x
+    return self.bn3(self.conv3(y), use_running_average=not train, residual=shortcut, relu=self.relu_out)
 
 
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -141,7 +142,7 @@ class ResNet(nnx.Module):
     self.embedding_dim = cin
 
   def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    x = self.stem_bn(self.stem_conv(x), use_running_average=not train, relu=True)
     if self.stem_kind == 'imagenet':
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages = []
