@@ -30,7 +30,7 @@ class Layers:
   for mixed precision). Parameters are always float32."""
   conv_impl: str = 'xla'
   dtype: Optional[Any] = None
-  bn_impl: str = 'fused'
+  bn_impl: str = 'flax'
 
   def conv(self, cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
