@@ -32,13 +32,14 @@ nothing.
 
     python benchmarks/protocol_vs_torch.py --epochs=3               # one round, 3 epochs per task
     python benchmarks/protocol_vs_torch.py --epochs=3 --repeats=3   # medians of 3 alternating rounds
-    python benchmarks/protocol_vs_torch.py --epochs=3 --eval_batch=16   # see below
+    python benchmarks/protocol_vs_torch.py --epochs=3 --repeats=2 --compilation_cache=/tmp/xla_cache  # warm 2nd round
     python benchmarks/protocol_vs_torch.py --side=torch --epochs=1  # one side alone (prints its JSON line)
 
-`--eval_batch` is the inference batch of both sides (the JAX side's `eval.batch_size`, default 256). The JAX side
-pads every inference call to it, and its herding embeds one class per call: with 15 images per class that is
-100 x 256 images to embed 1500, which dominated the JAX run here (99 s of 181 s at one epoch; 79 s in all with
-`--eval_batch=16`). The PyTorch side embeds each task's new classes in one pass.
+`--eval_batch` is the inference batch of both sides (the JAX side's `eval.batch_size`, default 256); the JAX side
+pads each inference call to it. (Its herding used to embed one class per call, 100 x 256 images to embed 1500,
+99 s of a 181 s run at one epoch; it now embeds each task's new classes in one call, as the PyTorch side does.)
+`--compilation_cache=DIR` gives the JAX side the persistent compilation cache that `main.py` keeps by default, so
+a second round measures a warm start.
 """
 import argparse
 import importlib.metadata
@@ -420,7 +421,7 @@ def main():
   parser.add_argument('--seed', type=int, default=0, help='initialisation, augmentation and batch order')
   parser.add_argument('--data_seed', type=int, default=0, help='seed of the synthetic data set')
   parser.add_argument('--eval_batch', type=int, default=256,
-                      help="inference batch (eval.batch_size); the JAX side pads every call to it, herding's too")
+                      help='inference batch (eval.batch_size); the JAX side pads every call to it')
   parser.add_argument('--torch_format', choices=('channels_last', 'contiguous'), default='channels_last',
                       help='memory format of the PyTorch side (channels-last was 15-20%% faster here)')
   parser.add_argument('--compilation_cache', default='',

@@ -105,3 +105,36 @@ def test_herding_loop_reproduces_a_hand_worked_example_with_a_repeated_pick():
   assert M.select_exemplars(x * 7.0, 3, 'herding_loop').tolist() == [0, 2, 3]  # rows are normalised first
   with pytest.raises(M.ConfigError, match='herding_loop'):
     M.select_exemplars(x, 3, 'herding_official')
+
+
+def test_memory_update_embeds_the_new_classes_once_and_herds_each_class():
+  """`run.update_memory` embeds every new class in one inference call (not one call per class, each padded to
+  eval.batch_size) and still picks, per class, the exemplars herding picks from that class's embeddings alone."""
+  import types
+  from incremental_jax import config as cfglib
+  from incremental_jax.data.scenario import Scenario
+  from incremental_jax.methods.base import TaskContext
+  from incremental_jax.run import update_memory
+
+  rng = np.random.default_rng(0)
+  labels = rng.permutation(np.repeat(np.arange(6), 7)).astype(np.int32)   # classes interleaved in the split
+  table = rng.normal(size=(len(labels), 5))
+  calls = []
+
+  def embed(params, stats, indices, flip=False):
+    calls.append(np.asarray(indices))
+    return table[np.asarray(indices)]
+
+  config = cfglib.base_config()
+  config.memory.per_class = 3
+  old = M.Memory({0: np.array([1, 2, 3, 4]), 1: np.array([5, 6, 7, 8])})
+  ctx = TaskContext(config=config, task=1, scenario=Scenario(np.arange(6), (2, 4)), train_images=None,
+                    train_labels=labels, model=None, state=types.SimpleNamespace(params=None, batch_stats=None),
+                    frozen=None, method_state={}, memory=old, embed=embed, predict=None)
+  memory = update_memory(ctx, config)
+  assert len(calls) == 1 and sorted(calls[0]) == sorted(np.flatnonzero(labels >= 2))
+  np.testing.assert_array_equal(memory.exemplars[0], [1, 2, 3])   # old classes shrunk to the new budget
+  for c in range(2, 6):
+    idx = np.flatnonzero(labels == c)
+    want = idx[M.select_exemplars(table[idx], 3, 'herding', seed=config.seed + c)]
+    np.testing.assert_array_equal(memory.exemplars[c], want)
