@@ -113,7 +113,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   assert 0 < err < 0.05 * scale
 
 
-@pytest.mark.parametrize('field,value', [('conv_impl', 'im2col'), ('conv_impl', 'taps'), ('dtype', 'float16')])
+@pytest.mark.parametrize('field,value', [('conv_impl', 'im2col'), ('conv_impl', 'taps'), ('dtype', 'float16'),
+                                         ('bn_impl', 'cudnn')])
 def test_bad_model_options_are_refused(field, value):
   c = cfglib.test_preset(cfglib.base_config())
   c.model[field] = value

@@ -112,8 +112,8 @@ COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 def layers_of(model_cfg) -> resnet.Layers:
   """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'materialized', see `models.conv`),
-  `model.bn_impl` ('fused' or 'flax', see `models.batch_norm`) and `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch statistics, heads and losses stay
-  float32)."""
+  `model.bn_impl` ('flax' or 'fused', see `models.batch_norm`) and `model.dtype` (compute dtype 'float32' or
+  'bfloat16'; parameters, batch statistics, heads and losses stay float32)."""
   conv_impl = conv_lib.resolve(str(model_cfg.conv_impl))
   dtype = str(model_cfg.dtype)
   if dtype not in COMPUTE_DTYPES:
@@ -144,9 +144,10 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
                 extend: Optional[Callable[[Classifier, nnx.Rngs], nnx.Module]] = None) -> Model:
   """Builds the network named by `model_cfg.backbone` with head `model_cfg.head` over `num_classes` classes.
 
-  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only), `conv_impl`, `dtype`. Head options come from
-  `model_cfg.head_kwargs` (a dict). `extend(classifier, rngs)`, when given, returns the module actually trained
-  (the classifier's `backbone` and `head` plus extra trainable modules, e.g. IE-KD's encoders); its
+  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only), `conv_impl`, `bn_impl`,
+  `dtype`. Head options come from `model_cfg.head_kwargs` (a dict). `extend(classifier, rngs)`, when given,
+  returns the module actually trained (the classifier's `backbone` and `head` plus extra trainable modules, e.g.
+  IE-KD's encoders); its
   `__call__(x, train)` must return the classifier's outputs (and may add its own).
   """
   kw = _backbone_kwargs(model_cfg)
