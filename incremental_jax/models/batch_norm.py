@@ -112,9 +112,9 @@ class BatchNorm(nnx.BatchNorm):
       return _tail(super().__call__(x, use_running_average=use_running_average), residual, relu)
     dtype = self.dtype or x.dtype
     x = x.astype(dtype)
-    fn = fused_batch_norm if self.impl == 'fused' else reference_batch_norm
-    out, mean, var = fn(x, self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32), self.epsilon,
-                        None if residual is None else residual.astype(dtype), relu)
+    scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+    out, mean, var = fused_batch_norm(x, scale, bias, self.epsilon,
+                                      None if residual is None else residual.astype(dtype), relu)
     self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
     self.var[...] = jax.lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
     return out
