@@ -248,7 +248,7 @@ def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
   m = memory_lib.per_class_budget(config.memory, hi)
   memory = ctx.memory.reduced(m)
   # One inference pass over every new class (not one per class, each padded to eval.batch_size).
-  new = np.flatnonzero((ctx.train_labels >= lo) & (ctx.train_labels < hi))
+  new = ctx.new_class_indices()
   new_feats = ctx.embed(ctx.state.params, ctx.state.batch_stats, new)
   for c in range(lo, hi):
     faults.reached('exemplar_selection')
