@@ -49,6 +49,47 @@ def test_autoencoder_shapes(channels):
       assert params[part][f'bn{i}']['scale'].shape == (cout,)
 
 
+def _release_coder_numpy(x, layers, train):
+  """NumPy reference of the IE-KD release's `Coder` (`model/auto_encoder.py`), the decoder of its
+  paraphraser: LeakyReLU(0.1) on the input, then three [3x3 conv (padding 1, no bias) -> BatchNorm ->
+  LeakyReLU(0.1)]. NHWC; `layers` = [(kernel [3,3,cin,cout], scale, bias, running mean, running var)];
+  BatchNorm normalises by the batch's biased statistics in training, by the running ones in inference."""
+  leaky = lambda v: np.where(v >= 0, v, 0.1 * v)
+  x = leaky(np.asarray(x, np.float64))
+  for kernel, scale, bias, mean, var in layers:
+    b, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = sum(np.einsum('bhwc,cd->bhwd', padded[:, i:i + h, j:j + w], kernel[i, j]) for i in range(3) for j in range(3))
+    if train:
+      mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2))
+    x = leaky((y - mean) / np.sqrt(var + 1e-5) * scale + bias)
+  return x
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_decoder_is_the_releases_on_negative_factors(train):
+  """The paraphraser's decoder against the release's on a factor with negative entries (a LeakyReLU output),
+  where the release's leading LeakyReLU(0.1) is not the identity."""
+  channels, f = 6, 3
+  ae = _autoencoder(channels)
+  params, stats = ae.init_variables()
+  rng = np.random.default_rng(0)
+  layers = []
+  for i, (cin, cout) in enumerate([(f, f), (f, channels), (channels, channels)]):
+    kernel = rng.normal(0, 0.5, (3, 3, cin, cout)).astype(np.float32)
+    scale, bias, mean = (rng.normal(0, 0.5, cout).astype(np.float32) + a for a in (1.0, 0.0, 0.0))
+    var = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+    params['decoder'][f'conv{i}']['kernel'] = kernel
+    params['decoder'][f'bn{i}'] = {'scale': scale, 'bias': bias}
+    stats['decoder'][f'bn{i}'] = {'mean': mean, 'var': var}
+    layers.append((kernel, scale, bias, mean, var))
+  factor = rng.normal(size=(4, 5, 5, f)).astype(np.float32)
+  assert (factor < 0).mean() > 0.3
+  decoder = ae.merge(params, stats).decoder
+  got = decoder(jnp.asarray(factor), train=train)
+  np.testing.assert_allclose(got, _release_coder_numpy(factor, layers, train), rtol=1e-4, atol=1e-4)
+
+
 def _unit_rows(x):
   x = x.reshape(len(x), -1).astype(np.float64)
   return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -6,10 +6,13 @@ autoencoder (the "paraphraser") is trained to reconstruct the teacher's feature 
 frozen; the student's encoders (the "translators") map parts of the student's feature map into the same factor
 space, where the IE-KD losses compare them.
 
-Layout, following the IE-KD release (`model/auto_encoder.py`): every layer is conv 3x3 (no bias) -> BatchNorm ->
-LeakyReLU(0.1); the encoder goes C -> C -> rate*C -> rate*C and the decoder mirrors it, rate*C -> rate*C -> C -> C.
-The release also puts a LeakyReLU *before* the first convolution; it is omitted here because the input is the
-ResNet's last-stage output after its final ReLU (non-negative), where that activation is the identity.
+Layout, following the IE-KD release (`model/auto_encoder.py`, its `Coder`, used for the encoder and the decoder
+alike): a LeakyReLU(0.1) on the input, then three [conv 3x3 (no bias) -> BatchNorm -> LeakyReLU(0.1)] layers; the
+encoder goes C -> C -> rate*C -> rate*C and the decoder mirrors it, rate*C -> rate*C -> C -> C. The leading
+LeakyReLU is the identity on an encoder's input (the ResNet's last-stage output after its final ReLU, non-negative)
+but not on the decoder's: the factor is a LeakyReLU output, about half of it negative, and the decoder sees those
+entries scaled by 0.1. Without it the paraphraser reconstructs from a different input and trains to different
+factors, which the student then inherits from.
 
 The decoder uses plain convolutions, not transposed ones (the paper says "deconvolution"; the IE-KD release uses
 `nn.Conv2d`, the Factor Transfer release `nn.ConvTranspose2d`): at stride 1 with padding 1 a 3x3 transposed
@@ -40,8 +43,9 @@ def factor_channels(channels: int, rate: float) -> int:
 
 
 class ConvStack(nnx.Module):
-  """Three [conv 3x3 (stride 1, no bias) -> BatchNorm -> LeakyReLU(0.1)] layers through `channels`
-  (c0 -> c1 -> c2 -> c3); the encoder and the decoder of a factor autoencoder are both such stacks."""
+  """LeakyReLU(0.1), then three [conv 3x3 (stride 1, no bias) -> BatchNorm -> LeakyReLU(0.1)] layers through
+  `channels` (c0 -> c1 -> c2 -> c3): the release's `Coder`; the encoder and the decoder of a factor autoencoder
+  are both such stacks."""
 
   def __init__(self, channels: Sequence[int], *, rngs: nnx.Rngs, layers: Layers = Layers()):
     c = tuple(int(v) for v in channels)
@@ -52,6 +56,7 @@ class ConvStack(nnx.Module):
     self.conv2, self.bn2 = layers.conv(c[2], c[3], 3, 1, rngs), layers.bn(c[3], rngs)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = jax.nn.leaky_relu(x, LEAKY_SLOPE)   # the release's leading activation (see the module docstring)
     for i in range(3):
       conv, bn = getattr(self, f'conv{i}'), getattr(self, f'bn{i}')
       x = jax.nn.leaky_relu(bn(conv(x), use_running_average=not train), LEAKY_SLOPE)
