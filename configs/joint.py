@@ -1,12 +1,3 @@
-"""Joint baseline (upper bound: all data of the classes seen so far).
-
-Presets: digits (embedded), cifar100_b50_s10 (default) and the other shared protocols."""
-import ml_collections
-
-from incremental_jax import config as cfglib
-
-
-def get_config(arg=None):
-  c = cfglib.base_config()
-  c.method = cfglib.method_section('joint')
-  return cfglib.apply_preset(c, arg, cfglib.COMMON_PRESETS, default='cifar100_b50_s10')
+# The presets of incremental_jax/configs/joint.py for the command line: --config=configs/joint.py:<preset>.
+from incremental_jax.configs.joint import *  # noqa: F401,F403
+from incremental_jax.configs.joint import __doc__, get_config  # noqa: F401

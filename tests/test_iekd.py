@@ -145,6 +145,32 @@ def test_split_partitions_the_student_channels(channels, mode):
   np.testing.assert_array_equal(take_channels(jnp.asarray(x), explore), x[..., explore])
 
 
+def test_release_preset_is_the_releases_yaml():
+  """`cifar10_release` against the release's `config/ie_kd.yaml` (and `config/ind/cifar10/resnet20.yaml`, the
+  run its frozen ResNet-20 comes from): pairing, shortcuts, weights, optimisers, epochs, batch, factor sizes."""
+  cfg = iekd_cfg.get_config('cifar10_release')
+  assert (cfg.data.name, cfg.data.increment, cfg.method.name) == ('cifar10', 0, 'iekd')
+  assert (cfg.model.backbone, cfg.model.depth, cfg.method.teacher_model.depth) == ('cifar_resnet', 56, 20)
+  assert cfg.model.shortcut == cfg.method.teacher_model.shortcut == 'conv'      # resnet56B / resnet20B
+  assert (cfg.method.inherit_weight, cfg.method.explore_weight) == (1.0, 1.0)   # *_loss_weight_decay base 1
+  assert (cfg.method.split, cfg.method.factor_rate, cfg.method.reconstruction) == ('natural', 0.5, 'l1')
+  sgd = {'lr': 0.1, 'momentum': 0.9, 'nesterov': True, 'weight_decay': 5e-4, 'batch_size': 128}
+  for optim in (cfg.optim, cfg.method.teacher_optim):     # num_epoch 160, lr_decayT MultiStep [80, 120]
+    assert {k: optim[k] for k in sgd} == sgd
+    assert (optim.epochs, optim.schedule, tuple(optim.milestones), optim.gamma) == (160, 'multistep', (80, 120), 0.1)
+  ae = cfg.method.autoencoder_optim                        # num_epoch_embedS 30, lr_decayS base 0.1 (no decay)
+  assert {k: ae[k] for k in sgd} == sgd and (ae.epochs, ae.schedule) == (30, 'constant')
+  method = build_method(cfg, 10, (32, 32, 3))
+  shapes = {name: jax.tree.map(lambda v: v.shape, nnx.to_pure_dict(net.params_template))
+            for name, net in method.networks.items()}
+  blocks = lambda p: sum(k.startswith('stage') for k in p['backbone'])
+  assert (blocks(shapes['teacher']), blocks(shapes['model'])) == (9, 27)   # ResNet-20, ResNet-56
+  assert shapes['autoencoder']['encoder']['conv2']['kernel'] == (3, 3, 32, 32)   # student_embed_args 64 -> 32
+  assert shapes['autoencoder']['encoder']['conv0']['kernel'] == (3, 3, 64, 64)
+  for part in ('inherit_encoder', 'explore_encoder'):      # teacher_embedI_args / teacher_embedE_args 32 -> 32
+    assert [shapes['model'][part][f'conv{i}']['kernel'][2:] for i in range(3)] == [(32, 32)] * 3
+
+
 def _all_classes_task(n):
   ones = jnp.ones(n)
   return train_lib.TaskInfo(index=jnp.int32(0), old=jnp.zeros(n), new=ones, seen=ones, trainable=ones,

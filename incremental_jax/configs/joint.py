@@ -1,0 +1,12 @@
+"""Joint baseline (upper bound: all data of the classes seen so far).
+
+Presets: digits (embedded), cifar100_b50_s10 (default) and the other shared protocols."""
+import ml_collections
+
+from incremental_jax import config as cfglib
+
+
+def get_config(arg=None):
+  c = cfglib.base_config()
+  c.method = cfglib.method_section('joint')
+  return cfglib.apply_preset(c, arg, cfglib.COMMON_PRESETS, default='cifar100_b50_s10')
