@@ -148,7 +148,9 @@ class Method:
     self.model = self.networks['model']
 
   def check_config(self) -> None:
-    """Raises ConfigError for invalid `method.*` values (called at construction, before any data or training)."""
+    """Raises ConfigError for invalid `method.*` values. Called at construction, which needs the problem's number
+    of classes and image shape: a run builds its method once the data set is loaded, so this runs after the data
+    is read and before its workdir is opened or anything trains."""
 
   def build_networks(self, num_classes: int, image_shape: tuple[int, int, int]) -> dict:
     """{'model': the trained network, ...any other network the method's hooks or `teacher_forward` use}.
