@@ -1,6 +1,6 @@
 """incremental_jax: class-incremental learning and knowledge distillation in JAX/Flax.
 
-    from configs import lucir
+    from incremental_jax.configs import lucir
     import incremental_jax
     results = incremental_jax.train_and_evaluate(lucir.get_config('digits'), workdir='runs/lucir_digits')
 
