@@ -2,7 +2,8 @@
 (`python main.py --list` prints `listing()`).
 
 A config file's presets are its module's `PRESETS` dict, or `config.COMMON_PRESETS` for the files built on
-the shared protocols alone. A preset without a docstring is described by the config it builds.
+the shared protocols alone. The files listed are the command-line ones (`configs/<name>.py`), each re-exporting
+the package's presets, `incremental_jax.configs.<name>`. A preset without a docstring is described by the config it builds.
 """
 from __future__ import annotations
 
