@@ -98,9 +98,9 @@ def cifar10_release(c):
 
 
 def digits(c):
-  """Digits as one 10-class task: ResNet-20 (width 16) teacher -> ResNet-8 student, the teacher with the network
-  and recipe of `configs/train.py:digits` (trained inside the run, its batches come in another order than that
-  run's, so it is another network of the same recipe). 30 epochs of batch 32 for every network; autoencoder 10
+  """Digits as one 10-class task: ResNet-20 (width 16) teacher -> ResNet-8 student. The teacher has the network
+  and recipe of `configs/train.py:digits`; trained inside the run, its batches come in another order than that
+  run's, so it is another network of the same recipe. 30 epochs of batch 32 for every network; autoencoder 10
   epochs."""
   c = pair(train_cfg.digits, 'cifar_resnet', 20, 8)(c)
   c.method.autoencoder_optim.update(epochs=10, batch_size=32)
