@@ -44,7 +44,8 @@ def test_command_line_files_are_the_package_presets():
   import importlib
   assert _names(os.path.join(ROOT, 'configs')) == _names(PACKAGE_CONFIGS)
   for name in _names(PACKAGE_CONFIGS):
-    cli, package = importlib.import_module(f'configs.{name}'), importlib.import_module(f'incremental_jax.configs.{name}')
+    cli = importlib.import_module(f'configs.{name}')
+    package = importlib.import_module(f'incremental_jax.configs.{name}')
     assert cli.get_config is package.get_config and cli.__doc__ == package.__doc__, name
     assert getattr(cli, 'PRESETS', None) is getattr(package, 'PRESETS', None), name
 
