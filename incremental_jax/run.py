@@ -33,6 +33,7 @@ from incremental_jax import faults
 from incremental_jax import memory as memory_lib
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
+from incremental_jax import paths
 from incremental_jax import runs as runs_lib
 from incremental_jax import startup
 from incremental_jax import tensorboard
@@ -203,12 +204,11 @@ def _refuse_orphan_results(workdir: str) -> None:
   """A workdir whose results.json reports finished tasks but which has no checkpoint (deleted, or another
   tool's directory) is never silently started over: results.json is written only after the checkpoint of the
   tasks it reports is complete, so this cannot come from a crash."""
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
+  path = paths.as_path(paths.join(workdir, 'results.json'))
+  if not path.exists():
     return
   try:
-    with open(path) as f:
-      done = len(json.load(f).get('steps', []))
+    done = len(json.loads(path.read_text()).get('steps', []))
   except (OSError, ValueError, AttributeError):
     done = None
   if done != 0:
