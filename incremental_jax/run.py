@@ -257,7 +257,7 @@ def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
     idx, feats = new[of_c], new_feats[of_c]
     pos = memory_lib.select_exemplars(feats, m, config.memory.selection, seed=config.seed + c)
     memory = memory.with_class(c, idx[pos])
-  return memory
+  return memory_lib.Memory.from_array(parallel.broadcast_decision(memory.to_array(hi), 'herding', f'in task {ctx.task}'))
 
 
 def nme_class_means(ctx: TaskContext, config) -> np.ndarray:

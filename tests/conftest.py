@@ -141,3 +141,22 @@ def gcs_emulator(tmp_path_factory):
     proc.terminate()
     proc.wait(timeout=10)
     log.close()
+
+
+def _comparable(results: dict) -> dict:
+  """results.json without timings (`train_seconds`, `compilations`) and without the config (whose runtime fields,
+  e.g. progress or checkpoint.every_epochs, may differ between runs of the same protocol)."""
+  import json
+  results = json.loads(json.dumps(results))
+  results.pop('config')
+  for record in [results, *results['steps']]:
+    for k in ('train_seconds', 'compilations'):
+      record.pop(k, None)
+  return results
+
+
+@pytest.fixture(scope='session')
+def comparable():
+  """`comparable(results) -> dict`: what must be equal between an interrupted-and-resumed run and an
+  uninterrupted one."""
+  return _comparable

@@ -16,19 +16,6 @@ from incremental_jax import faults, metrics, paths, report
 from incremental_jax.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ('train_seconds', 'compilations')
-
-
-def comparable(results: dict) -> dict:
-  """results.json without timings and without the config (whose `workdir`-like runtime fields may differ)."""
-  results = json.loads(json.dumps(results))
-  results.pop('config')
-  for k in TIMING:
-    results.pop(k, None)
-  for s in results['steps']:
-    for k in TIMING:
-      s.pop(k, None)
-  return results
 
 
 def bucket_files(gcs_emulator, prefix: str) -> list[str]:
@@ -80,7 +67,7 @@ def run_main(workdir: str, env: dict, fault: str = '') -> subprocess.CompletedPr
 
 
 @pytest.mark.slow
-def test_bucket_run_killed_inside_a_task_resumes_to_the_local_results(gcs_emulator, tmp_path):
+def test_bucket_run_killed_inside_a_task_resumes_to_the_local_results(gcs_emulator, tmp_path, comparable):
   """iCaRL `test` preset with a checkpoint every epoch and `--workdir=gs://test-bucket/run`, SIGKILLed while it
   selects the exemplars of task 1 (its first epochs are checkpointed in the bucket), then run again: it resumes
   from the bucket, and its results.json equals the uninterrupted run's on local disk (timings aside)."""

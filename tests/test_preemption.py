@@ -15,18 +15,6 @@ from configs import icarl
 from incremental_jax import faults, preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ('train_seconds', 'compilations')
-
-
-def comparable(results: dict) -> dict:
-  results = json.loads(json.dumps(results))
-  results.pop('config')
-  for k in TIMING:
-    results.pop(k, None)
-  for s in results['steps']:
-    for k in TIMING:
-      s.pop(k, None)
-  return results
 
 
 def test_sigterm_is_a_request_kept_until_the_run_stops():
@@ -69,7 +57,7 @@ def run_main(workdir, fault=''):
 
 
 @pytest.mark.slow
-def test_sigterm_at_a_random_step_checkpoints_exits_and_resumes_identically(tmp_path):
+def test_sigterm_at_a_random_step_checkpoints_exits_and_resumes_identically(tmp_path, comparable):
   """SIGTERM after a random train step n of the iCaRL `test` run (3 tasks of 2 epochs; no `every_epochs`
   checkpoints): the run saves checkpoint S at the end of that epoch (n <= S < n + one epoch's steps), prints one
   line, exits with code 75; the same command resumes and ends with the uninterrupted run's results.json."""
