@@ -1,6 +1,8 @@
 """Orbax checkpoints of a run: one after every task (and optionally during long tasks), from which `main.py`
 resumes. Orbax writes into a temporary directory and renames it when complete, so a checkpoint interrupted
-by a crash is never the latest one read (leftover temporary directories are removed at the next start).
+by a crash is never the latest one read (leftover temporary directories are removed at the next start). In a
+bucket (`gs://`), which has no atomic rename, Orbax writes the step's directory in place and writes its
+`commit_success.txt` last; a step without it is never read.
 
 A task-end checkpoint holds three items:
   train: the TrainState (step counters, params, batch statistics, optimiser state), restored against the

@@ -44,7 +44,7 @@ def parse_signals(spec: str) -> dict[str, tuple[int, int]]:
   """'point:n[:term],...' -> {point: (n, signal)}; raises ValueError naming the valid points."""
   plan = {}
   for item in filter(None, (s.strip() for s in (spec or '').split(','))):
-    point, n, *action = item.split(':')
+    point, n, *action = item.split(':') + ([''] if ':' not in item else [])
     if (point not in POINTS or not n.isdigit() or int(n) < 1 or len(action) > 1
         or (action and action[0] not in SIGNALS)):
       raise ValueError(f'{ENV_VAR}={spec!r}: expected <point>:<n>[:term] with n >= 1 and point one of '
