@@ -160,3 +160,26 @@ def comparable():
   """`comparable(results) -> dict`: what must be equal between an interrupted-and-resumed run and an
   uninterrupted one."""
   return _comparable
+
+
+def _close(a, b, path=''):
+  """Equal structure, strings and integers; floats within 1e-5 (relative): several processes reduce in another
+  order than one."""
+  if isinstance(a, dict):
+    assert set(a) == set(b), path
+    for k in a:
+      _close(a[k], b[k], f'{path}.{k}')
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _close(x, y, f'{path}[{i}]')
+  elif isinstance(a, float):
+    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
+  else:
+    assert a == b, (path, a, b)
+
+
+@pytest.fixture(scope='session')
+def close():
+  """`close(a, b)`: asserts two results dicts equal up to float rounding (1e-5 relative)."""
+  return _close

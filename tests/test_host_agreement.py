@@ -54,24 +54,8 @@ def two_processes(workdir, perturb_on_1: str) -> list:
   return [(p.returncode, *out) for p, out in zip(procs, outs)]
 
 
-def _close(a, b, path=''):
-  """Equal structure, strings and integers; floats within 1e-5 (relative): 2 processes reduce in another order."""
-  if isinstance(a, dict):
-    assert set(a) == set(b), path
-    for k in a:
-      _close(a[k], b[k], f'{path}.{k}')
-  elif isinstance(a, list):
-    assert len(a) == len(b), path
-    for i, (x, y) in enumerate(zip(a, b)):
-      _close(x, y, f'{path}[{i}]')
-  elif isinstance(a, float):
-    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
-  else:
-    assert a == b, (path, a, b)
-
-
 @pytest.mark.slow
-def test_a_host_with_other_exemplars_is_overruled_and_the_run_equals_one_process(tmp_path, comparable):
+def test_a_host_with_other_exemplars_is_overruled_and_the_run_equals_one_process(tmp_path, comparable, close):
   (rc0, _, err0), (rc1, _, err1) = two_processes(tmp_path / 'run', perturb_on_1='herding')
   assert rc0 == 0 and rc1 == 0, err0[-3000:] + err1[-3000:]
   for t in range(3):
@@ -80,7 +64,7 @@ def test_a_host_with_other_exemplars_is_overruled_and_the_run_equals_one_process
   assert 'warning' not in err0
   results = json.loads((tmp_path / 'run' / 'results.json').read_text())
   reference = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path / 'one_process'))
-  _close(comparable(results), comparable(reference))
+  close(comparable(results), comparable(reference))
 
 
 @pytest.mark.slow
