@@ -183,3 +183,28 @@ def _close(a, b, path=''):
 def close():
   """`close(a, b)`: asserts two results dicts equal up to float rounding (1e-5 relative)."""
   return _close
+
+
+@pytest.fixture(scope='session')
+def two_processes():
+  """`two_processes(workdir, env_of_1={}) -> [(returncode, stdout, stderr)] * 2`: `main.py` on the iCaRL `test`
+  preset as two CPU processes (one device each) joined by jax.distributed; process 1 also gets `env_of_1`."""
+  import socket
+  import subprocess
+
+  def run(workdir, env_of_1: dict = None) -> list:
+    with socket.socket() as s:
+      s.bind(('localhost', 0))
+      port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('XLA_FLAGS', 'INCREMENTAL_JAX_FAULT', 'INCREMENTAL_JAX_PERTURB')}
+    env['JAX_PLATFORMS'] = 'cpu'
+    procs = [subprocess.Popen([sys.executable, 'main.py', '--config=configs/icarl.py:test', f'--workdir={workdir}',
+                               f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+                              cwd=ROOT, env={**env, **(env_of_1 or {})} if i else env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    return [(p.returncode, *out) for p, out in zip(procs, outs)]
+
+  return run

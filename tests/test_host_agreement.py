@@ -4,9 +4,6 @@
 the 1-process run or stops naming the decision and the task."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +11,6 @@ import pytest
 import incremental_jax
 from configs import icarl
 from incremental_jax import faults, parallel, pruning
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_one_process_returns_its_own_decision_and_perturbation_changes_it():
@@ -34,29 +29,9 @@ def test_one_process_returns_its_own_decision_and_perturbation_changes_it():
   assert parallel._digest([x]).shape == (32,) and not np.array_equal(parallel._digest([x]), parallel._digest([x + 1]))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def two_processes(workdir, perturb_on_1: str) -> list:
-  """`main.py` (iCaRL `test` preset) as 2 CPU processes; process 1 perturbs `perturb_on_1`. [(rc, stdout, stderr)]"""
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', faults.ENV_VAR, faults.PERTURB_VAR)}
-  env['JAX_PLATFORMS'] = 'cpu'
-  procs = [subprocess.Popen([sys.executable, 'main.py', '--config=configs/icarl.py:test', f'--workdir={workdir}',
-                             f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-                            cwd=ROOT, env={**env, faults.PERTURB_VAR: perturb_on_1} if i else env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=900) for p in procs]
-  return [(p.returncode, *out) for p, out in zip(procs, outs)]
-
-
 @pytest.mark.slow
-def test_a_host_with_other_exemplars_is_overruled_and_the_run_equals_one_process(tmp_path, comparable, close):
-  (rc0, _, err0), (rc1, _, err1) = two_processes(tmp_path / 'run', perturb_on_1='herding')
+def test_a_host_with_other_exemplars_is_overruled_and_the_run_equals_one_process(tmp_path, comparable, close, two_processes):
+  (rc0, _, err0), (rc1, _, err1) = two_processes(tmp_path / 'run', {faults.PERTURB_VAR: 'herding'})
   assert rc0 == 0 and rc1 == 0, err0[-3000:] + err1[-3000:]
   for t in range(3):
     assert (f'warning: process 1 computed the herding exemplar indices in task {t} differently from process 0; '
@@ -68,8 +43,8 @@ def test_a_host_with_other_exemplars_is_overruled_and_the_run_equals_one_process
 
 
 @pytest.mark.slow
-def test_a_host_with_another_epoch_plan_stops_the_run_naming_it(tmp_path):
-  outs = two_processes(tmp_path / 'run', perturb_on_1='epoch_plan')
+def test_a_host_with_another_epoch_plan_stops_the_run_naming_it(tmp_path, two_processes):
+  outs = two_processes(tmp_path / 'run', {faults.PERTURB_VAR: 'epoch_plan'})
   for rc, _, err in outs:
     assert rc != 0, err[-3000:]
     assert ("HostDisagreement: process(es) [1] computed the sampler's epoch plan of task 0 phase 'train' "

@@ -82,3 +82,22 @@ def test_sigterm_at_a_random_step_checkpoints_exits_and_resumes_identically(tmp_
   assert f'(checkpoint step {saved})' in out.stdout, (n, out.stdout[-2000:])
   final = json.loads(open(os.path.join(workdir, 'results.json')).read())
   assert comparable(final) == comparable(reference), n
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_checkpoint(tmp_path, comparable, close,
+                                                                           two_processes):
+  """Two processes; process 1 alone gets SIGTERM after train step 5 (epoch 1 of task 0, 17 steps per epoch):
+  JAX's preemption service tells process 0, both save the mid-task checkpoint of that epoch's end together and
+  exit with 75; one process then resumes from it to the uninterrupted results."""
+  workdir = tmp_path / 'run'
+  outs = two_processes(workdir, {faults.ENV_VAR: 'train_step:5:term'})
+  for rc, _, err in outs:
+    assert rc == preemption.EXIT_CODE, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"preempted (SIGTERM): stopped in step 0 (phase 'train', epoch 1) after saving checkpoint 17 in {workdir}; "
+        'run the same command again to resume from it.')
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['17']
+  resumed = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(workdir))
+  reference = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path / 'reference'))
+  close(comparable(resumed), comparable(reference))
