@@ -10,6 +10,8 @@ variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or with -
 process runs the same command; process 0 writes the results.
 
 An invalid config, data set or workdir stops the run before training with one line on stderr and exit code 2.
+SIGTERM (a preemption notice) makes the run checkpoint at its next epoch boundary, print one line on stderr and
+exit with code 75 (`incremental_jax.preemption`); the same command resumes it.
 """
 import os
 import sys
@@ -68,6 +70,7 @@ def main(argv):
   if dist is not None:
     jax.distributed.initialize(**dist)
   import incremental_jax
+  from incremental_jax import preemption
   from incremental_jax.errors import USER_ERRORS
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every file it writes at INFO
   try:
@@ -77,11 +80,15 @@ def main(argv):
     print(f'error: --config: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     sys.exit(2)
   workdir = _WORKDIR.value or default_workdir(config)
+  preemption.install()
   try:
     incremental_jax.train_and_evaluate(config, workdir)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
+  except preemption.Preempted as e:   # SIGTERM: checkpoint saved, exit code 75
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
 
 
 def parse_flags(argv: list) -> list:

@@ -1,6 +1,8 @@
 """Orbax checkpoints of a run: one after every task (and optionally during long tasks), from which `main.py`
 resumes. Orbax writes into a temporary directory and renames it when complete, so a checkpoint interrupted
-by a crash is never the latest one read (leftover temporary directories are removed at the next start).
+by a crash is never the latest one read (leftover temporary directories are removed at the next start). In a
+bucket (`gs://`), which has no atomic rename, Orbax writes the step's directory in place and writes its
+`commit_success.txt` last; a step without it is never read.
 
 A task-end checkpoint holds three items:
   train: the TrainState (step counters, params, batch statistics, optimiser state), restored against the
@@ -20,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from incremental_jax import faults, parallel
+from incremental_jax import faults, parallel, paths
 from incremental_jax.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -92,10 +93,13 @@ class _KeepTaskEnds:
 
 
 class RunCheckpointer:
-  """Saves and restores a run's state in `directory` (created if missing)."""
+  """Saves and restores a run's state in `directory` (created if missing): a local folder or a bucket path
+  (`gs://bucket/run/checkpoints`; Orbax writes the arrays through TensorStore's own GCS driver and the rest
+  through `etils.epath`)."""
 
   def __init__(self, directory: str, max_to_keep: Optional[int] = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self._path = paths.as_path(directory)   # a local folder (made absolute) or a bucket path (gs://...)
+    self.directory = str(self._path)
     self._check_directory()
     self._kinds: dict[int, str] = {}
     options = ocp.CheckpointManagerOptions(
@@ -103,7 +107,7 @@ class RunCheckpointer:
         preservation_policy=_KeepTaskEnds(max_to_keep or None, self._kinds))
     handlers = {'train': ocp.StandardCheckpointHandler(), 'extra': ocp.StandardCheckpointHandler(),
                 'meta': ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self.manager = ocp.CheckpointManager(self._path, options=options, item_handlers=handlers)
     for step in self.manager.all_steps():
       try:
         self._kinds[step] = MID_TASK if MID_TASK in self.restore_meta(step) else TASK_END
@@ -111,10 +115,11 @@ class RunCheckpointer:
         pass  # reported if and when this step is the one resumed from
 
   def _check_directory(self) -> None:
-    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+    if self._path.exists() and not self._path.is_dir():
       raise CheckpointError(f'{self.directory} exists and is not a directory.')
-    if os.path.isdir(self.directory):
-      foreign = [n for n in os.listdir(self.directory) if not (n.isdigit() or '.orbax-checkpoint-tmp' in n or n.startswith('.'))]
+    if self._path.is_dir():
+      names = [p.name for p in self._path.iterdir()]
+      foreign = [n for n in names if not (n.isdigit() or '.orbax-checkpoint-tmp' in n or n.startswith('.'))]
       if foreign:
         raise CheckpointError(f'{self.directory} holds files that are not checkpoints of this project '
                               f'({sorted(foreign)[:5]}); choose another --workdir or remove them.')
@@ -148,7 +153,7 @@ class RunCheckpointer:
   def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
     detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     others = [s for s in self.all_steps() if s != step]
-    advice = (f'To resume from the previous checkpoint, delete {os.path.join(self.directory, str(step))} '
+    advice = (f'To resume from the previous checkpoint, delete {paths.join(self.directory, str(step))} '
               f'(others there: {others}); to start over, use a new --workdir.' if others else
               'Use a new --workdir (or delete the checkpoints directory, losing this run).')
     return CheckpointError(f'cannot {what} checkpoint {step} in {self.directory}: it is corrupt, incomplete or was '

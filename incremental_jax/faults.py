@@ -1,9 +1,10 @@
 """Deterministic fault injection, for testing that a run survives being killed at any point.
 
-    INCREMENTAL_JAX_FAULT=<point>:<n>[,<point>:<n>...] python main.py ...
+    INCREMENTAL_JAX_FAULT=<point>:<n>[:term][,<point>:<n>[:term]...] python main.py ...
 
 kills the process with SIGKILL (no cleanup, no `finally`, like an out-of-memory kill or a lost machine) the
-n-th time (1-based, counted from the start of the process) that the named point is reached. Points:
+n-th time (1-based, counted from the start of the process) that the named point is reached; with `:term` it
+sends SIGTERM instead (a preemption notice, see `incremental_jax.preemption`). Points:
 
   train_step          after a train step has been dispatched (inside a task's training)
   epoch_end           after an epoch's metrics are read back (before any mid-task checkpoint)
@@ -13,6 +14,13 @@ n-th time (1-based, counted from the start of the process) that the named point 
 
 Without the variable every call returns at once; the train loop asks `armed('train_step')` once per phase and
 skips the call per step, so injection costs nothing in normal runs.
+
+    INCREMENTAL_JAX_PERTURB=<decision>[,<decision>...]
+
+makes `perturbed(decision, value)` return a different value in this process: a host-computed decision that
+every process must agree on (see `parallel.agree`) computed differently on one host, as a different BLAS or
+library version could. Decisions: herding (exemplar indices), podnet_imprint (k-means imprinted weights),
+prune_masks (M2KD's pruning masks), epoch_plan (the sampler's batches).
 """
 from __future__ import annotations
 
@@ -22,26 +30,49 @@ import signal
 
 ENV_VAR = 'INCREMENTAL_JAX_FAULT'
 POINTS = ('train_step', 'epoch_end', 'checkpoint_write', 'exemplar_selection', 'task_end')
+SIGNALS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM}
+PERTURB_VAR = 'INCREMENTAL_JAX_PERTURB'
+DECISIONS = ('herding', 'podnet_imprint', 'prune_masks', 'epoch_plan')
 
 _plan: dict[str, int] = {}
+_signals: dict[str, int] = {}
+_perturb: frozenset = frozenset()
 _counts: collections.Counter = collections.Counter()
+
+
+def parse_signals(spec: str) -> dict[str, tuple[int, int]]:
+  """'point:n[:term],...' -> {point: (n, signal)}; raises ValueError naming the valid points."""
+  plan = {}
+  for item in filter(None, (s.strip() for s in (spec or '').split(','))):
+    point, n, *action = item.split(':') + ([''] if ':' not in item else [])
+    if (point not in POINTS or not n.isdigit() or int(n) < 1 or len(action) > 1
+        or (action and action[0] not in SIGNALS)):
+      raise ValueError(f'{ENV_VAR}={spec!r}: expected <point>:<n>[:term] with n >= 1 and point one of '
+                       f'{list(POINTS)}.')
+    plan[point] = (int(n), SIGNALS[action[0] if action else 'kill'])
+  return plan
 
 
 def parse(spec: str) -> dict[str, int]:
   """'point:n,point:n' -> {point: n}; raises ValueError naming the valid points."""
-  plan = {}
-  for item in filter(None, (s.strip() for s in (spec or '').split(','))):
-    point, _, n = item.partition(':')
-    if point not in POINTS or not n.isdigit() or int(n) < 1:
-      raise ValueError(f'{ENV_VAR}={spec!r}: expected <point>:<n> with n >= 1 and point one of {list(POINTS)}.')
-    plan[point] = int(n)
-  return plan
+  return {point: n for point, (n, _) in parse_signals(spec).items()}
 
 
-def configure(spec: str | None = None) -> None:
-  """(Re)reads the plan from `spec` (default: the environment variable) and resets the counters."""
-  global _plan
-  _plan = parse(os.environ.get(ENV_VAR, '') if spec is None else spec)
+def parse_perturb(spec: str) -> frozenset:
+  names = frozenset(filter(None, (s.strip() for s in (spec or '').split(','))))
+  if names - set(DECISIONS):
+    raise ValueError(f'{PERTURB_VAR}={spec!r}: decisions are {list(DECISIONS)}.')
+  return names
+
+
+def configure(spec: str | None = None, perturb: str | None = None) -> None:
+  """(Re)reads the plan from `spec` and the perturbed decisions from `perturb` (default: the environment
+  variables) and resets the counters."""
+  global _plan, _signals, _perturb
+  full = parse_signals(os.environ.get(ENV_VAR, '') if spec is None else spec)
+  _plan = {point: n for point, (n, _) in full.items()}
+  _signals = {point: sig for point, (_, sig) in full.items()}
+  _perturb = parse_perturb(os.environ.get(PERTURB_VAR, '') if perturb is None else perturb)
   _counts.clear()
 
 
@@ -50,12 +81,24 @@ def armed(point: str) -> bool:
 
 
 def reached(point: str) -> None:
-  """Counts one occurrence of `point`; SIGKILLs this process at the planned occurrence."""
+  """Counts one occurrence of `point`; SIGKILLs (or SIGTERMs) this process at the planned occurrence."""
   if point not in _plan:
     return
   _counts[point] += 1
   if _counts[point] == _plan[point]:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), _signals.get(point, signal.SIGKILL))
+
+
+def perturbed(decision: str, value):
+  """`value`, or when this process perturbs `decision`, a different array of the same shape and dtype: integer
+  arrays rolled by one position (indices in another order), float arrays plus 1e-3."""
+  if decision not in _perturb:
+    return value
+  import numpy as np
+  value = np.asarray(value)
+  if np.issubdtype(value.dtype, np.integer) or value.dtype == bool:
+    return np.roll(value, 1)
+  return value + np.asarray(1e-3, value.dtype)
 
 
 configure()

@@ -8,11 +8,13 @@ seen at step i. Average forgetting (Chaudhry et al. 2018): for the final step T-
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from typing import Optional, Sequence
 
 import numpy as np
+
+from incremental_jax import paths
 
 
 def accuracy_matrix(steps: Sequence[dict], kind: str) -> Optional[list]:
@@ -70,26 +72,26 @@ def csv_rows(steps: Sequence[dict]) -> list[dict]:
 
 
 def write_results(workdir: str, results: dict, plots: bool = True) -> None:
-  """Writes results.json, results.csv and (optionally) the plots; each file is replaced atomically."""
-  os.makedirs(workdir, exist_ok=True)
-  _atomic_write(os.path.join(workdir, 'results.json'), json.dumps(results, indent=2, allow_nan=False))
-  tmp = os.path.join(workdir, 'results.csv.tmp')
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    for row in csv_rows(results['steps']):
-      writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
-  os.replace(tmp, os.path.join(workdir, 'results.csv'))
+  """Writes results.json, results.csv and (optionally) the plots into `workdir` (a local folder or a bucket
+  path, see `paths`); each file is replaced atomically."""
+  paths.atomic_write(paths.join(workdir, 'results.json'), json.dumps(results, indent=2, allow_nan=False))
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+  writer.writeheader()
+  for row in csv_rows(results['steps']):
+    writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
+  paths.atomic_write(paths.join(workdir, 'results.csv'), text.getvalue())
   if plots and results['steps']:
-    plot_accuracy_per_step(results, os.path.join(workdir, 'accuracy_per_step.png'))
-    plot_accuracy_matrix(results, os.path.join(workdir, 'accuracy_matrix.png'))
+    plot_accuracy_per_step(results, paths.join(workdir, 'accuracy_per_step.png'))
+    plot_accuracy_matrix(results, paths.join(workdir, 'accuracy_matrix.png'))
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+  """Saves a matplotlib figure as PNG at `path` (local or bucket), atomically, and closes it."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=dpi)
+  _pyplot().close(fig)
+  paths.atomic_write(path, buf.getvalue())
 
 
 def _pyplot():
@@ -116,8 +118,7 @@ def plot_accuracy_per_step(results: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_accuracy_matrix(results: dict, path: str) -> None:
@@ -138,8 +139,7 @@ def plot_accuracy_matrix(results: dict, path: str) -> None:
     ax.set_title(f'{kind.upper()} accuracy (%)')
     fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def format_summary(results: dict) -> str:

@@ -5,11 +5,16 @@ global across devices."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import sys
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from incremental_jax import faults
 
 
 def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
@@ -75,3 +80,56 @@ def check_batch_divisible(batch_size: int, what: str = 'batch_size') -> None:
   d = jax.device_count()
   if batch_size % d:
     raise ValueError(f'{what}={batch_size} is not divisible by the {d} devices; choose a multiple of {d}.')
+
+
+# ---- host decisions every process must share ---------------------------------------------------------------
+DECISIONS = {'herding': 'the herding exemplar indices', 'podnet_imprint': "PODNet's k-means imprinted proxies",
+             'prune_masks': "M2KD's pruning mask", 'epoch_plan': "the sampler's epoch plan"}
+
+
+class HostDisagreement(RuntimeError):
+  """Processes computed a decision that must be identical on every process differently."""
+
+
+def _digest(tree: Any) -> np.ndarray:
+  """uint8 [32]: SHA-256 of the leaves' shapes, dtypes and bytes."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    leaf = np.ascontiguousarray(leaf)
+    h.update(f'{leaf.shape}{leaf.dtype}'.encode())
+    h.update(leaf.tobytes())
+  return np.frombuffer(h.digest(), np.uint8)
+
+
+def check_agreement(tree: Any, decision: str, where: str) -> Any:
+  """`tree` (numpy arrays computed on the host) after checking that every process computed the same one (one
+  all-gather of a 32-byte digest); raises HostDisagreement naming the decision and `where` (e.g. 'in task 3')
+  otherwise, on every process. One process: returned as it is. `faults.perturbed` may alter it first (tests)."""
+  tree = jax.tree.map(lambda x: faults.perturbed(decision, x), tree)
+  if jax.process_count() == 1:
+    return tree
+  digests = np.asarray(multihost_utils.process_allgather(_digest(tree)))
+  differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
+  if differ:
+    raise HostDisagreement(f'process(es) {differ} computed {DECISIONS[decision]} {where} differently from process '
+                           '0 (a different library version, BLAS or float tie on that host?); stopping rather than '
+                           'train different models.')
+  return tree
+
+
+def broadcast_decision(value: np.ndarray, decision: str, where: str) -> np.ndarray:
+  """Process 0's `value` (a numpy array computed on every host) on every process, so that the hosts cannot
+  disagree; a process whose own value differed says so in one line on stderr. One process: `value`."""
+  value = np.asarray(faults.perturbed(decision, value))
+  if jax.process_count() == 1:
+    return value
+  # Without jax_enable_x64, 64-bit arrays would travel as 32-bit ones: indices are sent as int32 (checked).
+  sent = {np.dtype(bool): np.uint8, np.dtype(np.int64): np.int32}.get(value.dtype, value.dtype)
+  if value.dtype == np.int64 and value.size and np.abs(value).max() >= 2 ** 31:
+    raise ValueError(f'{DECISIONS[decision]} holds indices beyond int32.')
+  sent = value.astype(sent)
+  agreed = np.asarray(multihost_utils.broadcast_one_to_all(sent)).astype(value.dtype)
+  if not np.array_equal(agreed, value):
+    print(f'warning: process {jax.process_index()} computed {DECISIONS[decision]} {where} differently from process 0; '
+          "using process 0's.", file=sys.stderr, flush=True)
+  return agreed

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from incremental_jax import parallel
+
 STORED_KEYS = ('bits', 'values')
 
 
@@ -39,7 +41,7 @@ def magnitude_mask(w: np.ndarray, keep: float) -> np.ndarray:
   order = np.argsort(-flat, kind='stable')
   mask = np.zeros(flat.size, bool)
   mask[order[:k]] = True
-  return mask.reshape(np.shape(w))
+  return parallel.check_agreement(mask.reshape(np.shape(w)), 'prune_masks', f'of a {list(np.shape(w))} weight')
 
 
 def compress(w: np.ndarray, keep: float) -> dict:

@@ -18,12 +18,12 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
+from incremental_jax import paths
 from incremental_jax.errors import ReportError
 from incremental_jax.startup import protocol
 
@@ -56,7 +56,7 @@ class Entry:
 
   @property
   def name(self) -> str:
-    return os.path.basename(os.path.normpath(self.path))
+    return paths.as_path(self.path).name
 
   def values(self, key: str, kind: str) -> Optional[list]:
     """The runs' values of a headline number (None when a run lacks it, e.g. NME without memory)."""
@@ -86,20 +86,19 @@ class Entry:
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.as_path(path).read_text())
   except (OSError, ValueError) as e:
     raise ReportError(f'cannot read {path}: {e}') from None
 
 
 def load_entry(path: str) -> Entry:
   """A RUN_DIR: a group when it holds summary.json, else a single run's results.json."""
-  if os.path.exists(os.path.join(path, 'summary.json')):
-    summary = _read_json(os.path.join(path, 'summary.json'))
-    runs = [_read_json(os.path.join(path, f'run_{k}', 'results.json')) for k in range(int(summary['num_runs']))]
+  if paths.as_path(paths.join(path, 'summary.json')).exists():
+    summary = _read_json(paths.join(path, 'summary.json'))
+    runs = [_read_json(paths.join(path, f'run_{k}', 'results.json')) for k in range(int(summary['num_runs']))]
     return Entry(path, runs, summary)
-  if os.path.exists(os.path.join(path, 'results.json')):
-    return Entry(path, [_read_json(os.path.join(path, 'results.json'))])
+  if paths.as_path(paths.join(path, 'results.json')).exists():
+    return Entry(path, [_read_json(paths.join(path, 'results.json'))])
   raise ReportError(f'{path} holds neither results.json (a run) nor summary.json (a num_runs group); pass the '
                     '--workdir of a run.')
 
@@ -172,7 +171,7 @@ def csv_text(table: Sequence[dict]) -> str:
 def plot(entries: Sequence[Entry], path: str) -> None:
   """Accuracy on the seen classes against the number of classes: a CNN panel, and an NME one when a run has NME;
   a group is its mean with a shaded ±std band."""
-  from incremental_jax.metrics import _pyplot
+  from incremental_jax.metrics import _pyplot, save_figure
   plt = _pyplot()
   kinds = [k for k in KINDS if any(e.curve(k) is not None for e in entries)]
   fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False, sharey=True)
@@ -198,24 +197,21 @@ def plot(entries: Sequence[Entry], path: str) -> None:
   protocols = sorted({f'{e.dataset} {protocol(e.task_sizes)}' for e in entries})
   fig.suptitle(' | '.join(protocols), fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, path, dpi=100)
 
 
-def write_report(paths: Sequence[str], out: str, mix_protocols: bool = False) -> str:
-  """Writes report.md, report.csv and report.png of the RUN_DIRs `paths` into `out`; returns the Markdown."""
-  if not paths:
+def write_report(run_dirs: Sequence[str], out: str, mix_protocols: bool = False) -> str:
+  """Writes report.md, report.csv and report.png of the RUN_DIRs `run_dirs` into `out` (each local or a bucket
+  path); returns the Markdown."""
+  if not run_dirs:
     raise ReportError('no RUN_DIR given.')
-  entries = [load_entry(p) for p in paths]
+  entries = [load_entry(p) for p in run_dirs]
   check_protocols(entries, mix_protocols)
   table = rows(entries)
-  os.makedirs(out, exist_ok=True)
   text = markdown(table)
-  with open(os.path.join(out, 'report.md'), 'w') as f:
-    f.write(text)
-  with open(os.path.join(out, 'report.csv'), 'w', newline='') as f:
-    f.write(csv_text(table))
-  plot(entries, os.path.join(out, 'report.png'))
+  paths.atomic_write(paths.join(out, 'report.md'), text)
+  paths.atomic_write(paths.join(out, 'report.csv'), csv_text(table))
+  plot(entries, paths.join(out, 'report.png'))
   return text
 
 
@@ -233,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
   print(text, end='')
-  print(f"report written to {os.path.join(args.out, 'report.md')}, report.csv and report.png", flush=True)
+  print(f"report written to {paths.join(args.out, 'report.md')}, report.csv and report.png", flush=True)
   return 0
 
 

@@ -33,6 +33,8 @@ from incremental_jax import faults
 from incremental_jax import memory as memory_lib
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
+from incremental_jax import paths
+from incremental_jax import preemption
 from incremental_jax import runs as runs_lib
 from incremental_jax import startup
 from incremental_jax import tensorboard
@@ -203,12 +205,11 @@ def _refuse_orphan_results(workdir: str) -> None:
   """A workdir whose results.json reports finished tasks but which has no checkpoint (deleted, or another
   tool's directory) is never silently started over: results.json is written only after the checkpoint of the
   tasks it reports is complete, so this cannot come from a crash."""
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
+  path = paths.as_path(paths.join(workdir, 'results.json'))
+  if not path.exists():
     return
   try:
-    with open(path) as f:
-      done = len(json.load(f).get('steps', []))
+    done = len(json.loads(path.read_text()).get('steps', []))
   except (OSError, ValueError, AttributeError):
     done = None
   if done != 0:
@@ -256,7 +257,7 @@ def update_memory(ctx: TaskContext, config) -> memory_lib.Memory:
     idx, feats = new[of_c], new_feats[of_c]
     pos = memory_lib.select_exemplars(feats, m, config.memory.selection, seed=config.seed + c)
     memory = memory.with_class(c, idx[pos])
-  return memory
+  return memory_lib.Memory.from_array(parallel.broadcast_decision(memory.to_array(hi), 'herding', f'in task {ctx.task}'))
 
 
 def nme_class_means(ctx: TaskContext, config) -> np.ndarray:
@@ -313,7 +314,7 @@ def run_phases(trainer: train_lib.Trainer, runs: list, ctxs: list, phase_lists: 
   `resumes[k]` (a mid-task checkpoint's 'mid_task' entry plus its `state`, or None) makes run k skip the
   phases and epochs it covers. With `every` > 0, each run writes a mid-task checkpoint every `every` epochs
   (never after a phase's last epoch, whose state the task's next checkpoint supersedes)."""
-  resumes = resumes or [None] * len(runs)
+  main, resumes = resumes is not None, resumes or [None] * len(runs)
   names = [[p.name for p in phases] for phases in phase_lists]
   if any(n != names[0] for n in names):
     raise RuntimeError(f'runs trained together must have the same phases; got {names}.')
@@ -329,7 +330,7 @@ def run_phases(trainer: train_lib.Trainer, runs: list, ctxs: list, phase_lists: 
     # its updates are discarded, and the others' numbers stay those of the uninterrupted group.
     desc = f'step {t}/{num_tasks - 1} {phases[0].name}' + (f' ({len(runs)} runs)' if len(runs) > 1 else '')
     on_epoch_end = None
-    if every > 0:
+    if every > 0 or main:   # the main phases checkpoint every `every` epochs, and when preempted
       on_epoch_end = lambda e, states, live, p_idx=p_idx, parts=parts: _save_mid_task(
           runs, parts, losses, every, t, p_idx, e, states, live, desc)
     start_steps = [int(jax.device_get(part.state.step)) for part in parts]
@@ -371,8 +372,9 @@ def _save_mid_task(runs: list, parts: list, losses: list, every: int, t: int, p_
   """After epoch e of main phase `p_idx` of task t: each run that trained in it writes a mid-task checkpoint
   every `every` epochs (never after a phase's last epoch)."""
   phase = parts[0].phase
-  if (e + 1) % every or e + 1 >= int(phase.optim.epochs):
-    return
+  stop = preemption.requested()
+  if e + 1 >= int(phase.optim.epochs) or not (stop or (every and (e + 1) % every == 0)):
+    return   # (a stop after a phase's last epoch happens at the next boundary: the phase's end is no resume point)
   for run, part, loss, state, trained in zip(runs, parts, losses, states(), live):
     if not trained:
       continue
@@ -381,6 +383,16 @@ def _save_mid_task(runs: list, parts: list, losses: list, every: int, t: int, p_
            'start_step': run.resume.task_start_step, 'epoch_losses': dict(loss),
            'phase_losses': [round(m['loss'], 6) for m in part.history]}
     run.store.save_mid_task(state, {**run.store.task_meta(t - 1, run.state.steps), ckpt_lib.MID_TASK: mid})
+  if stop:
+    _stop(runs, f"in step {t} (phase {phase.name!r}, epoch {e + 1})")
+
+
+def _stop(runs: list, where: str) -> None:
+  """Waits for the runs' checkpoints and raises `preemption.Preempted` saying where the run stopped."""
+  for run in runs:
+    run.store.checkpointer.wait()
+  workdir = os.path.dirname(runs[0].spec.workdir) if len(runs) > 1 else runs[0].spec.workdir
+  raise preemption.Preempted(preemption.message(workdir, where, runs[0].store.checkpointer.latest_step()))
 
 
 # ---- the task loop --------------------------------------------------------------------------------------
@@ -436,6 +448,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
     ctxs = run_phases(trainer, active, ctxs, [r.spec.method.balancing_phases(c) for r, c in zip(active, ctxs)],
                       losses)
     records = [end_task(r, c, l, t0, show_progress and not group) for r, c, l in zip(active, ctxs, losses)]
+    if t + 1 < lead.scenario.num_tasks and preemption.requested():
+      _stop(runs, f'after step {t}')
     if group and show_progress and jax.process_index() == 0:
       print(runs_lib.task_line(t, records), flush=True)
   results = [finish(r, trainer.compile_count, show_progress and not group) for r in runs]

@@ -10,11 +10,11 @@ run's summary and the mean and standard deviation over runs.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 
+from incremental_jax import paths
 from incremental_jax.data import class_orders
 from incremental_jax.errors import ConfigError
 
@@ -73,15 +73,14 @@ def format_runs_summary(summary: dict) -> str:
 
 
 def write_summary(workdir: str, summary: dict, show_progress: bool) -> None:
-  """`workdir/summary.json` (process 0), and the summary printed when `show_progress`."""
+  """`workdir/summary.json` (process 0; local or in a bucket), and the summary printed when `show_progress`."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  path = paths.join(workdir, 'summary.json')
+  paths.atomic_write(path, json.dumps(summary, indent=1))
   if show_progress:
     print(format_runs_summary(summary), flush=True)
-    print(f"summary written to {os.path.join(workdir, 'summary.json')}", flush=True)
+    print(f'summary written to {path}', flush=True)
 
 
 def task_line(t: int, records: list) -> str:

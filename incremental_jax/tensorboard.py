@@ -11,16 +11,19 @@ Scalars (the tags a TensorBoard user sees):
                             they equal results.json's headline numbers
 
 A `num_runs` group writes one directory per run (`<workdir>/run_k/tensorboard/`), so
-`tensorboard --logdir <workdir>` shows each run as its own curve. Only process 0 writes.
+`tensorboard --logdir <workdir>` shows each run as its own curve. Only process 0 writes. A `gs://` workdir is
+written by tensorboardX's own Cloud Storage writer (google-cloud-storage), which uploads the whole event file
+again at each flush (once per phase and per task).
 """
 from __future__ import annotations
 
-import os
+import importlib.util
 from typing import Optional, Sequence
 
 import jax
 
 from incremental_jax import metrics as metrics_lib
+from incremental_jax import paths
 
 SUBDIR = 'tensorboard'
 KINDS = ('cnn', 'nme')
@@ -29,12 +32,9 @@ SUMMARY_KEYS = ('avg_incremental_accuracy', 'average_forgetting')
 
 
 def available() -> bool:
-  """Whether the writer library (tensorboardX) is installed."""
-  try:
-    import tensorboardX  # noqa: F401
-  except ImportError:
-    return False
-  return True
+  """Whether the writer library (tensorboardX) is installed (without importing it: it loads protobuf and more,
+  which the first `TensorBoardLogger` does)."""
+  return importlib.util.find_spec('tensorboardX') is not None
 
 
 class TensorBoardLogger:
@@ -90,7 +90,7 @@ def make_logger(config, workdir: str, restored_steps: Sequence[dict] = ()) -> Op
   a checkpoint but before its events reached the disk leaves no hole in the per-step curves."""
   if not config.tensorboard or jax.process_index() != 0 or not available():
     return None
-  logger = TensorBoardLogger(os.path.join(workdir, SUBDIR))
+  logger = TensorBoardLogger(paths.join(workdir, SUBDIR))
   for t in range(len(restored_steps)):
     logger.log_task(restored_steps[:t + 1])
   return logger

@@ -142,7 +142,8 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   """
   mesh, phase = trainer.mesh, runs[0].phase
   epochs, group = int(phase.optim.epochs), len(runs) > 1
-  plans = [trainer.epoch_plan(r.phase, r.labels, r.rng_seed) for r in runs]
+  plans = parallel.check_agreement([trainer.epoch_plan(r.phase, r.labels, r.rng_seed) for r in runs], 'epoch_plan',
+                                   f'of task {int(runs[0].task.index)} phase {phase.name!r}')
   run_steps = np.array([len(plan[0]) if plan else 1 for plan in plans])
   starts = np.array([int(r.start_epoch) for r in runs])
   tasks = [_phase_task(r.task, phase, n, r.seed) for r, n in zip(runs, run_steps)]

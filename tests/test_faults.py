@@ -281,24 +281,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _close(a, b, path=''):
-  """Equal structure, strings and integers; floats within 1e-5 (relative)."""
-  if isinstance(a, dict):
-    assert set(a) == set(b), path
-    for k in a:
-      _close(a[k], b[k], f'{path}.{k}')
-  elif isinstance(a, list):
-    assert len(a) == len(b), path
-    for i, (x, y) in enumerate(zip(a, b)):
-      _close(x, y, f'{path}[{i}]')
-  elif isinstance(a, float):
-    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
-  else:
-    assert a == b, (path, a, b)
-
-
 @pytest.mark.slow
-def test_two_processes_give_the_results_of_one(tmp_path, reference):
+def test_two_processes_give_the_results_of_one(tmp_path, reference, close):
   """`main.py` as two CPU processes (one device each, gloo collectives) joined by jax.distributed: each loads
   half of every batch; the results equal the single-process run with the same global batch, only process 0
   writes, and a single process resumes from the checkpoint they wrote together."""
@@ -319,7 +303,7 @@ def test_two_processes_give_the_results_of_one(tmp_path, reference):
   assert 'results written to' in reports[0][-1] and reports[1] == []  # only process 0 reports
   results = json.loads((workdir / 'results.json').read_text())
   assert results['complete'] and len(results['steps']) == 3
-  _close(comparable(results), comparable(ref_results))
+  close(comparable(results), comparable(ref_results))
 
   resumed = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(workdir))  # nothing left to train
-  _close(comparable(resumed), comparable(ref_results))
+  close(comparable(resumed), comparable(ref_results))

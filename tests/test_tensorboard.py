@@ -95,3 +95,21 @@ def test_tensorboard_off(tmp_path):
   incremental_jax.train_and_evaluate(cfg, str(tmp_path / 'off'))
   assert os.path.exists(tmp_path / 'off' / 'results.json')
   assert not os.path.exists(tmp_path / 'off' / 'tensorboard')
+
+
+def test_heavy_libraries_are_imported_only_when_used():
+  """Importing the run machinery (and asking whether tensorboardX is there) loads none of tensorboardX,
+  matplotlib, scikit-learn, tensorflow_datasets or gcsfs: each is imported where it is first used."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import sys, incremental_jax.run, incremental_jax.report, incremental_jax.data.cifar, '
+          'incremental_jax.data.image_folder, incremental_jax.methods\n'
+          'from incremental_jax import tensorboard\n'
+          'assert tensorboard.available()\n'
+          "heavy = ('tensorboardX', 'matplotlib', 'sklearn', 'tensorflow_datasets', 'gcsfs')\n"
+          "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))")
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=root))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'

@@ -1,7 +1,8 @@
 """CIFAR-10 and CIFAR-100: the CIFAR python pickle folder, or a TFDS-prepared copy read with `tfds.data_source`.
 
 Resolution order (first that exists wins):
-  1. the pickle folder most labs keep on disk: `<data_dir>/cifar-100-python/{train,test,meta}` (CIFAR-10:
+  1. the pickle folder most labs keep on disk (or in a bucket: `data_dir` may be `gs://...`, read through
+     `etils.epath`): `<data_dir>/cifar-100-python/{train,test,meta}` (CIFAR-10:
      `<data_dir>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`), or `data_dir` pointing at
      that folder itself; without a `data_dir`, `./data` is searched;
   2. TFDS prepared data (array_record) under `data_dir` (or the TFDS default data dir), read with
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from incremental_jax import paths
 from incremental_jax.data.sources import DataError, Dataset
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar.html'
@@ -68,7 +70,7 @@ class _CifarUnpickler(pickle.Unpickler):
 def read_pickle(path: str) -> dict:
   """The dict stored in one CIFAR pickle file (bytes keys); DataError naming the file if it is unreadable."""
   try:
-    with open(path, 'rb') as f:
+    with paths.open_file(path, 'rb') as f:
       obj = _CifarUnpickler(f, encoding='bytes').load()
   except Exception as e:  # pickle raises many types for a corrupt file
     raise DataError(f'Cannot read the CIFAR pickle {path}: {type(e).__name__}: {e}. The file is corrupt or '
@@ -95,14 +97,14 @@ def batch_arrays(batch: dict, label_key: bytes, path: str) -> tuple[np.ndarray, 
 
 def read_split(folder: str, files: Sequence[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
   """Concatenated images and labels of the pickle batches `files` in `folder`."""
-  parts = [batch_arrays(read_pickle(os.path.join(folder, f)), label_key, os.path.join(folder, f))
+  parts = [batch_arrays(read_pickle(paths.join(folder, f)), label_key, paths.join(folder, f))
            for f in files]
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def read_class_names(folder: str, layout: PickleLayout) -> list[str]:
   """Class names from the meta file."""
-  path = os.path.join(folder, layout.meta_file)
+  path = paths.join(folder, layout.meta_file)
   meta = read_pickle(path)
   if layout.names_key not in meta:
     raise DataError(f'The CIFAR meta file {path} lacks the key {layout.names_key!r} (has {sorted(meta)}).')
@@ -113,7 +115,7 @@ def pickle_candidates(data_dir: str, layout: PickleLayout) -> list[str]:
   """Folders that may hold the pickle files: `<root>/<layout.folder>`, then `data_dir` itself."""
   if not data_dir:
     return [os.path.join(DEFAULT_PICKLE_ROOT, layout.folder)]
-  return [os.path.join(data_dir, layout.folder), data_dir]
+  return [paths.join(data_dir, layout.folder), data_dir]
 
 
 def pickle_files(layout: PickleLayout) -> tuple[str, ...]:
@@ -122,7 +124,7 @@ def pickle_files(layout: PickleLayout) -> tuple[str, ...]:
 
 def missing_pickle_files(folder: str, layout: PickleLayout) -> list[str]:
   """The files of the layout that `folder` lacks."""
-  return [n for n in pickle_files(layout) if not os.path.isfile(os.path.join(folder, n))]
+  return [n for n in pickle_files(layout) if not paths.is_file(paths.join(folder, n))]
 
 
 def load_pickle_folder(name: str, folder: str, layout: PickleLayout) -> Dataset:
@@ -131,7 +133,7 @@ def load_pickle_folder(name: str, folder: str, layout: PickleLayout) -> Dataset:
   test_images, test_labels = read_split(folder, layout.test_files, layout.label_key)
   class_names = read_class_names(folder, layout)
   return make_dataset(name, train_images, train_labels, test_images, test_labels, class_names,
-                      location=os.path.abspath(folder))
+                      location=str(paths.as_path(folder)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,11 +157,10 @@ def tfds_data_dir(data_dir: str) -> str:
 
 def tfds_prepared_dirs(name: str, data_dir: str) -> list[str]:
   """Prepared version folders `<tfds dir>/<name>/<version>/` (those holding a dataset_info.json)."""
-  root = os.path.join(tfds_data_dir(data_dir), name)
-  if not os.path.isdir(root):
+  root = paths.as_path(paths.join(tfds_data_dir(data_dir), name))
+  if not root.is_dir():
     return []
-  return sorted(os.path.join(root, v) for v in os.listdir(root)
-                if os.path.isfile(os.path.join(root, v, 'dataset_info.json')))
+  return sorted(str(v) for v in root.iterdir() if (v / 'dataset_info.json').is_file())
 
 
 def open_tfds_split(name: str, split: str, data_dir: str):
@@ -271,7 +272,7 @@ def tfds_class_names(source, num_classes_hint: int) -> list[str]:
 
 def load_tfds(name: str, data_dir: str) -> Dataset:
   """The Dataset from TFDS prepared data. Raises TfdsNotFound when there is none."""
-  where = os.path.join(tfds_data_dir(data_dir), name)
+  where = paths.join(tfds_data_dir(data_dir), name)
   train_source = open_tfds_split(name, 'train', data_dir)
   test_source = open_tfds_split(name, 'test', data_dir)
   train_images, train_labels = tfds_split_arrays(train_source, where)
@@ -334,7 +335,7 @@ def load_cifar(name: str, cfg) -> Dataset:
   """CIFAR-10/100 from the pickle folder, else TFDS, else a DataError that says how to get it."""
   layout = LAYOUTS[name]
   data_dir = str(cfg.data_dir or '')
-  if data_dir:
+  if data_dir and not paths.is_remote(data_dir):
     data_dir = os.path.expanduser(data_dir)
   candidates = pickle_candidates(data_dir, layout)
   for folder in candidates:
@@ -350,8 +351,8 @@ def load_cifar(name: str, cfg) -> Dataset:
     tfds_note = str(e)
   files = '{' + ','.join(layout.train_files[:1] + (('...',) if len(layout.train_files) > 1 else ())
                          + layout.test_files + (layout.meta_file,)) + '}'
-  looked = [os.path.join(os.path.abspath(c), files) + ' (CIFAR python pickles)' for c in candidates]
-  looked.append(os.path.join(os.path.abspath(tfds_data_dir(data_dir)), name, '<version>') +
+  looked = [paths.join(paths.as_path(c), files) + ' (CIFAR python pickles)' for c in candidates]
+  looked.append(paths.join(paths.as_path(tfds_data_dir(data_dir)), name, '<version>') +
                 ' (tfds.data_source, array_record)')
   raise DataError(missing_data_message(name, looked, layout, tfds_note))
 

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from incremental_jax import paths as paths_lib
 from incremental_jax.data.sources import DataError, Dataset
 
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp', '.gif')
@@ -54,7 +55,7 @@ def decode_image(path: str, image_size: int, resize: int) -> np.ndarray:
   """
   from PIL import Image
   try:
-    with Image.open(path) as img:
+    with paths_lib.open_file(path, 'rb') as f, Image.open(f) as img:
       img = img.convert('RGB')
       size = resized_size(img.width, img.height, resize)
       if size != img.size:
@@ -70,7 +71,7 @@ def check_image(path: str) -> str:
   """'' if PIL can open and verify `path` (cheap: no full decode for most formats), else the error."""
   from PIL import Image
   try:
-    with Image.open(path) as img:
+    with paths_lib.open_file(path, 'rb') as f, Image.open(f) as img:
       img.verify()
   except Exception as e:  # any failure means the file is unusable
     return f'{type(e).__name__}: {e}'
@@ -194,7 +195,9 @@ def is_image_file(name: str) -> bool:
 def class_images(class_dir: str) -> list[str]:
   """Sorted paths of the image files under `class_dir` (searched recursively, links followed)."""
   found = []
-  for root, dirs, files in os.walk(class_dir, followlinks=True):
+  walk = (os.walk(class_dir, followlinks=True) if not paths_lib.is_remote(class_dir) else
+          ((os.fspath(root), dirs, files) for root, dirs, files in paths_lib.as_path(class_dir).walk()))
+  for root, dirs, files in walk:
     dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
     found.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
   return found
@@ -202,8 +205,7 @@ def class_images(class_dir: str) -> list[str]:
 
 def scan_split(split_dir: str) -> dict[str, list[str]]:
   """{class name: image paths} of one split folder, classes sorted; DataError for an empty class or split."""
-  classes = sorted(d for d in os.listdir(split_dir)
-                   if not d.startswith('.') and os.path.isdir(os.path.join(split_dir, d)))
+  classes = sorted(d.name for d in paths_lib.as_path(split_dir).iterdir() if not d.name.startswith('.') and d.is_dir())
   if not classes:
     raise DataError(f'{split_dir} has no class folders; {_LAYOUT_HINT}.')
   tree = {}
@@ -220,7 +222,7 @@ def find_split_dir(data_dir: str, names: Sequence[str]) -> str:
   """The first `<data_dir>/<name>` folder that exists; DataError naming them all otherwise."""
   for name in names:
     path = os.path.join(data_dir, name)
-    if os.path.isdir(path):
+    if paths_lib.is_dir(path):
       return path
   looked = ' or '.join(os.path.join(data_dir, n) for n in names)
   raise DataError(f'No split folder {looked}; {_LAYOUT_HINT}.')
@@ -261,9 +263,10 @@ def folder_splits(data_dir: str) -> tuple[list[str], np.ndarray, list[str], np.n
 
 def resolve_list_path(list_path: str, data_dir: str) -> str:
   """`list_path` as given if it exists, else relative to `data_dir`; DataError naming both otherwise."""
-  candidates = [list_path] if os.path.isabs(list_path) else [list_path, os.path.join(data_dir, list_path)]
+  absolute = os.path.isabs(list_path) or paths_lib.is_remote(list_path)
+  candidates = [list_path] if absolute else [list_path, os.path.join(data_dir, list_path)]
   for path in candidates:
-    if os.path.isfile(path):
+    if paths_lib.is_file(path):
       return path
   raise DataError(f'Split list file {list_path!r} not found (looked at {", ".join(candidates)}); fix '
                   f'--config.data.train_list / --config.data.test_list.')
@@ -284,7 +287,7 @@ def parse_list_line(line: str) -> tuple[str, int] | None:
 def read_split_list(list_file: str, data_dir: str) -> tuple[list[str], np.ndarray]:
   """Image paths (relative to `data_dir`) and labels of a split list; DataError naming file and line."""
   paths, labels, missing = [], [], []
-  with open(list_file, encoding='utf-8') as f:
+  with paths_lib.open_file(list_file, 'r', encoding='utf-8') as f:
     for lineno, line in enumerate(f, start=1):
       line = line.strip()
       if not line or line.startswith('#'):
@@ -294,7 +297,7 @@ def read_split_list(list_file: str, data_dir: str) -> tuple[list[str], np.ndarra
         raise DataError(f'{list_file}, line {lineno}: expected "relative/path/to/image.JPEG <label>" with an '
                         f'integer label >= 0, got {line[:200]!r}.')
       path = os.path.join(data_dir, entry[0])
-      if not os.path.isfile(path):
+      if not paths_lib.is_file(path):
         missing.append(f'line {lineno}: {path}')
       paths.append(path)
       labels.append(entry[1])
@@ -361,10 +364,11 @@ def load_image_folder(cfg) -> Dataset:
   none), num_workers (0: all cores), verify_images (True: open every file once up front), mean / std
   (default: ImageNet's), name.
   """
-  data_dir = os.path.expanduser(str(cfg.data_dir or ''))
+  data_dir = str(cfg.data_dir or '')
+  data_dir = data_dir if paths_lib.is_remote(data_dir) else os.path.expanduser(data_dir)
   if not data_dir:
     raise DataError(f'The image_folder source needs --config.data.data_dir=<root>; {_LAYOUT_HINT}.')
-  if not os.path.isdir(data_dir):
+  if not paths_lib.is_dir(data_dir):
     raise DataError(f'data_dir {data_dir} does not exist or is not a folder; {_LAYOUT_HINT}.')
   image_size = int(cfg.image_size or 0) or DEFAULT_IMAGE_SIZE
   resize = int(cfg.resize or 0) or image_size
@@ -381,7 +385,7 @@ def load_image_folder(cfg) -> Dataset:
   if cfg.verify_images:
     verify_images(train_paths + test_paths, num_workers)
   mean, std = normalisation(cfg)
-  where = os.path.abspath(data_dir) + (f' (split lists {train_list}, {test_list})' if train_list or test_list else '')
+  where = str(paths_lib.as_path(data_dir)) + (f' (split lists {train_list}, {test_list})' if train_list or test_list else '')
   return Dataset(name=str(cfg.name),
                  train_images=LazyImages(train_paths, image_size, resize, num_workers), train_labels=train_labels,
                  test_images=LazyImages(test_paths, image_size, resize, num_workers), test_labels=test_labels,

@@ -1,0 +1,103 @@
+"""Preemption: SIGTERM makes a run checkpoint at its next epoch boundary, say where it stopped and exit with
+`preemption.EXIT_CODE`; the same command resumes to the results of an uninterrupted run."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import incremental_jax
+from configs import icarl
+from incremental_jax import faults, preemption
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sigterm_is_a_request_kept_until_the_run_stops():
+  previous = signal.getsignal(signal.SIGTERM)
+  preemption.reset()
+  try:
+    preemption.install()
+    assert not preemption.requested()
+    os.kill(os.getpid(), signal.SIGTERM)   # handled by Python at the next bytecode: the process goes on
+    assert preemption.requested() and preemption.requested()   # kept for the next boundary
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    preemption.reset()
+  assert not preemption.requested()
+  preemption.reset()
+
+
+def test_fault_spec_can_send_sigterm(monkeypatch):
+  assert faults.parse_signals('train_step:7:term') == {'train_step': (7, signal.SIGTERM)}
+  with pytest.raises(ValueError, match='point one of'):
+    faults.parse('train_step:7:stop')
+  sent = []
+  monkeypatch.setattr(faults.os, 'kill', lambda pid, sig: sent.append(sig))
+  faults.configure('train_step:2:term,epoch_end:1')
+  try:
+    faults.reached('train_step')
+    faults.reached('train_step')
+    faults.reached('epoch_end')
+  finally:
+    faults.configure('')
+  assert sent == [signal.SIGTERM, signal.SIGKILL]
+
+
+def run_main(workdir, fault=''):
+  env = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
+  if fault:
+    env[faults.ENV_VAR] = fault
+  cmd = [sys.executable, 'main.py', '--config=configs/icarl.py:test', f'--workdir={workdir}', '--config.progress=True']
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_sigterm_at_a_random_step_checkpoints_exits_and_resumes_identically(tmp_path, comparable):
+  """SIGTERM after a random train step n of the iCaRL `test` run (3 tasks of 2 epochs; no `every_epochs`
+  checkpoints): the run saves checkpoint S at the end of that epoch (n <= S < n + one epoch's steps), prints one
+  line, exits with code 75; the same command resumes and ends with the uninterrupted run's results.json."""
+  reference = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path / 'reference'))
+  ends = sorted(int(n) for n in os.listdir(tmp_path / 'reference' / 'checkpoints'))   # tasks 1 and 2 end
+  last_epoch = (ends[1] - ends[0]) // 2
+  n = random.Random().randint(1, ends[1] - last_epoch)   # a SIGTERM in the final epoch simply lets the run end
+  workdir = str(tmp_path / 'run')
+  out = run_main(workdir, fault=f'train_step:{n}:term')
+  assert out.returncode == preemption.EXIT_CODE, (n, out.stderr[-3000:])
+  line = out.stderr.strip().splitlines()[-1]
+  m = re.fullmatch(r'preempted \(SIGTERM\): stopped (in step \d \(phase .train., epoch 1\)|after step \d) after '
+                   rf'saving checkpoint (\d+) in {re.escape(workdir)}; run the same command again to resume from it\.',
+                   line)
+  assert m, (n, line)
+  saved = int(m.group(2))
+  assert n <= saved < n + 18, (n, saved)   # the next epoch boundary (at most 18 steps per epoch here)
+  assert str(saved) in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+  out = run_main(workdir)
+  assert out.returncode == 0, (n, out.stderr[-3000:])
+  assert f'(checkpoint step {saved})' in out.stdout, (n, out.stdout[-2000:])
+  final = json.loads(open(os.path.join(workdir, 'results.json')).read())
+  assert comparable(final) == comparable(reference), n
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_checkpoint(tmp_path, comparable, close,
+                                                                           two_processes):
+  """Two processes; process 1 alone gets SIGTERM after train step 5 (epoch 1 of task 0, 17 steps per epoch):
+  JAX's preemption service tells process 0, both save the mid-task checkpoint of that epoch's end together and
+  exit with 75; one process then resumes from it to the uninterrupted results."""
+  workdir = tmp_path / 'run'
+  outs = two_processes(workdir, {faults.ENV_VAR: 'train_step:5:term'})
+  for rc, _, err in outs:
+    assert rc == preemption.EXIT_CODE, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"preempted (SIGTERM): stopped in step 0 (phase 'train', epoch 1) after saving checkpoint 17 in {workdir}; "
+        'run the same command again to resume from it.')
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['17']
+  resumed = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(workdir))
+  reference = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path / 'reference'))
+  close(comparable(resumed), comparable(reference))
