@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from incremental_jax import parallel, train
@@ -193,26 +194,34 @@ def main():
   parser.add_argument('--conv_impl', default='', help="model.conv_impl ('' = the config's default)")
   parser.add_argument('--dtype', default='float32', help='model.dtype: float32 or bfloat16 (compute)')
   parser.add_argument('--bn_impl', default='', help="model.bn_impl ('' = the config's default)")
+  parser.add_argument('--jax_only', action='store_true', help='time the JAX side only (no PyTorch needed)')
   args = parser.parse_args()
   dev = jax.devices()[0]
   run_jax, compile_s, _ = jax_step(args)
-  run_torch, torch_version = torch_step(args)
-  print(f'JAX {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}); PyTorch '
-        f'{torch_version} on CPU with {os.cpu_count()} threads; LUCIR step, ResNet-32, batch {args.batch}')
+  sides = {'jax': run_jax}
+  torch_version = 'not run'
+  if not args.jax_only:
+    sides['torch'], torch_version = torch_step(args)
+  print(f'JAX {jax.__version__} (jaxlib {jaxlib.__version__}) on {jax.device_count()} x {dev.device_kind} '
+        f'({dev.platform}), XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; PyTorch {torch_version} on CPU with '
+        f'{os.cpu_count()} threads; LUCIR step, ResNet-32, batch {args.batch}')
   print(f'jax compile {compile_s:.2f} s', flush=True)
-  run_jax(args.warmup)
-  run_torch(args.warmup)
-  times = {'jax': [], 'torch': []}
+  for fn in sides.values():
+    fn(args.warmup)
+  times = {name: [] for name in sides}
   for r in range(args.rounds):
-    for name, fn in (('jax', run_jax), ('torch', run_torch)):
+    for name, fn in sides.items():
       t0 = time.perf_counter()
       fn(args.steps)
       times[name].append((time.perf_counter() - t0) / args.steps)
-    print(f'round {r + 1}: jax {1000 * times["jax"][-1]:7.1f} ms/step   torch {1000 * times["torch"][-1]:7.1f} '
-          f'ms/step', flush=True)
+    print(f'round {r + 1}: ' + '   '.join(f'{name} {1000 * t[-1]:7.1f} ms/step' for name, t in times.items()),
+          flush=True)
+  ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
   ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
-  print(f'incremental_jax {ips["jax"]:7.1f} images/s   PyTorch {ips["torch"]:7.1f} images/s   '
-        f'ratio {ips["jax"] / ips["torch"]:.2f}x')
+  line = f'incremental_jax {ms["jax"]:7.1f} ms/step {ips["jax"]:7.1f} images/s'
+  if 'torch' in ips:
+    line += f'   PyTorch {ips["torch"]:7.1f} images/s   ratio {ips["jax"] / ips["torch"]:.2f}x'
+  print(line)
 
 
 if __name__ == '__main__':
