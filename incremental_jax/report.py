@@ -160,6 +160,24 @@ def markdown(table: Sequence[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def environment_note(entries: Sequence[Entry]) -> str:
+  """When the runs were computed in different environments (results.json `environment`: package versions,
+  backend, devices, XLA flags), a Markdown list of each run's; '' when they agree. Their numbers may then differ by
+  float rounding as well as by what the runs are."""
+  envs = [entry.first.get('environment') for entry in entries]
+  if all(env == envs[0] for env in envs):
+    return ''
+  lines = ['', 'The runs were computed in different environments (results.json `environment`):', '']
+  for label, env in zip(labels(entries), envs):
+    if env is None:
+      lines.append(f'- {label}: not recorded')
+      continue
+    packages = ', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())
+    lines.append(f"- {label}: {packages}; {env.get('device_count')} x {env.get('device_kind')} "
+                 f"({env.get('backend')}); XLA_FLAGS={env.get('xla_flags') or '(none)'}")
+  return '\n'.join(lines) + '\n'
+
+
 def csv_text(table: Sequence[dict]) -> str:
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator='\n')
@@ -210,7 +228,7 @@ def write_report(paths: Sequence[str], out: str, mix_protocols: bool = False) ->
   check_protocols(entries, mix_protocols)
   table = rows(entries)
   os.makedirs(out, exist_ok=True)
-  text = markdown(table)
+  text = markdown(table) + environment_note(entries)
   with open(os.path.join(out, 'report.md'), 'w') as f:
     f.write(text)
   with open(os.path.join(out, 'report.csv'), 'w', newline='') as f:
