@@ -12,10 +12,10 @@ After warm-up the two are timed alternately in rounds of `--steps` steps; the me
 with their ratio. Prints figures; asserts nothing.
 
     python benchmarks/vs_torch.py                      # batch 128, 32x32x3
-    python benchmarks/vs_torch.py --conv_impl=xla      # XLA's plain convolutions (default: model.conv_impl 'auto')
-    INCREMENTAL_JAX_XLA_CPU_FLAGS= python benchmarks/vs_torch.py   # without the XLA:CPU flags of incremental_jax.xla_cpu
+    python benchmarks/vs_torch.py --jax_only           # the JAX side alone (no PyTorch needed)
+    python benchmarks/vs_torch.py --conv_lowering=xla  # XLA's plain convolutions (default: backend_tuning's choice)
+    INCREMENTAL_JAX_XLA_CPU_FLAGS= python benchmarks/vs_torch.py   # without the XLA:CPU flags of backend_tuning
     python benchmarks/vs_torch.py --dtype=bfloat16     # mixed precision (accelerators)
-    python benchmarks/vs_torch.py --bn_impl=flax       # BatchNorm differentiated by autodiff (models/batch_norm.py)
 """
 import argparse
 import os
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from incremental_jax import parallel, train
+from incremental_jax import backend_tuning, parallel, train
 from incremental_jax.data import augment, pipeline
 from incremental_jax.methods import METHODS
 from incremental_jax.methods.base import Phase, snapshot
@@ -47,11 +47,9 @@ def jax_step(args):
   module = __import__('configs.lucir', fromlist=['get_config'])
   config = module.get_config('cifar100_b50_s10')
   config.optim.batch_size = args.batch
-  if args.conv_impl:
-    config.model.conv_impl = args.conv_impl
   config.model.dtype = args.dtype
-  if getattr(args, 'bn_impl', ''):
-    config.model.bn_impl = args.bn_impl
+  if getattr(args, 'conv_lowering', ''):   # what backend_tuning.CONV_LOWERING gives this backend, replaced
+    backend_tuning.CONV_LOWERING[jax.default_backend()] = args.conv_lowering
   mesh = parallel.make_mesh()
   method = METHODS['lucir'](config, NUM_CLASSES, (32, 32, 3))
   model = method.model
@@ -191,9 +189,8 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='steps per timed round')
   parser.add_argument('--rounds', type=int, default=5, help='alternating rounds (median reported)')
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--conv_impl', default='', help="model.conv_impl ('' = the config's default)")
+  parser.add_argument('--conv_lowering', default='', help="a lowering of models/conv.py ('' = backend_tuning's)")
   parser.add_argument('--dtype', default='float32', help='model.dtype: float32 or bfloat16 (compute)')
-  parser.add_argument('--bn_impl', default='', help="model.bn_impl ('' = the config's default)")
   parser.add_argument('--jax_only', action='store_true', help='time the JAX side only (no PyTorch needed)')
   args = parser.parse_args()
   dev = jax.devices()[0]
