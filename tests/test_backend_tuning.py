@@ -74,4 +74,4 @@ def test_importing_the_package_sets_the_flags_before_jax_starts():
   env = {k: v for k, v in __import__('os').environ.items() if k not in ('XLA_FLAGS', bt.ENV_VAR)}
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
   assert out.stdout.split() == list(bt.measured_flags(jaxlib.__version__)[0])
-  assert out.stderr == ''
+  assert 'not measured' not in out.stderr and 'Traceback' not in out.stderr
