@@ -206,16 +206,20 @@ def main():
   for fn in sides.values():
     fn(args.warmup)
   times = {name: [] for name in sides}
+  cpu = []   # the process's CPU time per JAX step (all of XLA's threads): less moved than wall time by other load
   for r in range(args.rounds):
     for name, fn in sides.items():
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       fn(args.steps)
       times[name].append((time.perf_counter() - t0) / args.steps)
+      if name == 'jax':
+        cpu.append((time.process_time() - c0) / args.steps)
     print(f'round {r + 1}: ' + '   '.join(f'{name} {1000 * t[-1]:7.1f} ms/step' for name, t in times.items()),
           flush=True)
   ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
   ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
-  line = f'incremental_jax {ms["jax"]:7.1f} ms/step {ips["jax"]:7.1f} images/s'
+  line = (f'incremental_jax {ms["jax"]:7.1f} ms/step {ips["jax"]:7.1f} images/s '
+          f'(CPU {1000 * statistics.median(cpu):7.1f} ms/step)')
   if 'torch' in ips:
     line += f'   PyTorch {ips["torch"]:7.1f} images/s   ratio {ips["jax"] / ips["torch"]:.2f}x'
   print(line)
