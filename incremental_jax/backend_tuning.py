@@ -15,8 +15,8 @@ XLA:CPU flags.
 - `--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION` (jaxlib 0.10, 0.11,
   0.12): these releases hand each convolution to the YNNPACK library, which ran the CIFAR ResNet's 16x16 and 8x8
   convolutions on one of the two cores (7.2 ms for a 16x16x32 convolution at batch 128, against 3.8 ms for
-  XLA's own Eigen convolution on both cores). Without the flag the step is 1.2x slower on jaxlib 0.10 and
-  2.5x slower on jaxlib 0.12.
+  XLA's own Eigen convolution on both cores). Without the flag the step was 1.2x slower on jaxlib 0.10,
+  1.3x on 0.11 and 2.5x on 0.12.
 
 A jaxlib outside the measured releases gets the newest measured flags if its XLA accepts them (an unknown flag
 aborts XLA, so a subprocess started with the flags tries first; the answer is cached per jaxlib version in
@@ -27,7 +27,7 @@ is left as the user set it.
 Convolution lowering (`conv_lowering`, read when a model is built): on CPU, 'materialized_large' (see
 `models/conv.py`: a differentiated convolution with an input of at least 2^18 elements reads it through an
 exact identity product, so XLA:CPU does not recompute the input's BatchNorm/ReLU/residual producers inside the
-transposes of the weight gradient; the step is 1.3x to 1.5x faster on jaxlib 0.10 and 0.12); XLA's plain
+transposes of the weight gradient; the step was 1.2x to 2x faster on jaxlib 0.10 and 0.12); XLA's plain
 convolution on GPU and TPU, whose compilers do not recompute fused producers that way.
 """
 from __future__ import annotations
