@@ -36,9 +36,10 @@ def run_preset(checkout: str, preset: str, workdir: str) -> dict:
 
 
 def comparable(results: dict) -> dict:
-  """results.json without timing fields and without the config (its printed form may gain declared fields)."""
+  """results.json without timing fields, the config (its printed form may gain declared fields) and the
+  environment (versions and devices: the same machine on both sides)."""
   steps = [{k: v for k, v in s.items() if k not in TIMING} for s in results['steps']]
-  return {**{k: v for k, v in results.items() if k not in ('steps', 'config')}, 'steps': steps}
+  return {**{k: v for k, v in results.items() if k not in ('steps', 'config', 'environment')}, 'steps': steps}
 
 
 def differences(a, b, path: str = '') -> list[str]:

@@ -12,7 +12,7 @@ to the step's wall time. PyTorch side: `torch.profiler`
 self CPU time per aten operator, grouped the same way.
 
     python benchmarks/profile_step.py                 # both tables, 3 profiled steps
-    python benchmarks/profile_step.py --side=jax --top=20 --conv_impl=xla
+    python benchmarks/profile_step.py --side=jax --top=20
 
 Prints figures; asserts nothing. PyTorch is needed only for `--side=torch|both` (`pip install torch==2.13.0`).
 """
@@ -136,7 +136,7 @@ def classify(hlo: Hlo, name: str) -> str:
   root_funcs = {f.rsplit('.<locals>.', 1)[-1] for _, f, _ in hlo.root_stack(name)}
   if root_funcs & {'train_step', '<lambda>', 'advanced', 'head_update_mask'}:   # step.py's update (optax inside)
     return 'optimiser + update masks'
-  if 'batch_norm.py' in files:   # models/batch_norm.py: BatchNorm with its ReLU and residual addition
+  if 'normalization.py' in files:   # flax's BatchNorm (flax/nnx/nn/normalization.py)
     return 'batch norm'
   prims = {n.rsplit('/', 1)[-1] for op, n, st in inner if st and st[0][1] in _BACKBONE}
   if prims & {'rsqrt', 'square', 'div', 'reduce_sum'}:
@@ -250,7 +250,6 @@ def main():
   parser.add_argument('--steps', type=int, default=3, help='profiled steps')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--top', type=int, default=12, help='largest single operations listed')
-  parser.add_argument('--conv_impl', default='', help="model.conv_impl ('' = the config's default)")
   parser.add_argument('--dtype', default='float32')
   args = parser.parse_args()
   if args.side in ('both', 'jax'):

@@ -12,10 +12,10 @@ After warm-up the two are timed alternately in rounds of `--steps` steps; the me
 with their ratio. Prints figures; asserts nothing.
 
     python benchmarks/vs_torch.py                      # batch 128, 32x32x3
-    python benchmarks/vs_torch.py --conv_impl=xla      # XLA's plain convolutions (default: model.conv_impl 'auto')
-    INCREMENTAL_JAX_XLA_CPU_FLAGS= python benchmarks/vs_torch.py   # without the XLA:CPU flags of incremental_jax.xla_cpu
+    python benchmarks/vs_torch.py --jax_only           # the JAX side alone (no PyTorch needed)
+    python benchmarks/vs_torch.py --conv_lowering=xla  # XLA's plain convolutions (default: backend_tuning's choice)
+    INCREMENTAL_JAX_XLA_CPU_FLAGS= python benchmarks/vs_torch.py   # without the XLA:CPU flags of backend_tuning
     python benchmarks/vs_torch.py --dtype=bfloat16     # mixed precision (accelerators)
-    python benchmarks/vs_torch.py --bn_impl=flax       # BatchNorm differentiated by autodiff (models/batch_norm.py)
 """
 import argparse
 import os
@@ -30,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
-from incremental_jax import parallel, train
+from incremental_jax import backend_tuning, parallel, train
 from incremental_jax.data import augment, pipeline
 from incremental_jax.methods import METHODS
 from incremental_jax.methods.base import Phase, snapshot
@@ -46,11 +47,9 @@ def jax_step(args):
   module = __import__('configs.lucir', fromlist=['get_config'])
   config = module.get_config('cifar100_b50_s10')
   config.optim.batch_size = args.batch
-  if args.conv_impl:
-    config.model.conv_impl = args.conv_impl
   config.model.dtype = args.dtype
-  if getattr(args, 'bn_impl', ''):
-    config.model.bn_impl = args.bn_impl
+  if getattr(args, 'conv_lowering', ''):   # what backend_tuning.CONV_LOWERING gives this backend, replaced
+    backend_tuning.CONV_LOWERING[jax.default_backend()] = args.conv_lowering
   mesh = parallel.make_mesh()
   method = METHODS['lucir'](config, NUM_CLASSES, (32, 32, 3))
   model = method.model
@@ -190,29 +189,40 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='steps per timed round')
   parser.add_argument('--rounds', type=int, default=5, help='alternating rounds (median reported)')
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--conv_impl', default='', help="model.conv_impl ('' = the config's default)")
+  parser.add_argument('--conv_lowering', default='', help="a lowering of models/conv.py ('' = backend_tuning's)")
   parser.add_argument('--dtype', default='float32', help='model.dtype: float32 or bfloat16 (compute)')
-  parser.add_argument('--bn_impl', default='', help="model.bn_impl ('' = the config's default)")
+  parser.add_argument('--jax_only', action='store_true', help='time the JAX side only (no PyTorch needed)')
   args = parser.parse_args()
   dev = jax.devices()[0]
   run_jax, compile_s, _ = jax_step(args)
-  run_torch, torch_version = torch_step(args)
-  print(f'JAX {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}); PyTorch '
-        f'{torch_version} on CPU with {os.cpu_count()} threads; LUCIR step, ResNet-32, batch {args.batch}')
+  sides = {'jax': run_jax}
+  torch_version = 'not run'
+  if not args.jax_only:
+    sides['torch'], torch_version = torch_step(args)
+  print(f'JAX {jax.__version__} (jaxlib {jaxlib.__version__}) on {jax.device_count()} x {dev.device_kind} '
+        f'({dev.platform}), XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; PyTorch {torch_version} on CPU with '
+        f'{os.cpu_count()} threads; LUCIR step, ResNet-32, batch {args.batch}')
   print(f'jax compile {compile_s:.2f} s', flush=True)
-  run_jax(args.warmup)
-  run_torch(args.warmup)
-  times = {'jax': [], 'torch': []}
+  for fn in sides.values():
+    fn(args.warmup)
+  times = {name: [] for name in sides}
+  cpu = []   # the process's CPU time per JAX step (all of XLA's threads): less moved than wall time by other load
   for r in range(args.rounds):
-    for name, fn in (('jax', run_jax), ('torch', run_torch)):
-      t0 = time.perf_counter()
+    for name, fn in sides.items():
+      t0, c0 = time.perf_counter(), time.process_time()
       fn(args.steps)
       times[name].append((time.perf_counter() - t0) / args.steps)
-    print(f'round {r + 1}: jax {1000 * times["jax"][-1]:7.1f} ms/step   torch {1000 * times["torch"][-1]:7.1f} '
-          f'ms/step', flush=True)
+      if name == 'jax':
+        cpu.append((time.process_time() - c0) / args.steps)
+    print(f'round {r + 1}: ' + '   '.join(f'{name} {1000 * t[-1]:7.1f} ms/step' for name, t in times.items()),
+          flush=True)
+  ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
   ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
-  print(f'incremental_jax {ips["jax"]:7.1f} images/s   PyTorch {ips["torch"]:7.1f} images/s   '
-        f'ratio {ips["jax"] / ips["torch"]:.2f}x')
+  line = (f'incremental_jax {ms["jax"]:7.1f} ms/step {ips["jax"]:7.1f} images/s '
+          f'(CPU {1000 * statistics.median(cpu):7.1f} ms/step)')
+  if 'torch' in ips:
+    line += f'   PyTorch {ips["torch"]:7.1f} images/s   ratio {ips["jax"] / ips["torch"]:.2f}x'
+  print(line)
 
 
 if __name__ == '__main__':

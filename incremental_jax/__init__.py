@@ -10,9 +10,9 @@ A method of your own (a `incremental_jax.methods.Method` subclass) runs the same
 Importing a sub-module (`incremental_jax.losses`, `incremental_jax.models`) loads only what it needs; the run
 machinery is imported on first use of `train_and_evaluate` or `register_method`.
 """
-from incremental_jax import xla_cpu
+from incremental_jax import backend_tuning
 
-xla_cpu.configure()   # XLA:CPU flags, before any computation starts XLA (see incremental_jax/xla_cpu.py)
+backend_tuning.configure()   # XLA:CPU flags in XLA_FLAGS, before a computation starts XLA (backend_tuning.py)
 
 __all__ = ['train_and_evaluate', 'register_method']
 __version__ = '0.1.0'

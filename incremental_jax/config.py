@@ -68,8 +68,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.shortcut = 'conv'       # 'conv' (1x1 conv + BN) or 'pad' (zero padding, option A)
   c.model.stem = 'imagenet'       # resnet only: 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1)
   c.model.head = 'linear'
-  c.model.conv_impl = 'auto'      # 'xla', 'materialized' (inputs materialised once, models/conv.py); 'auto': the latter on CPU
-  c.model.bn_impl = 'flax'        # BatchNorm (+ReLU, +residual) gradient: 'flax' (autodiff) or 'fused' (hand-written VJP)
   c.model.dtype = 'float32'       # compute dtype: 'float32', or 'bfloat16' (parameters stay float32; accelerators)
   c.model.head_kwargs = ml_collections.ConfigDict()
 

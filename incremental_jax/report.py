@@ -159,6 +159,24 @@ def markdown(table: Sequence[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def environment_note(entries: Sequence[Entry]) -> str:
+  """When the runs were computed in different environments (results.json `environment`: package versions,
+  backend, devices, XLA flags), a Markdown list of each run's; '' when they agree. Their numbers may then differ by
+  float rounding as well as by what the runs are."""
+  envs = [entry.first.get('environment') for entry in entries]
+  if all(env == envs[0] for env in envs):
+    return ''
+  lines = ['', 'The runs were computed in different environments (results.json `environment`):', '']
+  for label, env in zip(labels(entries), envs):
+    if env is None:
+      lines.append(f'- {label}: not recorded')
+      continue
+    packages = ', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())
+    lines.append(f"- {label}: {packages}; {env.get('device_count')} x {env.get('device_kind')} "
+                 f"({env.get('backend')}); XLA_FLAGS={env.get('xla_flags') or '(none)'}")
+  return '\n'.join(lines) + '\n'
+
+
 def csv_text(table: Sequence[dict]) -> str:
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator='\n')
@@ -208,7 +226,7 @@ def write_report(run_dirs: Sequence[str], out: str, mix_protocols: bool = False)
   entries = [load_entry(p) for p in run_dirs]
   check_protocols(entries, mix_protocols)
   table = rows(entries)
-  text = markdown(table)
+  text = markdown(table) + environment_note(entries)
   paths.atomic_write(paths.join(out, 'report.md'), text)
   paths.atomic_write(paths.join(out, 'report.csv'), csv_text(table))
   plot(entries, paths.join(out, 'report.png'))

@@ -28,6 +28,7 @@ import numpy as np
 
 from incremental_jax import checkpoint as ckpt_lib
 from incremental_jax import config as cfglib
+from incremental_jax import environment as environment_lib
 from incremental_jax import evaluate as eval_lib
 from incremental_jax import faults
 from incremental_jax import memory as memory_lib
@@ -191,7 +192,7 @@ class RunStore:
     return {'method': spec.config.method.name, 'dataset': spec.data.dataset.name,
             'num_tasks': spec.scenario.num_tasks, 'class_order': spec.scenario.order.tolist(),
             'task_sizes': list(spec.scenario.sizes), 'config': spec.config_dict, **metrics_lib.summarize(steps),
-            'steps': steps, **extra}
+            'steps': steps, 'environment': environment_lib.describe(), **extra}
 
   def write_results(self, results: dict) -> None:
     if jax.process_index() == 0:

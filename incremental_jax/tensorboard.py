@@ -41,9 +41,17 @@ class TensorBoardLogger:
   """Writes a run's scalars into `logdir` (module docstring)."""
 
   def __init__(self, logdir: str):
-    from tensorboardX import SummaryWriter
     self.logdir = logdir
-    self._writer = SummaryWriter(logdir)
+    self._opened = None
+
+  @property
+  def _writer(self):
+    """The SummaryWriter, opened at the first write: a run that fails before writing leaves none open (an
+    unused, unclosed tensorboardX writer starts a thread at interpreter exit, which Python 3.12 refuses)."""
+    if self._opened is None:
+      from tensorboardX import SummaryWriter
+      self._opened = SummaryWriter(self.logdir)
+    return self._opened
 
   def log_epoch(self, task: int, phase_name: str, epoch: int, global_step: int, metrics: dict) -> None:
     """One epoch's mean metrics of phase `phase_name` (`task` and `epoch` are 0-based; they name the point in
@@ -80,7 +88,8 @@ class TensorBoardLogger:
     self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._opened is not None:
+      self._opened.close()
 
 
 def make_logger(config, workdir: str, restored_steps: Sequence[dict] = ()) -> Optional[TensorBoardLogger]:

@@ -12,8 +12,7 @@ from incremental_jax.losses.auxiliary import AUX_LOSSES
 from incremental_jax.evaluate import VIEWS
 from incremental_jax.memory import SELECTIONS
 from incremental_jax.methods import method_class
-from incremental_jax.models import BACKBONES, COMPUTE_DTYPES, HEADS, conv as conv_lib
-from incremental_jax.models.batch_norm import BN_IMPLS
+from incremental_jax.models import BACKBONES, COMPUTE_DTYPES, HEADS
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -29,11 +28,6 @@ def validate_config(config) -> None:
              f'{sorted(AUX_LOSSES)}.')
   _require(config.data.name in sources.SOURCES,
            f'data.name={config.data.name!r} is not a data set; valid names: {sorted(sources.SOURCES)}.')
-  conv_impls = ['auto'] + sorted(conv_lib.CONV_IMPLS)
-  _require(config.model.conv_impl in conv_impls,
-           f"model.conv_impl={config.model.conv_impl!r} is unknown; valid names: {conv_impls}.")
-  _require(config.model.bn_impl in BN_IMPLS,
-           f"model.bn_impl={config.model.bn_impl!r} is unknown; valid names: {list(BN_IMPLS)}.")
   _require(config.model.dtype in COMPUTE_DTYPES,
            f"model.dtype={config.model.dtype!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.")
   _require(config.model.backbone in BACKBONES,

@@ -1,13 +1,16 @@
 """The 'materialized' convolution lowering (`models.conv`) against XLA's convolution and a NumPy weight gradient,
-the model options `conv_impl` and `dtype`, and the XLA:CPU flags set on import (`xla_cpu`)."""
+the lowering each backend gets, and the model option `dtype`."""
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 
-from incremental_jax import config as cfglib, xla_cpu
-from incremental_jax.models import build_model, conv as conv_lib
+from incremental_jax import config as cfglib
+from incremental_jax.models import build_model, conv as conv_lib, functional_model, layers_of, resnet
 from incremental_jax.validate import ConfigError, validate_config
 
 DN = ('NHWC', 'HWIO', 'NHWC')
@@ -73,32 +76,49 @@ def test_materialized_conv_under_vmap_and_fallback():
                              jax.grad(grouped(lax.conv_general_dilated))(wg), rtol=1e-5)
 
 
-def _model(**model_fields):
+def _model(backend=None, **model_fields):
   c = cfglib.test_preset(cfglib.base_config())
   c.model.depth = 8
   for k, v in model_fields.items():
     c.model[k] = v
-  return build_model(c.model, 5, (8, 8, 1), seed=0)
+  if backend is None:
+    return build_model(c.model, 5, (8, 8, 1), seed=0)
+  layers = layers_of(c.model, backend)
+  construct = lambda: resnet.cifar_resnet(1, depth=8, width=4, layers=layers, rngs=nnx.Rngs(0))
+  return functional_model(construct, {}, 0, 16)
 
 
-def _loss_and_grads(model, x):
+def _loss_and_grads(model, x, output='logits'):
   params, stats = model.init_variables()
 
   def loss(p):
     out, _ = model.apply(p, stats, x, train=True)
-    return (out['logits'] ** 2).mean(), out
+    return (out[output] ** 2).mean(), out
   (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
   return value, out, grads
 
 
-def test_resnet_materialized_equals_xla():
+def test_each_backend_gets_its_lowering_and_the_materialized_resnet_equals_xla():
+  assert layers_of(cfglib.base_config().model, 'cpu').conv_lowering == 'materialized_large'
+  assert layers_of(cfglib.base_config().model, 'gpu').conv_lowering == 'xla'
+  assert layers_of(cfglib.base_config().model, 'tpu').conv_lowering == 'xla'
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 1)), jnp.float32)
-  v_xla, _, g_xla = _loss_and_grads(_model(conv_impl='xla'), x)
-  v_mat, _, g_mat = _loss_and_grads(_model(conv_impl='materialized'), x)
+  with mock.patch.dict(conv_lib.LOWERINGS, materialized_large=conv_lib.materialized_conv):   # at every size
+    mat = _model('cpu')
+    v_mat, _, g_mat = _loss_and_grads(mat, x, 'embedding')
+  xla = _model('gpu')
+  v_xla, _, g_xla = _loss_and_grads(xla, x, 'embedding')
   assert float(v_mat) == pytest.approx(float(v_xla), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g_mat), jax.tree.leaves(g_xla)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert conv_lib.resolve('auto') == ('materialized_large' if jax.default_backend() == 'cpu' else 'xla')
+  # The 'cpu' network's gradient really goes through the identity products, the 'gpu' one's does not.
+  hlo = lambda m: jax.jit(jax.grad(lambda p, s: _embedding_loss(m, p, s, x))).lower(
+      *m.init_variables()).compile().as_text()
+  assert ' dot(' in hlo(mat) and ' dot(' not in hlo(xla)
+
+
+def _embedding_loss(model, params, stats, x):
+  return (model.apply(params, stats, x, train=True)[0]['embedding'] ** 2).mean()
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
@@ -113,33 +133,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   assert 0 < err < 0.05 * scale
 
 
-@pytest.mark.parametrize('field,value', [('conv_impl', 'im2col'), ('conv_impl', 'taps'), ('dtype', 'float16'),
-                                         ('bn_impl', 'cudnn')])
-def test_bad_model_options_are_refused(field, value):
+def test_bad_compute_dtype_is_refused():
   c = cfglib.test_preset(cfglib.base_config())
-  c.model[field] = value
-  with pytest.raises(ConfigError, match=f'model.{field}'):
+  c.model.dtype = 'float16'
+  with pytest.raises(ConfigError, match='model.dtype'):
     validate_config(c)
-
-
-def test_xla_cpu_flags_only_for_tested_jaxlib_and_never_over_the_users():
-  flag = xla_cpu.DEFAULT_FLAGS[0]
-  name = flag.split('=')[0]
-  assert xla_cpu.flags_to_add('0.10.2', {}) == [flag]
-  assert xla_cpu.flags_to_add('0.11.0', {}) == [] and xla_cpu.flags_to_add('dev', {}) == []
-  # The user's own value of the flag wins; other flags of theirs are kept.
-  assert xla_cpu.flags_to_add('0.10.2', {'XLA_FLAGS': f'{name}=+LIBRARY_FUSION_TYPE_ELTWISE'}) == []
-  assert xla_cpu.flags_to_add('0.10.2', {'XLA_FLAGS': '--xla_cpu_enable_fast_math=false'}) == [flag]
-  # The environment variable replaces the list (empty: nothing), whatever the version.
-  assert xla_cpu.flags_to_add('0.10.2', {xla_cpu.ENV_VAR: ''}) == []
-  assert xla_cpu.flags_to_add('0.11.0', {xla_cpu.ENV_VAR: '--a=1 --b=2'}) == ['--a=1', '--b=2']
-
-
-def test_xla_cpu_flags_are_not_set_once_xla_has_started(caplog):
-  jnp.ones(2).block_until_ready()                 # XLA has started in this process
-  env = {xla_cpu.ENV_VAR: '--xla_cpu_enable_fast_math=false', 'XLA_FLAGS': '--x=1'}
-  assert xla_cpu.configure(env) == [] and env['XLA_FLAGS'] == '--x=1'
-  assert 'not in effect' in caplog.text
 
 
 def test_materialized_large_leaves_small_inputs_to_xla():

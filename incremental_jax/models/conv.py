@@ -1,4 +1,4 @@
-"""Convolution lowerings, chosen by `model.conv_impl`.
+"""Convolution lowerings; `backend_tuning.conv_lowering` says which one each backend uses.
 
 In a ResNet's training step every convolution input is an elementwise function (BatchNorm, ReLU, residual
 additions) of earlier convolution outputs. XLA:CPU fuses such producers into each consumer, and the consumer
@@ -23,8 +23,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from incremental_jax.errors import ConfigError
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -87,23 +85,10 @@ def _dilated(d) -> bool:
   return d is not None and any(int(v) != 1 for v in d)
 
 
-# The extra matrix product costs more than it saves on small inputs: 'auto' materialises inputs of at least 2^18
-# elements (1 MiB in float32; CIFAR ResNet-32 at batch 128 has 0.5 to 2 M per convolution, the digits preset 32 K).
-AUTO_MIN_SIZE = 2**18
+# The extra matrix product costs more than it saves on small inputs: 'materialized_large' materialises inputs of at
+# least 2^18 elements (1 MiB in float32; CIFAR ResNet-32 at batch 128 has 0.5 to 2 M per convolution, the digits
+# preset 32 K).
+LARGE = 2**18
 
-CONV_IMPLS: dict[str, Callable] = {'xla': lax.conv_general_dilated, 'materialized': materialized_conv,
-                                   'materialized_large': functools.partial(materialized_conv, min_size=AUTO_MIN_SIZE)}
-
-
-def resolve(name: str) -> str:
-  """'auto' is 'materialized_large' on CPU and 'xla' on GPU/TPU (whose compilers do not recompute fused
-  producers element by element inside transposes)."""
-  if name == 'auto':
-    return 'materialized_large' if jax.default_backend() == 'cpu' else 'xla'
-  if name not in CONV_IMPLS:
-    raise ConfigError(f"model.conv_impl must be 'auto' or one of {sorted(CONV_IMPLS)}; got {name!r}.")
-  return name
-
-
-def conv_fn(name: str) -> Callable:
-  return CONV_IMPLS[resolve(name)]
+LOWERINGS: dict[str, Callable] = {'xla': lax.conv_general_dilated, 'materialized': materialized_conv,
+                                  'materialized_large': functools.partial(materialized_conv, min_size=LARGE)}

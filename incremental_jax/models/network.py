@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from incremental_jax import backend_tuning
 from incremental_jax.errors import ConfigError
-from incremental_jax.models import conv as conv_lib
 from incremental_jax.models import cosine as cosine_lib
 from incremental_jax.models import lsc as lsc_lib
 from incremental_jax.models import heads as heads_lib
@@ -110,15 +110,15 @@ def functional_model(construct: Callable[[], nnx.Module], head_class_axes: dict,
 COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 
-def layers_of(model_cfg) -> resnet.Layers:
-  """The backbone's `Layers` from `model.conv_impl` ('auto', 'xla' or 'materialized', see `models.conv`),
-  `model.bn_impl` ('flax' or 'fused', see `models.batch_norm`) and `model.dtype` (compute dtype 'float32' or
-  'bfloat16'; parameters, batch statistics, heads and losses stay float32)."""
-  conv_impl = conv_lib.resolve(str(model_cfg.conv_impl))
+def layers_of(model_cfg, backend: Optional[str] = None) -> resnet.Layers:
+  """The backbone's `Layers`: `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch
+  statistics, heads and losses stay float32) and the convolution lowering `backend_tuning` gives the backend
+  (default: JAX's default backend)."""
   dtype = str(model_cfg.dtype)
   if dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'model.dtype={dtype!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.')
-  return resnet.Layers(conv_impl=conv_impl, dtype=COMPUTE_DTYPES[dtype], bn_impl=str(model_cfg.bn_impl))
+  lowering = backend_tuning.conv_lowering(backend or jax.default_backend())
+  return resnet.Layers(conv_lowering=lowering, dtype=COMPUTE_DTYPES[dtype])
 
 
 def _backbone_kwargs(model_cfg) -> dict:
@@ -144,10 +144,9 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
                 extend: Optional[Callable[[Classifier, nnx.Rngs], nnx.Module]] = None) -> Model:
   """Builds the network named by `model_cfg.backbone` with head `model_cfg.head` over `num_classes` classes.
 
-  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only), `conv_impl`, `bn_impl`,
-  `dtype`. Head options come from `model_cfg.head_kwargs` (a dict). `extend(classifier, rngs)`, when given,
-  returns the module actually trained (the classifier's `backbone` and `head` plus extra trainable modules, e.g.
-  IE-KD's encoders); its
+  Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only), `dtype`. Head options come
+  from `model_cfg.head_kwargs` (a dict). `extend(classifier, rngs)`, when given, returns the module actually
+  trained (the classifier's `backbone` and `head` plus extra trainable modules, e.g. IE-KD's encoders); its
   `__call__(x, train)` must return the classifier's outputs (and may add its own).
   """
   kw = _backbone_kwargs(model_cfg)

@@ -46,13 +46,13 @@ class RebuffiResNet(nnx.Module):
     for s, (planes, blocks, stride) in enumerate(self.layout):
       for b in range(blocks):
         block = BasicBlock(cin, planes, stride if b == 0 else 1, shortcut, rngs, relu_out=False, layers=layers)
-        block.bn2.scale.value = jnp.zeros_like(block.bn2.scale.value)   # zero_residual
+        block.bn2.scale[...] = jnp.zeros_like(block.bn2.scale[...])   # zero_residual
         setattr(self, f'stage{s}_block{b}', block)
         cin = planes
     self.embedding_dim = cin
 
   def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    x = self.stem_bn(self.stem_conv(x), use_running_average=not train, relu=True)
+    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
     stages = []
     for s, (_, blocks, _) in enumerate(self.layout):
       for b in range(blocks):

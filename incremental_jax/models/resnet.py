@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from incremental_jax.errors import ConfigError
-from incremental_jax.models import batch_norm as bn_lib
 from incremental_jax.models import conv as conv_lib
 
 # PyTorch ResNets initialise convolutions with kaiming_normal(mode='fan_out', nonlinearity='relu').
@@ -25,21 +24,20 @@ _CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 @dataclasses.dataclass(frozen=True)
 class Layers:
-  """How the backbone's layers compute: `conv_impl` names the convolution lowering (`models.conv`), `bn_impl` the
-  BatchNorm gradient (`models.batch_norm`: 'fused' or 'flax'), `dtype` the compute dtype (None: float32; bfloat16
-  for mixed precision). Parameters are always float32."""
-  conv_impl: str = 'xla'
+  """How the backbone's layers compute: `conv_lowering` names the convolution (`models.conv.LOWERINGS`; the
+  network builder takes the one `backend_tuning` gives the backend), `dtype` the compute dtype (None: float32;
+  bfloat16 for mixed precision). Parameters are always float32."""
+  conv_lowering: str = 'xla'
   dtype: Optional[Any] = None
-  bn_impl: str = 'flax'
 
   def conv(self, cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
                     use_bias=False, kernel_init=_CONV_INIT, dtype=self.dtype,
-                    conv_general_dilated=conv_lib.conv_fn(self.conv_impl), rngs=rngs)
+                    conv_general_dilated=conv_lib.LOWERINGS[self.conv_lowering], rngs=rngs)
 
-  def bn(self, c: int, rngs: nnx.Rngs) -> bn_lib.BatchNorm:
+  def bn(self, c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) in Flax's convention.
-    return bn_lib.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, impl=self.bn_impl, rngs=rngs)
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
 
 
 class Shortcut(nnx.Module):
@@ -61,6 +59,13 @@ class Shortcut(nnx.Module):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.pad)))
 
 
+def _add_shortcut(y: jax.Array, shortcut: Optional[Shortcut], x: jax.Array, train: bool, relu: bool) -> jax.Array:
+  """A block's output: its last BatchNorm's output `y` plus the shortcut of its input `x` (the identity when
+  `shortcut` is None), then a ReLU unless `relu` is False."""
+  y = y + (x if shortcut is None else shortcut(x, train))
+  return jax.nn.relu(y) if relu else y
+
+
 class BasicBlock(nnx.Module):
   """Two 3x3 convolutions with a residual connection; `relu_out=False` returns the pre-activation sum
   (LUCIR removes the last ReLU so cosine-normalised features can be negative)."""
@@ -75,9 +80,9 @@ class BasicBlock(nnx.Module):
     self.relu_out = relu_out
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = self.bn1(self.conv1(x), use_running_average=not train, relu=True)
-    shortcut = self.shortcut(x, train) if self.shortcut is not None else x
-    return self.bn2(self.conv2(y), use_running_average=not train, residual=shortcut, relu=self.relu_out)
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    y = self.bn2(self.conv2(y), use_running_average=not train)
+    return _add_shortcut(y, self.shortcut, x, train, self.relu_out)
 
 
 class Bottleneck(nnx.Module):
@@ -94,10 +99,10 @@ class Bottleneck(nnx.Module):
     self.relu_out = relu_out
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = self.bn1(self.conv1(x), use_running_average=not train, relu=True)
-    y = self.bn2(self.conv2(y), use_running_average=not train, relu=True)
-    shortcut = self.shortcut(x, train) if self.shortcut is not None else x
-    return self.bn3(self.conv3(y), use_running_average=not train, residual=shortcut, relu=self.relu_out)
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=not train))
+    y = self.bn3(self.conv3(y), use_running_average=not train)
+    return _add_shortcut(y, self.shortcut, x, train, self.relu_out)
 
 
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -142,7 +147,7 @@ class ResNet(nnx.Module):
     self.embedding_dim = cin
 
   def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    x = self.stem_bn(self.stem_conv(x), use_running_average=not train, relu=True)
+    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
     if self.stem_kind == 'imagenet':
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages = []

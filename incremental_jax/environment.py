@@ -1,0 +1,30 @@
+"""What a result was computed with: package versions, backend and devices, XLA flags (`results.json`'s
+`environment`). Two runs of one config on different versions can differ by float rounding (other kernels, other
+fusions); `python -m incremental_jax.report` lists the environments of runs that differ in them."""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
+
+
+def versions(packages=PACKAGES) -> dict:
+  """{'python': '3.11.7', 'jax': '0.10.2', ...}; None for a package that is not installed."""
+  out = {'python': platform.python_version()}
+  for name in packages:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def describe() -> dict:
+  """Versions, the default backend's platform, device kind and count, and the `XLA_FLAGS` of this process."""
+  import jax
+  device = jax.devices()[0]
+  return {'versions': versions(), 'backend': device.platform, 'device_kind': device.device_kind,
+          'device_count': jax.device_count(), 'process_count': jax.process_count(),
+          'xla_flags': os.environ.get('XLA_FLAGS', '')}
