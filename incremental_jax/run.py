@@ -138,6 +138,7 @@ class RunStore:
     self.spec = spec
     self.checkpointer = ckpt_lib.RunCheckpointer(os.path.join(spec.workdir, 'checkpoints'),
                                                  max_to_keep=spec.config.checkpoint.max_to_keep)
+    self._pending: Optional[dict] = None   # results waiting for their task-end checkpoint to complete
 
   def restore(self, state: RunState) -> tuple[RunState, Resume]:
     """The latest checkpointed state of the workdir (or `state` when there is none) and where it resumes."""
@@ -174,11 +175,12 @@ class RunStore:
             'config': self.spec.config_dict}
 
   def save_task_end(self, t: int, state: RunState) -> int:
-    """The task-end checkpoint of task t, complete when this returns; returns its global step."""
+    """Starts the task-end checkpoint of task t and returns its global step. The arrays are copied to the host
+    before this returns; the files are written in the background while the next task trains (Orbax's next
+    save, or `close`, waits for them)."""
     step = int(jax.device_get(state.train.step))
     self.checkpointer.save(step, state.train, state.frozen, state.method_state,
                            state.memory.to_array(self.spec.scenario.num_classes), self.task_meta(t, state.steps))
-    self.checkpointer.wait()  # results.json never reports a task whose checkpoint is incomplete
     return step
 
   def save_mid_task(self, train: TrainState, meta: dict) -> None:
@@ -191,12 +193,29 @@ class RunStore:
             'task_sizes': list(spec.scenario.sizes), 'config': spec.config_dict, **metrics_lib.summarize(steps),
             'steps': steps, **extra}
 
-  def write_results(self, results: dict) -> None:
+  def write_results(self, results: dict, plots: bool = False) -> None:
+    """results.json and results.csv (and the plots with `plots` and `config.plots`: once, at the run's end;
+    `report` draws them on demand). Callers write only results whose tasks' checkpoints are complete."""
     if jax.process_index() == 0:
-      metrics_lib.write_results(self.spec.workdir, results, plots=self.spec.config.plots)
+      metrics_lib.write_results(self.spec.workdir, results, plots=plots and bool(self.spec.config.plots))
 
-  def close(self) -> None:
+  def results_when_saved(self, results: dict) -> None:
+    """Writes `results` once the checkpoint just started (the task-end one of its last task) is complete: the
+    results pending from the previous task are written now (the checkpoint started since waited for theirs),
+    these at the next call or at `close`. (Orbax's `save` returns only once the previous save is complete.)
+    results.json thus never names a task whose checkpoint is incomplete, and no task end waits for its own
+    checkpoint's files."""
+    pending, self._pending = self._pending, results
+    if pending is not None:
+      self.write_results(pending)
+
+  def close(self, write_pending: bool = False) -> None:
+    """Waits for the checkpoint being written, then (with `write_pending`, when the run stops on an error)
+    writes the results pending on it; `finish` writes the final ones instead."""
     self.checkpointer.close()
+    pending, self._pending = self._pending, None
+    if write_pending and pending is not None:
+      self.write_results(pending)
 
 
 def _refuse_orphan_results(workdir: str) -> None:
@@ -295,7 +314,7 @@ def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_pr
   run.state = RunState(train=ctx.state, frozen=ctx.frozen, method_state=ctx.method_state, memory=ctx.memory,
                        steps=run.state.steps + [record])
   run.resume.task_start_step = run.store.save_task_end(t, run.state)
-  run.store.write_results(run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
+  run.store.results_when_saved(run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
   if run.tb is not None:
     run.tb.log_task(run.state.steps)
   if show_progress and jax.process_index() == 0:
@@ -423,6 +442,24 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   trainer = train_lib.Trainer(lead.model, lead.method, mesh, lead.augment_fn, show_progress=show_progress)
   subnetworks = train_lib.SubnetworkTrainer(mesh, show_progress=bool(config.progress))
   every = int(config.checkpoint.every_epochs or 0)
+  try:
+    run_tasks(runs, trainer, subnetworks, every, show_progress)
+  except BaseException:
+    for r in runs:   # a task-end checkpoint may still be written: complete it, and report its task
+      r.store.close(write_pending=True)
+    raise
+  results = [finish(r, trainer.compile_count, show_progress and not group) for r in runs]
+  if not group:
+    return results[0]
+  summary = {**runs_lib.summarize_runs(results, workdirs), 'compilations': trainer.compile_count}
+  runs_lib.write_summary(workdir, summary, show_progress)
+  return summary
+
+
+def run_tasks(runs: list, trainer: train_lib.Trainer, subnetworks: train_lib.SubnetworkTrainer, every: int,
+              show_progress: bool) -> None:
+  """The task loop of `runs` (trained together), from the first task any of them has left."""
+  lead, group = runs[0].spec, len(runs) > 1
   for t in range(min(r.resume.start_task for r in runs), lead.scenario.num_tasks):
     t0 = time.time()
     active = [r for r in runs if r.resume.start_task <= t]
@@ -438,12 +475,6 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
     records = [end_task(r, c, l, t0, show_progress and not group) for r, c, l in zip(active, ctxs, losses)]
     if group and show_progress and jax.process_index() == 0:
       print(runs_lib.task_line(t, records), flush=True)
-  results = [finish(r, trainer.compile_count, show_progress and not group) for r in runs]
-  if not group:
-    return results[0]
-  summary = {**runs_lib.summarize_runs(results, workdirs), 'compilations': trainer.compile_count}
-  runs_lib.write_summary(workdir, summary, show_progress)
-  return summary
 
 
 def finish(run: _Run, compilations: int, show_progress: bool) -> dict:
@@ -452,7 +483,7 @@ def finish(run: _Run, compilations: int, show_progress: bool) -> dict:
   if run.tb is not None:
     run.tb.close()
   results = run.store.results(run.state.steps, complete=True, compilations=compilations)
-  run.store.write_results(results)
+  run.store.write_results(results, plots=True)
   if show_progress and jax.process_index() == 0:
     print(metrics_lib.format_summary(results), flush=True)
     print(f'results written to {os.path.join(run.spec.workdir, "results.json")}', flush=True)
