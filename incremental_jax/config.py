@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True            # TensorBoard scalars in <workdir>/tensorboard/ when tensorboardX is installed
   c.num_runs = 1                  # > 1: that many independent runs trained together (incremental_jax.runs)
   c.runs_vary = 'seed_and_order'  # run k: seed + k and/or data.class_order_seed + k ('seed', 'order')
+  c.compilation_cache = 'auto'    # persistent XLA compilation cache directory (re-runs and resumes skip compiling):
+                                  # 'auto' = $XDG_CACHE_HOME/incremental_jax/xla (~/.cache/...), '' = off;
+                                  # JAX_COMPILATION_CACHE_DIR, when set, takes precedence
 
   c.method = method_section('finetune')
 
