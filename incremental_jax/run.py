@@ -473,10 +473,13 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
     for r in runs:   # a task-end checkpoint may still be written: complete it, and report its task
       r.store.close(write_pending=True)
     raise
-  results = [finish(r, trainer.compile_count, show_progress and not group) for r in runs]
+  compilations = {'compilations': trainer.compile_count}
+  if subnetworks.compile_count:
+    compilations['subnetwork_compilations'] = subnetworks.compile_count
+  results = [finish(r, compilations, show_progress and not group) for r in runs]
   if not group:
     return results[0]
-  summary = {**runs_lib.summarize_runs(results, workdirs), 'compilations': trainer.compile_count}
+  summary = {**runs_lib.summarize_runs(results, workdirs), **compilations}
   runs_lib.write_summary(workdir, summary, show_progress)
   return summary
 
@@ -502,12 +505,13 @@ def run_tasks(runs: list, trainer: train_lib.Trainer, subnetworks: train_lib.Sub
       print(runs_lib.task_line(t, records), flush=True)
 
 
-def finish(run: _Run, compilations: int, show_progress: bool) -> dict:
-  """Closes the run's checkpointer and writes its final results (with the number of compiled train steps)."""
+def finish(run: _Run, compilations: dict, show_progress: bool) -> dict:
+  """Closes the run's checkpointer and writes its final results, with `compilations` (the numbers of compiled
+  train steps: the run's own, and its method's sub-networks' when it trains any)."""
   run.store.close()
   if run.tb is not None:
     run.tb.close()
-  results = run.store.results(run.state.steps, complete=True, compilations=compilations)
+  results = run.store.results(run.state.steps, complete=True, **compilations)
   run.store.write_results(results, plots=True)
   if show_progress and jax.process_index() == 0:
     print(metrics_lib.format_summary(results), flush=True)

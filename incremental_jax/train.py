@@ -83,9 +83,16 @@ class Trainer:
       if group:
         step = _masked_group_step(jax.vmap(step))
       repl = parallel.replicated(self.mesh)
-      self._steps[key] = jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
-      self.compile_count += 1
+      self._steps[key] = jax.jit(self._counted(step), donate_argnums=(0,), out_shardings=(repl, repl))
     return self._steps[key]
+
+  def _counted(self, fn: Callable) -> Callable:
+    """`fn`, adding 1 to `compile_count` each time JAX traces it: once per program it compiles (a new phase, or
+    new shapes such as a teacher stack that grew), so `compile_count` is every compiled train step."""
+    def traced(*args):
+      self.compile_count += 1
+      return fn(*args)
+    return traced
 
   def epoch_plan(self, phase: Phase, labels: np.ndarray, rng_seed: tuple) -> list:
     """The sampler's index rows [steps, batch] of every epoch of `phase`; epoch e draws from
@@ -208,11 +215,16 @@ class SubnetworkTrainer:
   method's own (a teacher, an autoencoder, a pruned snapshot) on the run's mesh, with a `Trainer` per (method,
   model, augmentation) kept for the whole run, so a network trained after every task compiles once.
 
-  Its compilations are not counted in the run's `compilations` (which counts the run's own phases)."""
+  Its compilations are counted apart from the run's (`compile_count`, results.json's
+  `subnetwork_compilations`)."""
 
   def __init__(self, mesh, show_progress: bool):
     self.mesh, self.show_progress = mesh, show_progress
     self._trainers: dict = {}
+
+  @property
+  def compile_count(self) -> int:
+    return sum(t.compile_count for t in self._trainers.values())
 
   def initial_state(self, model, optim) -> TrainState:
     """The initial train state of `model` (its initial variables, replicated over the mesh)."""
