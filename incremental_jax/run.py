@@ -38,7 +38,7 @@ from incremental_jax import startup
 from incremental_jax import tensorboard
 from incremental_jax import train as train_lib
 from incremental_jax import validate
-from incremental_jax.data import augment, scenario as scenario_lib, sources
+from incremental_jax.data import augment, pipeline, scenario as scenario_lib, sources
 from incremental_jax.errors import CheckpointError
 from incremental_jax.methods import Method, build_method
 from incremental_jax.methods.base import TaskContext
@@ -73,6 +73,8 @@ class RunSpec:
   embed: Callable
   mesh: Any
   config_dict: dict
+  train_images: Any = None   # the dataset's splits, as `pipeline.DeviceImages` when kept on the device
+  test_images: Any = None
 
   @property
   def scenario(self) -> scenario_lib.Scenario:
@@ -111,9 +113,12 @@ def build_run_spec(config, workdir: str, mesh) -> RunSpec:
   augment_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
   preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
   predict = eval_lib.make_predict_fn(method.model, mesh, preprocess, int(config.eval.batch_size))
+  train_images = pipeline.place_images(ds.train_images, mesh, config.data.on_device)
+  test_images = pipeline.place_images(ds.test_images, mesh, config.data.on_device)
   return RunSpec(config=config, workdir=workdir, data=data, method=method, augment_fn=augment_fn, predict=predict,
-                 embed=make_embed_fn(predict, ds.train_images), mesh=mesh,
-                 config_dict=json.loads(config.to_json_best_effort()))
+                 embed=make_embed_fn(predict, train_images), mesh=mesh,
+                 config_dict=json.loads(config.to_json_best_effort()), train_images=train_images,
+                 test_images=test_images)
 
 
 def initial_state(spec: RunSpec) -> RunState:
@@ -249,7 +254,7 @@ class _Run:
 
   def context(self, t: int, trainer: train_lib.SubnetworkTrainer) -> TaskContext:
     spec, state, ds = self.spec, self.state, self.spec.data.dataset
-    return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=ds.train_images,
+    return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=spec.train_images,
                        train_labels=spec.data.train_labels, model=spec.model, state=state.train,
                        frozen=state.frozen, method_state=state.method_state, memory=state.memory, embed=spec.embed,
                        predict=spec.predict, mesh=spec.mesh, augment_fn=spec.augment_fn, workdir=spec.workdir,
@@ -306,7 +311,7 @@ def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_pr
   ctx = method.after_task(ctx)
   train_seconds = time.time() - t0
   means = nme_class_means(ctx, spec.config) if method.uses_memory else None
-  record = eval_lib.evaluate_task(spec.predict, ctx.state.params, ctx.state.batch_stats, ds.test_images,
+  record = eval_lib.evaluate_task(spec.predict, ctx.state.params, ctx.state.batch_stats, spec.test_images,
                                   spec.data.test_labels, scenario, t, means)
   lo, hi = ctx.class_range()
   record.update(step=t, num_classes=hi, classes=scenario.order[lo:hi].tolist(), memory_size=len(ctx.memory),
