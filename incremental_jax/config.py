@@ -65,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_device = 'auto'       # train/test images kept on the device (placed once; batches gathered there):
                                   # True, False, or 'auto' = when in memory and within a quarter of device memory
                                   # (2 GiB on CPU); lazy image folders stay on the host
-  c.data.chunk_steps = 0          # train steps per compiled loop (one dispatch); 0 = 64 on device, 4 from the host
+  c.data.chunk_steps = 0          # train steps per compiled loop (one dispatch); 0 = 1 on CPU, else 64 with the
+                                  # images on the device, 4 from the host
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = 'cifar_resnet'  # 'cifar_resnet' (depth 6n+2) or 'resnet' (18/34/50)

@@ -253,7 +253,7 @@ class _Run:
   tb: Optional[tensorboard.TensorBoardLogger] = None
 
   def context(self, t: int, trainer: train_lib.SubnetworkTrainer) -> TaskContext:
-    spec, state, ds = self.spec, self.state, self.spec.data.dataset
+    spec, state = self.spec, self.state
     return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=spec.train_images,
                        train_labels=spec.data.train_labels, model=spec.model, state=state.train,
                        frozen=state.frozen, method_state=state.method_state, memory=state.memory, embed=spec.embed,
@@ -307,7 +307,7 @@ def phase_task_info(method, ctx: TaskContext, phase):
 def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_progress: bool) -> dict:
   """The `after_task` hook, evaluation, the task-end checkpoint and the result files; returns the step record."""
   spec, t = run.spec, ctx.task
-  method, scenario, ds = spec.method, spec.scenario, spec.data.dataset
+  method, scenario = spec.method, spec.scenario
   ctx = method.after_task(ctx)
   train_seconds = time.time() - t0
   means = nme_class_means(ctx, spec.config) if method.uses_memory else None

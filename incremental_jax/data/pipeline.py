@@ -154,21 +154,6 @@ def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], me
   return _prefetched(load, batches, prefetch)
 
 
-def device_run_batches(images, labels: Sequence[np.ndarray], batches: Iterable[Sequence[np.ndarray]], mesh,
-                       prefetch: int = 2) -> Iterator[dict]:
-  """Like `device_batches` for R runs trained together: each item of `batches` holds one index row per run,
-  run k's labels are `labels[k]`; the device batch has a leading run axis [R, batch, ...], sharded over the
-  'data' axis along the batch."""
-
-  def load(rows):
-    local = [r if jax.process_count() == 1 else r[parallel.process_rows(len(r), mesh)] for r in rows]
-    per_run = [gather(images, lab, r) for lab, r in zip(labels, local)]
-    stacked = {k: np.stack([b[k] for b in per_run]) for k in per_run[0]}
-    return parallel.shard_batch(stacked, mesh, len(rows[0]), batch_axis=1)
-
-  return _prefetched(load, batches, prefetch)
-
-
 def host_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarray], mesh,
                 prefetch: int = 1) -> Iterator[dict]:
   """For host images: the batches of each chunk of index rows [K, R, B] (R runs, run k's labels `labels[k]`) as
