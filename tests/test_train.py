@@ -142,20 +142,13 @@ def test_compilation_cache_dir_setting():
 # ---- chunked epochs, images on the device ------------------------------------------------------------------------
 def _chunk_setup(chunk_steps: int):
   from incremental_jax.methods.base import Phase as BasePhase
-  config = cfglib.test_preset(cfglib.base_config())
-  config.method.name = 'finetune'
+  from test_runs import _phase_setup   # tests/ is on the path under pytest
+  config, model, trainer, images, labels, phases, mesh = _phase_setup()
   config.data.chunk_steps = chunk_steps
-  model = build_model(config.model, 4, (8, 8, 1), seed=0)
-  method = Finetune(config, 4, (8, 8, 1))
-  mesh = parallel.make_mesh()
-  aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
-  trainer = train.Trainer(model, method, mesh, aug, show_progress=False)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, (120, 8, 8, 1)).astype(np.uint8)
-  labels = [rng.integers(0, 4, 120), rng.integers(0, 4, 120)]
-  optim = ConfigDict(dict(config.optim, epochs=2, batch_size=16, lr=0.05))
-  # run 0: 80 examples = 5 steps per epoch; run 1: 48 = 3 steps
-  phases = [BasePhase('train', method.loss, np.arange(80), optim), BasePhase('train', method.loss, np.arange(60, 108), optim)]
+  optim = phases[0].optim
+  # run 0: 80 examples = 5 steps per epoch of 16; run 1: 48 = 3 steps
+  phases = [BasePhase('train', trainer.method.loss, np.arange(80), optim),
+            BasePhase('train', trainer.method.loss, np.arange(60, 108), optim)]
   task = train.make_task_info(type('S', (), {'class_masks': lambda self, t: {
       'old': np.zeros(4, np.float32), 'new': np.ones(4, np.float32), 'seen': np.ones(4, np.float32)}})(), 0,
       np.ones(4, np.float32))
