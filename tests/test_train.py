@@ -203,6 +203,8 @@ def test_place_images_by_budget_and_device_predictions_equal_host_ones():
   images = np.random.default_rng(1).integers(0, 255, (70, 8, 8, 1)).astype(np.uint8)
   assert pipeline.place_images(images, mesh, 'auto', budget=images.nbytes - 1) is images
   assert pipeline.place_images(images, mesh, False) is images
+  assert pipeline.place_images(images, mesh, 'False') is images   # as the command line gives it
+  assert isinstance(pipeline.place_images(images, mesh, 'true', budget=0), pipeline.DeviceImages)
   placed = pipeline.place_images(images, mesh, 'auto', budget=images.nbytes)
   assert isinstance(placed, pipeline.DeviceImages)
   idx = np.array([5, 3, 69, 0, 12])

@@ -131,10 +131,20 @@ def device_budget_bytes(device: Optional[jax.Device] = None) -> int:
   return int(limit) // 4 if limit else 2 << 30
 
 
+ON_DEVICE = {'auto': 'auto', True: True, False: False, 'true': True, 'false': False}
+
+
+def on_device_setting(value):
+  """`data.on_device` as 'auto', True or False; the field is a string, so the command line gives 'True'/'False'
+  (any case). None for a value that is none of them."""
+  return ON_DEVICE.get(value.lower() if isinstance(value, str) else value)
+
+
 def place_images(images, mesh, setting, budget: Optional[int] = None):
   """`images` as `DeviceImages` when `setting` (`data.on_device`) says so: True, or 'auto' when they are an
   in-memory array whose bytes fit `budget` (default `device_budget_bytes`); else `images` unchanged (lazy image
   folders always stay on the host)."""
+  setting = on_device_setting(setting)
   if setting is False or not isinstance(images, np.ndarray):
     return images
   if setting == 'auto' and images.nbytes > (device_budget_bytes() if budget is None else budget):
