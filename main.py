@@ -29,9 +29,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process (m
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() and let JAX detect the '
                                  'cluster (SLURM, Open MPI, Cloud TPU pod, Kubernetes); implied by the flags above.')
 _CACHE = flags.DEFINE_string(
-    'compilation_cache', os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
-                                      'incremental_jax', 'xla'),
-    'Persistent XLA compilation cache (re-runs and resumes skip compilation); empty disables it. '
+    'compilation_cache', None,
+    'Shorthand for --config.compilation_cache: the persistent XLA compilation cache directory (default '
+    '~/.cache/incremental_jax/xla; re-runs and resumes skip compilation); empty disables it. '
     'JAX_COMPILATION_CACHE_DIR, when set, takes precedence.')
 _LIST = flags.DEFINE_bool('list', False, 'Print every method and every preset of configs/*.py, then exit.')
 flags.register_multi_flags_validator(['config', 'list'], lambda f: f['config'] is not None or f['list'],
@@ -63,9 +63,6 @@ def main(argv):
     print(listing.listing(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')))
     return
   import jax
-  if _CACHE.value and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   dist = distributed_args()
   if dist is not None:
     jax.distributed.initialize(**dist)
@@ -79,6 +76,8 @@ def main(argv):
   except OSError as e:   # config_flags reports a config file it could not load here
     print(f'error: --config: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
     sys.exit(2)
+  if _CACHE.value is not None:
+    config.compilation_cache = _CACHE.value
   workdir = _WORKDIR.value or default_workdir(config)
   preemption.install()
   try:

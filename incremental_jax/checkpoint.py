@@ -34,7 +34,8 @@ from incremental_jax.errors import CheckpointError
 FORMAT_VERSION = 1
 
 # Config fields that may differ between a run and its resumption (they do not change what is computed).
-RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'eval.batch_size', 'checkpoint', 'progress', 'workdir')
+RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'eval.batch_size', 'checkpoint', 'progress', 'workdir',
+                  'compilation_cache', 'data.on_device', 'data.chunk_steps')
 
 
 

@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True            # TensorBoard scalars in <workdir>/tensorboard/ when tensorboardX is installed
   c.num_runs = 1                  # > 1: that many independent runs trained together (incremental_jax.runs)
   c.runs_vary = 'seed_and_order'  # run k: seed + k and/or data.class_order_seed + k ('seed', 'order')
+  c.compilation_cache = 'auto'    # persistent XLA compilation cache directory (re-runs and resumes skip compiling):
+                                  # 'auto' = $XDG_CACHE_HOME/incremental_jax/xla (~/.cache/...), '' = off;
+                                  # JAX_COMPILATION_CACHE_DIR, when set, takes precedence
 
   c.method = method_section('finetune')
 
@@ -59,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.sampler_kwargs.same_class_per_anchor = c.data.get_ref('same_class_per_anchor')  # follows the field
   c.data.augment = ml_collections.ConfigDict({'crop_padding': 4, 'flip': True, 'brightness': 0.0})
   c.data.verify_images = True     # image folders: open every image once before training (False skips the check)
+  c.data.on_device = 'auto'       # train/test images kept on the device (placed once; batches gathered there):
+                                  # True, False, or 'auto' = when in memory and within a quarter of device memory
+                                  # (2 GiB on CPU); lazy image folders stay on the host
+  c.data.chunk_steps = 0          # train steps per compiled loop (one dispatch); 0 = 1 on CPU, else 64 with the
+                                  # images on the device, 4 from the host
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = 'cifar_resnet'  # 'cifar_resnet' (depth 6n+2) or 'resnet' (18/34/50)

@@ -30,27 +30,36 @@ def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=
   mesh), so every process gets all of them."""
   parallel.check_batch_divisible(batch_size, 'eval.batch_size')
 
+  batch_sharding = parallel.batch_sharded(mesh)
+
+  def inputs(images, rows):
+    """The batch: `images` itself, or its examples `rows` when `images` is the whole device array."""
+    return images if rows is None else jax.lax.with_sharding_constraint(images[rows], batch_sharding)
+
   @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
-  def forward(params, batch_stats, images, flip):
-    x = preprocess(images)
+  def forward(params, batch_stats, images, rows, flip):
+    x = preprocess(inputs(images, rows))
     x = jnp.where(flip, x[:, :, ::-1, :], x)
     out, _ = model.apply(params, batch_stats, x, train=False)
     return {k: out[k] for k in outputs}
 
-  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh), static_argnums=3)
-  def forward_view(params, batch_stats, images, view):
-    out, _ = model.apply(params, batch_stats, VIEWS[view](preprocess(images)), train=False)
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh), static_argnums=4)
+  def forward_view(params, batch_stats, images, rows, view):
+    out, _ = model.apply(params, batch_stats, VIEWS[view](preprocess(inputs(images, rows))), train=False)
     return {k: out[k] for k in outputs}
 
   def predict(params, batch_stats, images, flip=False) -> dict:
     rows, n = pipeline.padded_rows(len(images), batch_size)
-    ident = np.arange(len(images))
     if isinstance(flip, str) and flip != 'hflip':
-      run = lambda b: forward_view(params, batch_stats, b['image'], flip)
+      run = lambda x, r: forward_view(params, batch_stats, x, r, flip)
     else:
-      run = lambda b: forward(params, batch_stats, b['image'], np.bool_(flip))
-    chunks = [run(b)
-              for b in pipeline.device_batches(images, ident, rows, mesh)]
+      run = lambda x, r: forward(params, batch_stats, x, r, np.bool_(flip))
+    if isinstance(images, pipeline.DeviceImages):   # gathered on the device from the run's one copy
+      positions = images.positions()
+      chunks = [run(images.device, parallel.replicate(positions[r].astype(np.int32), mesh)) for r in rows]
+    else:
+      ident = np.arange(len(images))
+      chunks = [run(b['image'], None) for b in pipeline.device_batches(images, ident, rows, mesh)]
     host = jax.device_get(chunks)
     return {k: np.concatenate([c[k] for c in host])[:n] for k in outputs}
 
@@ -91,9 +100,12 @@ def evaluate_task(predict: Callable, params, batch_stats, test_images, test_labe
 
 
 def _take(images, idx: np.ndarray):
-  """A view of `images` restricted to `idx` that stays lazy for lazy image containers."""
+  """A view of `images` restricted to `idx` that stays lazy for lazy image containers (and on the device for
+`pipeline.DeviceImages`)."""
   if isinstance(images, np.ndarray):
     return images[idx]
+  if isinstance(images, pipeline.DeviceImages):
+    return images.subset(idx)
   return _Subset(images, idx)
 
 

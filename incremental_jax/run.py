@@ -41,7 +41,7 @@ from incremental_jax import startup
 from incremental_jax import tensorboard
 from incremental_jax import train as train_lib
 from incremental_jax import validate
-from incremental_jax.data import augment, scenario as scenario_lib, sources
+from incremental_jax.data import augment, pipeline, scenario as scenario_lib, sources
 from incremental_jax.errors import CheckpointError
 from incremental_jax.methods import Method, build_method
 from incremental_jax.methods.base import TaskContext
@@ -76,6 +76,8 @@ class RunSpec:
   embed: Callable
   mesh: Any
   config_dict: dict
+  train_images: Any = None   # the dataset's splits, as `pipeline.DeviceImages` when kept on the device
+  test_images: Any = None
 
   @property
   def scenario(self) -> scenario_lib.Scenario:
@@ -114,9 +116,12 @@ def build_run_spec(config, workdir: str, mesh) -> RunSpec:
   augment_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
   preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
   predict = eval_lib.make_predict_fn(method.model, mesh, preprocess, int(config.eval.batch_size))
+  train_images = pipeline.place_images(ds.train_images, mesh, config.data.on_device)
+  test_images = pipeline.place_images(ds.test_images, mesh, config.data.on_device)
   return RunSpec(config=config, workdir=workdir, data=data, method=method, augment_fn=augment_fn, predict=predict,
-                 embed=make_embed_fn(predict, ds.train_images), mesh=mesh,
-                 config_dict=json.loads(config.to_json_best_effort()))
+                 embed=make_embed_fn(predict, train_images), mesh=mesh,
+                 config_dict=json.loads(config.to_json_best_effort()), train_images=train_images,
+                 test_images=test_images)
 
 
 def initial_state(spec: RunSpec) -> RunState:
@@ -141,6 +146,7 @@ class RunStore:
     self.spec = spec
     self.checkpointer = ckpt_lib.RunCheckpointer(os.path.join(spec.workdir, 'checkpoints'),
                                                  max_to_keep=spec.config.checkpoint.max_to_keep)
+    self._pending: Optional[dict] = None   # results waiting for their task-end checkpoint to complete
 
   def restore(self, state: RunState) -> tuple[RunState, Resume]:
     """The latest checkpointed state of the workdir (or `state` when there is none) and where it resumes."""
@@ -177,11 +183,12 @@ class RunStore:
             'config': self.spec.config_dict}
 
   def save_task_end(self, t: int, state: RunState) -> int:
-    """The task-end checkpoint of task t, complete when this returns; returns its global step."""
+    """Starts the task-end checkpoint of task t and returns its global step. The arrays are copied to the host
+    before this returns; the files are written in the background while the next task trains (Orbax's next
+    save, or `close`, waits for them)."""
     step = int(jax.device_get(state.train.step))
     self.checkpointer.save(step, state.train, state.frozen, state.method_state,
                            state.memory.to_array(self.spec.scenario.num_classes), self.task_meta(t, state.steps))
-    self.checkpointer.wait()  # results.json never reports a task whose checkpoint is incomplete
     return step
 
   def save_mid_task(self, train: TrainState, meta: dict) -> None:
@@ -194,12 +201,29 @@ class RunStore:
             'task_sizes': list(spec.scenario.sizes), 'config': spec.config_dict, **metrics_lib.summarize(steps),
             'steps': steps, 'environment': environment_lib.describe(), **extra}
 
-  def write_results(self, results: dict) -> None:
+  def write_results(self, results: dict, plots: bool = False) -> None:
+    """results.json and results.csv (and the plots with `plots` and `config.plots`: once, at the run's end;
+    `report` draws them on demand). Callers write only results whose tasks' checkpoints are complete."""
     if jax.process_index() == 0:
-      metrics_lib.write_results(self.spec.workdir, results, plots=self.spec.config.plots)
+      metrics_lib.write_results(self.spec.workdir, results, plots=plots and bool(self.spec.config.plots))
 
-  def close(self) -> None:
+  def results_when_saved(self, results: dict) -> None:
+    """Writes `results` once the checkpoint just started (the task-end one of its last task) is complete: the
+    results pending from the previous task are written now (the checkpoint started since waited for theirs),
+    these at the next call or at `close`. (Orbax's `save` returns only once the previous save is complete.)
+    results.json thus never names a task whose checkpoint is incomplete, and no task end waits for its own
+    checkpoint's files."""
+    pending, self._pending = self._pending, results
+    if pending is not None:
+      self.write_results(pending)
+
+  def close(self, write_pending: bool = False) -> None:
+    """Waits for the checkpoint being written, then (with `write_pending`, when the run stops on an error)
+    writes the results pending on it; `finish` writes the final ones instead."""
     self.checkpointer.close()
+    pending, self._pending = self._pending, None
+    if write_pending and pending is not None:
+      self.write_results(pending)
 
 
 def _refuse_orphan_results(workdir: str) -> None:
@@ -231,8 +255,8 @@ class _Run:
   tb: Optional[tensorboard.TensorBoardLogger] = None
 
   def context(self, t: int, trainer: train_lib.SubnetworkTrainer) -> TaskContext:
-    spec, state, ds = self.spec, self.state, self.spec.data.dataset
-    return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=ds.train_images,
+    spec, state = self.spec, self.state
+    return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=spec.train_images,
                        train_labels=spec.data.train_labels, model=spec.model, state=state.train,
                        frozen=state.frozen, method_state=state.method_state, memory=state.memory, embed=spec.embed,
                        predict=spec.predict, mesh=spec.mesh, augment_fn=spec.augment_fn, workdir=spec.workdir,
@@ -285,11 +309,11 @@ def phase_task_info(method, ctx: TaskContext, phase):
 def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_progress: bool) -> dict:
   """The `after_task` hook, evaluation, the task-end checkpoint and the result files; returns the step record."""
   spec, t = run.spec, ctx.task
-  method, scenario, ds = spec.method, spec.scenario, spec.data.dataset
+  method, scenario = spec.method, spec.scenario
   ctx = method.after_task(ctx)
   train_seconds = time.time() - t0
   means = nme_class_means(ctx, spec.config) if method.uses_memory else None
-  record = eval_lib.evaluate_task(spec.predict, ctx.state.params, ctx.state.batch_stats, ds.test_images,
+  record = eval_lib.evaluate_task(spec.predict, ctx.state.params, ctx.state.batch_stats, spec.test_images,
                                   spec.data.test_labels, scenario, t, means)
   lo, hi = ctx.class_range()
   record.update(step=t, num_classes=hi, classes=scenario.order[lo:hi].tolist(), memory_size=len(ctx.memory),
@@ -297,7 +321,7 @@ def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_pr
   run.state = RunState(train=ctx.state, frozen=ctx.frozen, method_state=ctx.method_state, memory=ctx.memory,
                        steps=run.state.steps + [record])
   run.resume.task_start_step = run.store.save_task_end(t, run.state)
-  run.store.write_results(run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
+  run.store.results_when_saved(run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
   if run.tb is not None:
     run.tb.log_task(run.state.steps)
   if show_progress and jax.process_index() == 0:
@@ -397,6 +421,30 @@ def _stop(runs: list, where: str) -> None:
 
 
 # ---- the task loop --------------------------------------------------------------------------------------
+def compilation_cache_dir(setting: str, environ=os.environ) -> str:
+  """The persistent compilation cache directory of `config.compilation_cache` ('' = none): 'auto' is
+  $XDG_CACHE_HOME/incremental_jax/xla (~/.cache/incremental_jax/xla); JAX_COMPILATION_CACHE_DIR, when set,
+  is JAX's own setting and wins."""
+  if environ.get('JAX_COMPILATION_CACHE_DIR') or not setting:
+    return ''
+  if setting == 'auto':
+    root = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(root, 'incremental_jax', 'xla')
+  return os.path.abspath(os.path.expanduser(setting))
+
+
+def use_compilation_cache(setting: str) -> None:
+  """Points JAX's persistent compilation cache at `compilation_cache_dir(setting)` (programs compiling in
+  0.5 s or more are kept), also after this process compiled something else (the cache is re-opened)."""
+  from jax.experimental.compilation_cache import compilation_cache
+  path = compilation_cache_dir(setting)
+  if not path or jax.config.jax_compilation_cache_dir == path:
+    return
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  compilation_cache.reset_cache()
+
+
 def open_run(config, workdir: str, mesh, show_progress: bool) -> _Run:
   """Builds a run's spec, opens its workdir and restores its latest checkpoint, if any."""
   spec = build_run_spec(config, workdir, mesh)
@@ -426,6 +474,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   configs = runs_lib.run_configs(config)
   for c in configs:
     validate.validate_config(c)   # before anything starts (the mesh, data loading)
+  use_compilation_cache(config.compilation_cache)
   group = len(configs) > 1
   workdirs = [os.path.join(workdir, f'run_{k}') for k in range(len(configs))] if group else [workdir]
   mesh = parallel.make_mesh()
@@ -436,6 +485,27 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   trainer = train_lib.Trainer(lead.model, lead.method, mesh, lead.augment_fn, show_progress=show_progress)
   subnetworks = train_lib.SubnetworkTrainer(mesh, show_progress=bool(config.progress))
   every = int(config.checkpoint.every_epochs or 0)
+  try:
+    run_tasks(runs, trainer, subnetworks, every, show_progress)
+  except BaseException:
+    for r in runs:   # a task-end checkpoint may still be written: complete it, and report its task
+      r.store.close(write_pending=True)
+    raise
+  compilations = {'compilations': trainer.compile_count}
+  if subnetworks.compile_count:
+    compilations['subnetwork_compilations'] = subnetworks.compile_count
+  results = [finish(r, compilations, show_progress and not group) for r in runs]
+  if not group:
+    return results[0]
+  summary = {**runs_lib.summarize_runs(results, workdirs), **compilations}
+  runs_lib.write_summary(workdir, summary, show_progress)
+  return summary
+
+
+def run_tasks(runs: list, trainer: train_lib.Trainer, subnetworks: train_lib.SubnetworkTrainer, every: int,
+              show_progress: bool) -> None:
+  """The task loop of `runs` (trained together), from the first task any of them has left."""
+  lead, group = runs[0].spec, len(runs) > 1
   for t in range(min(r.resume.start_task for r in runs), lead.scenario.num_tasks):
     t0 = time.time()
     active = [r for r in runs if r.resume.start_task <= t]
@@ -453,21 +523,16 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
       _stop(runs, f'after step {t}')
     if group and show_progress and jax.process_index() == 0:
       print(runs_lib.task_line(t, records), flush=True)
-  results = [finish(r, trainer.compile_count, show_progress and not group) for r in runs]
-  if not group:
-    return results[0]
-  summary = {**runs_lib.summarize_runs(results, workdirs), 'compilations': trainer.compile_count}
-  runs_lib.write_summary(workdir, summary, show_progress)
-  return summary
 
 
-def finish(run: _Run, compilations: int, show_progress: bool) -> dict:
-  """Closes the run's checkpointer and writes its final results (with the number of compiled train steps)."""
+def finish(run: _Run, compilations: dict, show_progress: bool) -> dict:
+  """Closes the run's checkpointer and writes its final results, with `compilations` (the numbers of compiled
+  train steps: the run's own, and its method's sub-networks' when it trains any)."""
   run.store.close()
   if run.tb is not None:
     run.tb.close()
-  results = run.store.results(run.state.steps, complete=True, compilations=compilations)
-  run.store.write_results(results)
+  results = run.store.results(run.state.steps, complete=True, **compilations)
+  run.store.write_results(results, plots=True)
   if show_progress and jax.process_index() == 0:
     print(metrics_lib.format_summary(results), flush=True)
     print(f'results written to {os.path.join(run.spec.workdir, "results.json")}', flush=True)

@@ -1,9 +1,10 @@
 """Training: the loop that runs one phase of a task over its epochs, for one run or for several trained together.
 
-`Trainer` compiles the pure step of `incremental_jax.step` once per distinct phase (`jax.jit`, state donated,
-batch sharded over the mesh's 'data' axis, everything else replicated), and for R > 1 runs its `jax.vmap` over a
-leading run axis. `run_phase` is the one epoch loop: R = 1 runs the plain step, R > 1 the vmapped one; each run
-draws its own batches, may start at its own epoch (resume), and keeps its own per-epoch metrics.
+`Trainer` compiles the pure step of `incremental_jax.step` once per distinct phase, inside a chunk of K steps
+that is one `lax.scan` (`make_chunk`; `jax.jit`, state donated, batch sharded over the mesh's 'data' axis,
+everything else replicated), and for R > 1 runs its `jax.vmap` over a leading run axis. `run_phase` is the one
+epoch loop: R = 1 runs the plain step, R > 1 the vmapped one; each run draws its own batches, may start at its
+own epoch (resume), and keeps its own per-epoch metrics.
 `SubnetworkTrainer` is the training service that the run hands to method hooks which train a network of their
 own (a teacher, an autoencoder, a pruned snapshot): methods never build a trainer.
 """
@@ -83,9 +84,41 @@ class Trainer:
       if group:
         step = _masked_group_step(jax.vmap(step))
       repl = parallel.replicated(self.mesh)
-      self._steps[key] = jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
-      self.compile_count += 1
+      self._steps[key] = jax.jit(self._counted(step), donate_argnums=(0,), out_shardings=(repl, repl))
     return self._steps[key]
+
+  def _counted(self, fn: Callable) -> Callable:
+    """`fn`, adding 1 to `compile_count` each time JAX traces it: once per program it compiles (a new phase, or
+    new shapes such as a teacher stack that grew), so `compile_count` is every compiled train step."""
+    def traced(*args):
+      self.compile_count += 1
+      return fn(*args)
+    return traced
+
+  def compiled_chunk(self, phase: Phase, has_teacher: bool, group: bool, on_device: bool):
+    """The jitted chunk of `phase` (`make_chunk` over its step, vmapped and masked with `group`):
+    `(state, frozen, task, source, xs, valid) -> (state, metrics)`, the state donated."""
+    key = ('chunk', group, on_device, self._step_key(phase, has_teacher))
+    if key not in self._steps:
+      step = self.method.make_train_step(self.model, phase, self.augment_fn, has_teacher)
+      if group:
+        step = _masked_group_step(jax.vmap(step))
+      repl = parallel.replicated(self.mesh)
+      chunk = make_chunk(step, group, on_device, self.mesh)
+      self._steps[key] = jax.jit(self._counted(chunk), donate_argnums=(0,), out_shardings=(repl, repl))
+    return self._steps[key]
+
+  def chunk_length(self, on_device: bool) -> int:
+    """Train steps per compiled chunk: `data.chunk_steps`, or when 0: on CPU 1 (XLA:CPU runs a train step
+    inside a loop body 2-3x slower than alone, measured on the digits model), on accelerators 64 with the images
+    on the device (an epoch of up to 64 steps is one dispatch) and 4 with host images (a chunk's batches are
+    loaded and sent together)."""
+    k = int(self.method.config.data.chunk_steps or 0)
+    if k > 0:
+      return k
+    if self.mesh.devices.flat[0].platform == 'cpu':
+      return 1
+    return 64 if on_device else 4
 
   def epoch_plan(self, phase: Phase, labels: np.ndarray, rng_seed: tuple) -> list:
     """The sampler's index rows [steps, batch] of every epoch of `phase`; epoch e draws from
@@ -123,6 +156,45 @@ def _phase_task(task: TaskInfo, phase: Phase, steps_per_epoch: int, seed: int) -
                       steps_per_epoch=jnp.float32(steps_per_epoch), seed=jnp.int32(seed))
 
 
+def make_chunk(step: Callable, group: bool, on_device: bool, mesh) -> Callable:
+  """The compiled loop over K train steps: `chunk(state, frozen, task, source, xs, valid) -> (state, metrics)`,
+  one `lax.scan` whose iteration i takes step i of the chunk (one dispatch for K steps).
+
+  `xs` holds per step the index rows [K, R, B] of R runs (R = 1 for one run) into `source` (the images and the
+  runs' labels [R, N] on the device), from which each iteration gathers its batch; with `on_device` False, `xs`
+  is the gathered batches {'image': [K, R, B, ...], 'label': [K, R, B]} themselves and `source` is unused.
+  `valid` [K, R]: 1 where run r takes step i. A step no run takes (the padded tail of an epoch shorter than a
+  multiple of K) is skipped (`lax.cond`, its metrics 0), so epochs of any length reuse one program; with R > 1
+  `step` is the vmapped, masked group step, which keeps the state of runs whose `valid` is 0.
+  `metrics`: each metric stacked per step [K] (or [K, R])."""
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
+
+  def chunk(state, frozen, task, source, xs, valid):
+    def take(state, x, v):
+      if on_device:
+        batch = {'image': source['image'][x], 'label': jnp.take_along_axis(source['label'], x, axis=1)}
+      else:
+        batch = x
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)   # [R, B, ...], B over the devices
+      if group:
+        return step(state, frozen, task, batch, v)
+      return step(state, frozen, task, jax.tree.map(lambda a: a[0], batch))
+
+    def body(state, inp):
+      x, v = inp
+      def skip(state, x, v):
+        shapes = jax.eval_shape(take, state, x, v)[1]
+        return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+      return jax.lax.cond(jnp.any(v > 0), take, skip, state, x, v)
+
+    if valid.shape[0] == 1:   # a chunk of one step is the step itself (every step is taken: K divides the epoch)
+      state, metrics = take(state, jax.tree.map(lambda a: a[0], xs), valid[0])
+      return state, jax.tree.map(lambda a: a[None], metrics)
+    return jax.lax.scan(body, state, (xs, valid))
+
+  return chunk
+
+
 def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
               on_epoch_end: Optional[Callable] = None) -> list:
   """Trains the same phase of each `PhaseRun` in `runs` for `phase.optim.epochs` epochs over its
@@ -133,6 +205,10 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   exactly as it would alone (its own labels, class order and sampler seed). When runs have different numbers
   of steps per epoch, or a run starts at a later epoch (resumed further), its update is discarded on the
   steps it does not take, so every run takes exactly its own steps.
+
+  The steps run in compiled chunks of `Trainer.chunk_length` steps (`make_chunk`): an epoch is one or a few
+  dispatches, whose batches are gathered on the device from `images` when it is `pipeline.DeviceImages`
+  (else loaded on the host a chunk ahead). Progress bars and the 'train_step' fault point advance per chunk.
 
   `on_epoch_end(e, states, live)` is called after each epoch e with a function returning the per-run states and
   the runs that trained in that epoch (e.g. to write mid-task checkpoints).
@@ -149,51 +225,53 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   tasks = [_phase_task(r.task, phase, n, r.seed) for r, n in zip(runs, run_steps)]
   states = [r.state if r.start_epoch else trainer.phase_start(r.state, phase) for r in runs]
   has_teacher = runs[0].frozen is not None
-  step_fn = trainer.compiled_step(phase, has_teacher, group=group)
+  on_device = isinstance(images, pipeline.DeviceImages)
+  chunk_fn = trainer.compiled_chunk(phase, has_teacher, group=group, on_device=on_device)
   if group:
     state, task = _stack(states), parallel.replicate(_stack(tasks), mesh)
     frozen = _stack([r.frozen for r in runs]) if has_teacher else None
   else:
     state, task, frozen = states[0], parallel.replicate(tasks[0], mesh), runs[0].frozen
+  labels = np.stack([np.asarray(r.labels, np.int32) for r in runs])   # [R, N]
+  source = {'image': images.device, 'label': parallel.replicate(labels, mesh)} if on_device else None
   steps, first = int(run_steps.max()), int(starts.min())
+  k = trainer.chunk_length(on_device)
+  padded = -(-steps // k) * k
   bar = _progress(epochs * steps, desc, trainer.show_progress)
   bar.update(first * steps)
   fault_per_step = faults.armed('train_step')
   for e in range(first, epochs):
     live = starts <= e
-    valid = ((np.arange(steps)[:, None] < run_steps[None]) & live[None]).astype(np.float32)   # [steps, R]
-    if group:
-      rows = [[plan[e][min(i, len(plan[e]) - 1)] for plan in plans] for i in range(steps)]
-      batches = pipeline.device_run_batches(images, [r.labels for r in runs], rows, mesh)
-    else:
-      batches = pipeline.device_batches(images, runs[0].labels, plans[0][e], mesh)
+    valid = ((np.arange(padded)[:, None] < run_steps[None]) & live[None]).astype(np.float32)   # [padded, R]
+    rows = np.stack([_padded(plan[e], padded) for plan in plans], 1).astype(np.int32)         # [padded, R, B]
+    chunks = [rows[c:c + k] for c in range(0, padded, k)]
+    inputs = (pipeline.host_chunks(images, labels, chunks, mesh) if not on_device else
+              (_to_mesh(c, mesh) for c in chunks))
     epoch_metrics = []
-    for i, batch in enumerate(batches):
-      if group:
-        state, metrics = step_fn(state, frozen, task, batch, parallel.replicate(valid[i], mesh))
-      else:
-        state, metrics = step_fn(state, frozen, task, batch)
+    for c, xs in enumerate(inputs):
+      state, metrics = chunk_fn(state, frozen, task, source, xs, _to_mesh(valid[c * k:(c + 1) * k], mesh))
       epoch_metrics.append(metrics)
-      bar.update(1)
-      if fault_per_step:
+      taken = min(k, steps - c * k)
+      bar.update(taken)
+      for _ in range(taken if fault_per_step else 0):
         faults.reached('train_step')
-    stacked = _stack(epoch_metrics)
+    stacked = jax.tree.map(lambda *m: jnp.concatenate(m)[:steps], *epoch_metrics)   # [steps, R] or [steps]
     if group:
-      stacked = jax.device_get(stacked)   # [steps, R] each
-      means = [{name: float((v[:, k] * valid[:, k]).sum() / valid[:, k].sum()) for name, v in stacked.items()}
-               if live[k] else None for k in range(len(runs))]
+      stacked = jax.device_get(stacked)
+      means = [{name: float((v[:, r] * valid[:steps, r]).sum() / valid[:steps, r].sum()) for name, v in stacked.items()}
+               if live[r] else None for r in range(len(runs))]
     else:
-      means = [{k: float(v) for k, v in jax.device_get(jax.tree.map(jnp.mean, stacked)).items()}]
-    for k, (r, m) in enumerate(zip(runs, means)):
+      means = [{name: float(v) for name, v in jax.device_get(jax.tree.map(jnp.mean, stacked)).items()}]
+    for r, (run, m) in enumerate(zip(runs, means)):
       if m is None:
         continue
-      r.history.append(m)
+      run.history.append(m)
       if not np.isfinite(m['loss']):
         bar.close()
         losses = np.asarray(jax.device_get(stacked['loss']))
-        end_step = int(jax.device_get(state.step[k] if group else state.step))
-        message = _non_finite_message(desc, losses[:run_steps[k], k] if group else losses, end_step, e)
-        raise FloatingPointError(f'run {k}: {message}' if group else message)
+        end_step = int(jax.device_get(state.step[r] if group else state.step))
+        message = _non_finite_message(desc, losses[:run_steps[r], r] if group else losses, end_step, e)
+        raise FloatingPointError(f'run {r}: {message}' if group else message)
     bar.set_postfix(epoch=e + 1, loss=' '.join(f"{r.history[-1]['loss']:.4f}" for r in runs if r.history),
                     refresh=False)
     faults.reached('epoch_end')
@@ -204,16 +282,32 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   return [PhaseResult(state=s, epoch_metrics=r.history) for s, r in zip(final, runs)]
 
 
+def _to_mesh(x: np.ndarray, mesh):
+  """A small host array for the compiled chunk: as it is with one process (the jitted call transfers it, the
+  cheapest way), else the global replicated array that every process passes."""
+  return x if jax.process_count() == 1 else parallel.replicate(x, mesh)
+
+
+def _padded(rows: np.ndarray, length: int) -> np.ndarray:
+  """An epoch's index rows [steps, B] padded to `length` rows by repeating its last one."""
+  return np.concatenate([rows, np.repeat(rows[-1:], length - len(rows), 0)]) if length > len(rows) else rows
+
+
 class SubnetworkTrainer:
   """The training service the run passes to method hooks (`TaskContext.trainer`): trains a network of a
   method's own (a teacher, an autoencoder, a pruned snapshot) on the run's mesh, with a `Trainer` per (method,
   model, augmentation) kept for the whole run, so a network trained after every task compiles once.
 
-  Its compilations are not counted in the run's `compilations` (which counts the run's own phases)."""
+  Its compilations are counted apart from the run's (`compile_count`, results.json's
+  `subnetwork_compilations`)."""
 
   def __init__(self, mesh, show_progress: bool):
     self.mesh, self.show_progress = mesh, show_progress
     self._trainers: dict = {}
+
+  @property
+  def compile_count(self) -> int:
+    return sum(t.compile_count for t in self._trainers.values())
 
   def initial_state(self, model, optim) -> TrainState:
     """The initial train state of `model` (its initial variables, replicated over the mesh)."""

@@ -35,6 +35,9 @@ def validate_config(config) -> None:
   _require(config.model.head in HEADS, f'model.head={config.model.head!r} is unknown; valid names: {sorted(HEADS)}.')
   sampler = config.data.sampler
   _require(sampler in pipeline.SAMPLERS, f'data.sampler={sampler!r} is unknown; valid names: {sorted(pipeline.SAMPLERS)}.')
+  _require(pipeline.on_device_setting(config.data.on_device) is not None,
+           f"data.on_device={config.data.on_device!r}; valid: 'auto', True, False.")
+  _require(int(config.data.chunk_steps or 0) >= 0, f'data.chunk_steps must be >= 0; got {config.data.chunk_steps}.')
   optim = config.optim
   _require(optim.schedule in ('multistep', 'cosine', 'constant'),
            f"optim.schedule={optim.schedule!r}; valid: 'multistep', 'cosine', 'constant'.")

@@ -112,6 +112,25 @@ def test_multi_model_kd_matches_numpy(domain, reduction):
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('domain', ['group', 'seen'])
+@pytest.mark.parametrize('reduction', ['sum', 'mean'])
+def test_empty_snapshot_slots_change_neither_the_loss_nor_its_gradient(domain, reduction):
+  rng = np.random.default_rng(5)
+  b, t = 4, 2.0
+  student = jnp.asarray(rng.normal(size=(b, NUM_CLASSES)).astype(np.float32) * 2)
+  snaps = rng.normal(size=(2, b, NUM_CLASSES)).astype(np.float32) * 2
+  groups = np.zeros((2, NUM_CLASSES), np.float32)
+  groups[0, :4], groups[1, 4:7] = 1, 1
+  padded_snaps = np.concatenate([snaps, np.zeros((2, b, NUM_CLASSES), np.float32)])
+  padded_groups = np.concatenate([groups, np.zeros((2, NUM_CLASSES), np.float32)])
+  valid = jnp.asarray([1.0, 1.0, 0.0, 0.0])
+  ref = lambda z: L.multi_model_kd(z, jnp.asarray(snaps), jnp.asarray(groups), t, domain, reduction).sum()
+  got = lambda z: L.multi_model_kd(z, jnp.asarray(padded_snaps), jnp.asarray(padded_groups), t, domain, reduction,
+                                   valid).sum()
+  np.testing.assert_allclose(got(student), ref(student), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(got)(student), jax.grad(ref)(student), rtol=1e-6, atol=1e-7)
+
+
 def test_feature_distillation_matches_numpy_and_is_an_aux_term():
   rng = np.random.default_rng(2)
   student = tuple(rng.normal(size=(3, h, h, c)).astype(np.float32) for h, c in ((4, 2), (2, 5)))
@@ -174,13 +193,17 @@ def test_each_class_group_is_distilled_from_the_snapshot_that_learned_it():
     p['head']['bias'] = b
     snaps.append(p)
   frozen, method_state = _store_all(method, cfg, snaps, stats)
-  assert frozen['groups'].shape == (2, NUM_CLASSES)
-  np.testing.assert_array_equal(frozen['groups'], [scenario.class_masks(0)['new'], scenario.class_masks(1)['new']])
+  # a fixed stack of one slot per task (the step compiles once per run), the stored ones marked valid
+  assert frozen['groups'].shape == (scenario.num_tasks, NUM_CLASSES) == (3, NUM_CLASSES)
+  np.testing.assert_array_equal(frozen['valid'], [1, 1, 0])
+  np.testing.assert_array_equal(frozen['groups'], [scenario.class_masks(0)['new'], scenario.class_masks(1)['new'],
+                                                   np.zeros(NUM_CLASSES)])
   ckpt_lib._check_str_keys({'frozen': frozen, 'method_state': method_state}, 'checkpoint')
 
   images = jnp.asarray(rng.normal(size=(5,) + IMAGE_SHAPE), jnp.float32)
   teacher = jax.jit(lambda f, x: method.teacher_forward(model, f, x))(frozen, images)
-  np.testing.assert_allclose(teacher['snapshot_logits'], np.broadcast_to(np.stack(biases)[:, None], (2, 5, NUM_CLASSES)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(teacher['snapshot_logits'][:2], np.broadcast_to(np.stack(biases)[:, None], (2, 5, NUM_CLASSES)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(teacher['snapshot_logits'][2], 0)   # the empty slot is not evaluated
   np.testing.assert_allclose(teacher['logits'], np.broadcast_to(biases[-1], (5, NUM_CLASSES)), rtol=1e-6, atol=1e-6)
 
   task = types.SimpleNamespace(**{k: jnp.asarray(v) for k, v in scenario.class_masks(2).items()})
@@ -237,5 +260,7 @@ def test_m2kd_exemplar_free_on_digits_keeps_far_more_than_finetune(digits_run):
   finetune = digits_run('finetune')
   acc = {'m2kd': m2kd['avg_incremental_accuracy']['cnn'], 'finetune': finetune['avg_incremental_accuracy']['cnn']}
   assert acc['m2kd'] > acc['finetune'] + 25, acc
+  # the snapshot stack has a fixed size: one step without a teacher (task 0), one with (every later task)
+  assert m2kd['compilations'] == 2
   assert m2kd['last_accuracy']['cnn'] > finetune['last_accuracy']['cnn'] + 20, acc
   assert all(s['memory_size'] == 0 for s in m2kd['steps'])  # exemplar-free

@@ -128,3 +128,93 @@ def test_shuffle_sampler_covers_each_example_once_per_epoch():
   small = shuffle_sampler(np.arange(5), np.zeros(5), 8, np.random.default_rng(0))
   assert small.shape == (1, 8) and set(small.ravel()) == set(range(5))
   np.testing.assert_array_equal(rows, shuffle_sampler(idx, np.zeros(50), 16, np.random.default_rng(0)))
+
+
+def test_compilation_cache_dir_setting():
+  from incremental_jax.run import compilation_cache_dir
+  assert compilation_cache_dir('auto', {'XDG_CACHE_HOME': '/c'}) == '/c/incremental_jax/xla'
+  assert compilation_cache_dir('auto', {'HOME': '/h'}).endswith('/.cache/incremental_jax/xla')
+  assert compilation_cache_dir('', {}) == ''
+  assert compilation_cache_dir('/tmp/x', {}) == '/tmp/x'
+  assert compilation_cache_dir('auto', {'JAX_COMPILATION_CACHE_DIR': '/j'}) == ''   # JAX's own setting wins
+
+
+# ---- chunked epochs, images on the device ------------------------------------------------------------------------
+def _chunk_setup(chunk_steps: int):
+  from incremental_jax.methods.base import Phase as BasePhase
+  from test_runs import _phase_setup   # tests/ is on the path under pytest
+  config, model, trainer, images, labels, phases, mesh = _phase_setup()
+  config.data.chunk_steps = chunk_steps
+  optim = phases[0].optim
+  # run 0: 80 examples = 5 steps per epoch of 16; run 1: 48 = 3 steps
+  phases = [BasePhase('train', trainer.method.loss, np.arange(80), optim),
+            BasePhase('train', trainer.method.loss, np.arange(60, 108), optim)]
+  task = train.make_task_info(type('S', (), {'class_masks': lambda self, t: {
+      'old': np.zeros(4, np.float32), 'new': np.ones(4, np.float32), 'seen': np.ones(4, np.float32)}})(), 0,
+      np.ones(4, np.float32))
+  init = lambda s: train.init_train_state(build_model(config.model, 4, (8, 8, 1), seed=s), mesh,
+                                          train.make_optimizer(config.optim))
+  return trainer, images, labels, phases, task, init, mesh
+
+
+def _assert_same_phase(a, b):
+  assert int(a.state.step) == int(b.state.step)
+  for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)   # a chunk is one program: other float rounding
+  np.testing.assert_allclose([m['loss'] for m in a.epoch_metrics], [m['loss'] for m in b.epoch_metrics], rtol=1e-4)
+
+
+@pytest.mark.parametrize('on_device', [True, False])
+def test_chunked_epochs_with_masked_tail_steps_equal_step_by_step(on_device):
+  """Epochs of 5 steps in chunks of 4 (the second chunk's last 3 steps are padding, skipped) train exactly the
+  5 steps per epoch of the step-by-step loop, from device or host images; chunks of 1 on device images
+  give the step-by-step loop's numbers exactly."""
+  from incremental_jax.data import pipeline
+  trainer1, images, labels, phases, task, init, mesh = _chunk_setup(1)
+  (ref,) = train.run_phase(trainer1, [train.PhaseRun(init(3), None, task, phases[0], labels[0], (3, 0, 0), 3)], images)
+  assert int(ref.state.step) == 10
+  trainer4 = _chunk_setup(4)[0]
+  source = pipeline.DeviceImages(images, mesh) if on_device else images
+  (got,) = train.run_phase(trainer4, [train.PhaseRun(init(3), None, task, phases[0], labels[0], (3, 0, 0), 3)], source)
+  _assert_same_phase(got, ref)
+  assert trainer4.compile_count == 1
+  (same,) = train.run_phase(trainer1, [train.PhaseRun(init(3), None, task, phases[0], labels[0], (3, 0, 0), 3)],
+                            pipeline.DeviceImages(images, mesh))
+  jax.tree.map(np.testing.assert_array_equal, same.state.params, ref.state.params)
+
+
+def test_chunked_group_with_uneven_steps_equals_each_run_alone():
+  from incremental_jax.data import pipeline
+  trainer, images, labels, phases, task, init, mesh = _chunk_setup(4)
+  group = train.run_phase(trainer, [train.PhaseRun(init(s), None, task, ph, lab, (s, 0, 0), s)
+                                    for s, ph, lab in zip((3, 7), phases, labels)], pipeline.DeviceImages(images, mesh))
+  for k, s in enumerate((3, 7)):
+    solo_trainer = _chunk_setup(1)[0]
+    (solo,) = train.run_phase(solo_trainer, [train.PhaseRun(init(s), None, task, phases[k], labels[k], (s, 0, 0), s)],
+                              images)
+    assert int(solo.state.step) == [10, 6][k]
+    _assert_same_phase(group[k], solo)
+
+
+def test_place_images_by_budget_and_device_predictions_equal_host_ones():
+  from incremental_jax import evaluate
+  from incremental_jax.data import pipeline
+  mesh = parallel.make_mesh()
+  images = np.random.default_rng(1).integers(0, 255, (70, 8, 8, 1)).astype(np.uint8)
+  assert pipeline.place_images(images, mesh, 'auto', budget=images.nbytes - 1) is images
+  assert pipeline.place_images(images, mesh, False) is images
+  assert pipeline.place_images(images, mesh, 'False') is images   # as the command line gives it
+  assert isinstance(pipeline.place_images(images, mesh, 'true', budget=0), pipeline.DeviceImages)
+  placed = pipeline.place_images(images, mesh, 'auto', budget=images.nbytes)
+  assert isinstance(placed, pipeline.DeviceImages)
+  idx = np.array([5, 3, 69, 0, 12])
+  np.testing.assert_array_equal(np.asarray(evaluate._take(placed, idx)), images[idx])
+  config = cfglib.test_preset(cfglib.base_config())
+  model = build_model(config.model, 4, (8, 8, 1), seed=0)
+  params, stats = model.init_variables()
+  predict = evaluate.make_predict_fn(model, mesh, lambda x: x.astype(jnp.float32) / 255.0, 8)
+  for flip in (False, True, 'channel_reverse'):
+    host = predict(params, stats, images[idx], flip=flip)
+    device = predict(params, stats, evaluate._take(placed, idx), flip=flip)
+    for k in host:
+      np.testing.assert_allclose(device[k], host[k], rtol=1e-6, atol=1e-6)

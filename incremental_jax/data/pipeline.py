@@ -1,13 +1,16 @@
-"""Host-side input pipeline: epoch samplers (index arrays), batch gathering, sharding and prefetching.
+"""Input pipeline: epoch samplers (index arrays), the images kept on the device (`DeviceImages`), and for
+images that stay on the host (large or lazy image folders) batch gathering, sharding and prefetching.
 
 A sampler maps (example indices, their labels, batch size, numpy Generator) to an int array [steps, batch]
-of one epoch; every process computes the same array (same seed) and loads only its slice of each row.
+of one epoch; every process computes the same array (same seed). With the images on the device, the index
+rows themselves go to the compiled loop, which gathers the batches; otherwise each process loads its slice of
+each row on the host.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -75,8 +78,78 @@ def get_sampler(name: str) -> Callable[..., np.ndarray]:
 
 
 def gather(images, labels: np.ndarray, idx: np.ndarray) -> dict:
-  """A host batch {'image': uint8 [n,H,W,C], 'label': int32 [n], 'index': int32 [n]} of examples `idx`."""
-  return {'image': np.asarray(images[idx]), 'label': labels[idx].astype(np.int32), 'index': idx.astype(np.int32)}
+  """A host batch {'image': uint8 [n,H,W,C], 'label': int32 [n]} of examples `idx`."""
+  return {'image': np.asarray(images[idx]), 'label': labels[idx].astype(np.int32)}
+
+
+class DeviceImages:
+  """A uint8 image array [N, H, W, C] that also lives on the device, replicated over the mesh, placed once (at
+  first use) and read by every compiled pass: training gathers its batches from it by index, inference,
+  herding and NME too. For host code it behaves as the NumPy array (`len`, `shape`, indexing, `np.asarray`).
+  `rows` restricts it to some examples (`subset`) without a copy."""
+
+  def __init__(self, host: np.ndarray, mesh, rows: Optional[np.ndarray] = None, _device: Any = None):
+    self.host, self.mesh, self.rows = host, mesh, rows
+    self._device = _device if _device is not None else [None]   # shared by subsets
+    n = len(host) if rows is None else len(rows)
+    self.shape, self.dtype = (n,) + tuple(host.shape[1:]), host.dtype
+
+  @property
+  def device(self) -> jax.Array:
+    """The whole array on the device (every example, whatever `rows`)."""
+    if self._device[0] is None:
+      self._device[0] = parallel.replicate(self.host, self.mesh)
+    return self._device[0]
+
+  def positions(self) -> np.ndarray:
+    """The positions in `device` of this array's examples."""
+    return np.arange(len(self.host)) if self.rows is None else self.rows
+
+  def subset(self, idx: np.ndarray) -> 'DeviceImages':
+    return DeviceImages(self.host, self.mesh, self.positions()[np.asarray(idx)], self._device)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, idx):
+    return self.host[idx] if self.rows is None else self.host[self.rows[idx]]
+
+  def __array__(self, dtype=None, copy=None):
+    out = self.host if self.rows is None else self.host[self.rows]
+    return out if dtype is None else out.astype(dtype)
+
+
+def device_budget_bytes(device: Optional[jax.Device] = None) -> int:
+  """How many bytes of images `data.on_device='auto'` places on a device: a quarter of its memory as the
+  runtime reports it (GPU, TPU), or 2 GiB where it reports none (CPU: host memory, copied once)."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - backends without memory statistics
+    stats = {}
+  limit = stats.get('bytes_limit')
+  return int(limit) // 4 if limit else 2 << 30
+
+
+ON_DEVICE = {'auto': 'auto', True: True, False: False, 'true': True, 'false': False}
+
+
+def on_device_setting(value):
+  """`data.on_device` as 'auto', True or False; the field is a string, so the command line gives 'True'/'False'
+  (any case). None for a value that is none of them."""
+  return ON_DEVICE.get(value.lower() if isinstance(value, str) else value)
+
+
+def place_images(images, mesh, setting, budget: Optional[int] = None):
+  """`images` as `DeviceImages` when `setting` (`data.on_device`) says so: True, or 'auto' when they are an
+  in-memory array whose bytes fit `budget` (default `device_budget_bytes`); else `images` unchanged (lazy image
+  folders always stay on the host)."""
+  setting = on_device_setting(setting)
+  if setting is False or not isinstance(images, np.ndarray):
+    return images
+  if setting == 'auto' and images.nbytes > (device_budget_bytes() if budget is None else budget):
+    return images
+  return DeviceImages(images, mesh)
 
 
 def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], mesh, prefetch: int = 2) -> Iterator[dict]:
@@ -91,19 +164,20 @@ def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], me
   return _prefetched(load, batches, prefetch)
 
 
-def device_run_batches(images, labels: Sequence[np.ndarray], batches: Iterable[Sequence[np.ndarray]], mesh,
-                       prefetch: int = 2) -> Iterator[dict]:
-  """Like `device_batches` for R runs trained together: each item of `batches` holds one index row per run,
-  run k's labels are `labels[k]`; the device batch has a leading run axis [R, batch, ...], sharded over the
-  'data' axis along the batch."""
+def host_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarray], mesh,
+                prefetch: int = 1) -> Iterator[dict]:
+  """For host images: the batches of each chunk of index rows [K, R, B] (R runs, run k's labels `labels[k]`) as
+  one global batch {'image': [K, R, B, H, W, C], 'label': [K, R, B]} sharded over the 'data' axis along B; this
+  process loads only its slice of each row. Loading runs `prefetch` chunks ahead in a background thread."""
 
   def load(rows):
-    local = [r if jax.process_count() == 1 else r[parallel.process_rows(len(r), mesh)] for r in rows]
-    per_run = [gather(images, lab, r) for lab, r in zip(labels, local)]
-    stacked = {k: np.stack([b[k] for b in per_run]) for k in per_run[0]}
-    return parallel.shard_batch(stacked, mesh, len(rows[0]), batch_axis=1)
+    rows = np.asarray(rows)
+    local = rows if jax.process_count() == 1 else rows[..., parallel.process_rows(rows.shape[-1], mesh)]
+    batch = {'image': np.asarray(images[local.reshape(-1)]).reshape(local.shape + tuple(images.shape[1:])),
+             'label': np.stack([lab[local[:, k]] for k, lab in enumerate(labels)], 1).astype(np.int32)}
+    return parallel.shard_batch(batch, mesh, rows.shape[-1], batch_axis=2)
 
-  return _prefetched(load, batches, prefetch)
+  return _prefetched(load, chunks, prefetch)
 
 
 def _prefetched(load: Callable, items: Iterable, prefetch: int) -> Iterator:

@@ -34,7 +34,8 @@ def snapshot_class_masks(group_masks: jax.Array, domain: str = 'group') -> jax.A
 
 
 def multi_model_kd(student_logits: jax.Array, snapshot_logits: jax.Array, group_masks: jax.Array,
-                   temperature: float, domain: str = 'group', reduction: str = 'sum') -> jax.Array:
+                   temperature: float, domain: str = 'group', reduction: str = 'sum',
+                   valid: jax.Array | None = None) -> jax.Array:
   """Per-example multi-model distillation L_MM [B] (PROPOSAL form, see the module docstring).
 
   Args:
@@ -44,14 +45,22 @@ def multi_model_kd(student_logits: jax.Array, snapshot_logits: jax.Array, group_
     temperature: T; each term is multiplied by T^2 (Hinton et al.).
     domain: 'group' (snapshot j supervises its own task's classes) or 'seen' (every class it had seen).
     reduction: 'sum' over snapshots (each class group weighted equally) or 'mean' (divided by S).
+    valid: optional [S] float, 1 for the stored snapshots (the first ones) and 0 for empty slots of a
+      fixed-size stack, which contribute nothing (S then counts the valid ones).
   """
   masks = snapshot_class_masks(group_masks, domain)
+  if valid is not None:   # an empty slot gets every class: a finite term (and gradient) that is then dropped
+    masks = jnp.where(valid[:, None] > 0, masks, 1.0)
   per_snapshot = jax.vmap(lambda t, m: kd_kl(student_logits, t, temperature, m))(snapshot_logits, masks)  # [S, B]
   per_snapshot = temperature ** 2 * per_snapshot
+  count = per_snapshot.shape[0]
+  if valid is not None:
+    per_snapshot = jnp.where(valid[:, None] > 0, per_snapshot, 0.0)
+    count = jnp.sum(valid)
   if reduction == 'sum':
     return per_snapshot.sum(0)
   if reduction == 'mean':
-    return per_snapshot.mean(0)
+    return per_snapshot.sum(0) / count
   raise ValueError(f"multi-model distillation reduction must be 'sum' or 'mean'; got {reduction!r}.")
 
 

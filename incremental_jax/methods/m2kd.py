@@ -7,8 +7,9 @@ What the paper's abstract states, and how it is built here:
     model is frozen as snapshot j; while learning task t, the current model's logits over the classes of task j
     are distilled from snapshot j, for every j < t (`losses.m2kd.multi_model_kd`; `method.teachers='last'` gives
     the sequential, LwF-style distillation from the last snapshot on all old classes, the paper's baseline).
-    The snapshots share one architecture: they are stacked along a leading axis and evaluated by one
-    `jax.vmap`-ed forward (`teacher_forward`), not a Python loop.
+    The snapshots share one architecture: they are stacked along a leading axis of fixed length (one slot per
+    task, a validity mask marking the stored ones, so the step compiles once per run) and evaluated inside the
+    step by one `lax.map` over the valid slots (`teacher_forward`), not a Python loop.
   - multi-level distillation: an auxiliary distillation of intermediate features of the previous model, the
     auxiliary loss term 'feature_kd' (`losses.m2kd.feature_kd_term`, configured in `method.aux_losses` with its own
     weight lambda), so that L_total = CE + L_MM + lambda * L_AD.
@@ -92,21 +93,32 @@ class PrunedSnapshotTraining(Method):
     return masked_step
 
 
-def append_snapshot(frozen, stored: dict, group: np.ndarray, keep_all: bool) -> dict:
-  """The frozen pytree {'snapshots': stored snapshots stacked on a leading axis, 'groups': float [S, C] the
-  classes each snapshot distils} with `stored` (supervising the classes of `group` [C]) added last; with
-  `keep_all` False only the new snapshot is kept."""
-  stored = jax.tree.map(lambda x: np.asarray(x)[None], stored)
-  group = np.asarray(group, np.float32)[None]
-  if keep_all and frozen is not None:
-    stored = jax.tree.map(lambda a, b: np.concatenate([np.asarray(a), b]), frozen['snapshots'], stored)
-    group = np.concatenate([np.asarray(frozen['groups'], np.float32), group])
-  return {'snapshots': stored, 'groups': group}
+def append_snapshot(frozen, stored: dict, group: np.ndarray, keep_all: bool, slots: int) -> dict:
+  """The frozen pytree {'snapshots': stored snapshots stacked on a leading axis of fixed length `slots`,
+  'groups': float [slots, C] the classes each snapshot distils, 'valid': float [slots], 1 for the snapshots
+  stored so far (the first ones)} with `stored` (supervising the classes of `group` [C]) put in the first free
+  slot; with `keep_all` False it replaces the single snapshot (`slots` = 1). The shapes never change during a
+  run, so the train step that reads them compiles once."""
+  stored = jax.tree.map(np.asarray, stored)
+  group = np.asarray(group, np.float32)
+  if not keep_all or frozen is None:
+    frozen = {'snapshots': jax.tree.map(lambda x: np.zeros((slots,) + x.shape, x.dtype), stored),
+              'groups': np.zeros((slots, len(group)), np.float32), 'valid': np.zeros((slots,), np.float32)}
+  frozen = jax.tree.map(np.array, jax.device_get(frozen))   # writable host copies
+  k = int(frozen['valid'].sum())
+  if k >= slots:
+    raise ValueError(f'all {slots} snapshot slots are taken; cannot store another snapshot.')
+  for dst, src in zip(jax.tree.leaves(frozen['snapshots']), jax.tree.leaves(stored)):
+    dst[k] = src
+  frozen['groups'][k], frozen['valid'][k] = group, 1.0
+  return frozen
 
 
-def stacked_forward(model, snapshots: dict, images: jax.Array) -> dict:
+def stacked_forward(model, snapshots: dict, images: jax.Array, valid=None) -> dict:
   """Inference-mode outputs {'logits': [S, B, C], 'stages': ([S, B, H, W, C], ...)} of the S stacked stored
-  snapshots on `images`: one vmapped forward that rebuilds each snapshot's masked weights from its stored form."""
+  snapshots on `images`, each snapshot's masked weights rebuilt from its stored form: one vmapped forward, or,
+  with `valid` [S], one forward per valid snapshot (`lax.map` over the slots; an empty slot's outputs are 0
+  and cost nothing)."""
   params_template, _ = jax.eval_shape(model.init_variables)
 
   def forward(stored):
@@ -114,7 +126,11 @@ def stacked_forward(model, snapshots: dict, images: jax.Array) -> dict:
     out = model.apply(params, stored['batch_stats'], images, train=False)[0]
     return {'logits': out['logits'], 'stages': tuple(out['stages'])}
 
-  return jax.vmap(forward)(snapshots)
+  if valid is None:
+    return jax.vmap(forward)(snapshots)
+  first = jax.tree.map(lambda x: x[0], snapshots)
+  empty = lambda stored: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(forward, first))
+  return jax.lax.map(lambda sv: jax.lax.cond(sv[1] > 0, forward, empty, sv[0]), (snapshots, valid))
 
 
 class M2KD(Method):
@@ -143,9 +159,11 @@ class M2KD(Method):
   def teacher_forward(self, model, frozen, images):
     """All snapshots at once; 'logits' and 'stages' are the last (previous) snapshot's, so single-teacher terms
     (e.g. the auxiliary 'feature_kd') see the previous model."""
-    out = stacked_forward(model, frozen['snapshots'], images)
-    return {'snapshot_logits': out['logits'], 'groups': frozen['groups'], 'logits': out['logits'][-1],
-            'stages': tuple(s[-1] for s in out['stages'])}
+    valid = frozen['valid']
+    out = stacked_forward(model, frozen['snapshots'], images, valid)
+    last = (jnp.sum(valid) - 1).astype(jnp.int32)
+    return {'snapshot_logits': out['logits'], 'groups': frozen['groups'], 'valid': valid,
+            'logits': out['logits'][last], 'stages': tuple(s[last] for s in out['stages'])}
 
   def loss(self, outputs, batch, task, teacher, params):
     logits = outputs['logits']
@@ -154,7 +172,7 @@ class M2KD(Method):
     if teacher is None:
       return ce, {'ce': ce}
     mm = multi_model_kd(logits, teacher['snapshot_logits'], teacher['groups'], float(self.mcfg.kd_temperature),
-                        self.mcfg.mm_domain, self.mcfg.mm_reduction).mean()
+                        self.mcfg.mm_domain, self.mcfg.mm_reduction, teacher['valid']).mean()
     return ce + float(self.mcfg.mm_weight) * mm, {'ce': ce, 'mm_kd': mm}
 
   # ---- host-side hooks ----------------------------------------------------------------------------
@@ -165,7 +183,8 @@ class M2KD(Method):
     masks = ctx.scenario.class_masks(ctx.task)
     keep = float(self.mcfg.prune_keep)
     stored = store_snapshot(self._pruned_snapshot(ctx, keep), keep)
-    frozen = append_snapshot(ctx.frozen, stored, masks['new'] if keep_all else masks['seen'], keep_all)
+    slots = ctx.scenario.num_tasks if keep_all else 1
+    frozen = append_snapshot(ctx.frozen, stored, masks['new'] if keep_all else masks['seen'], keep_all, slots)
     dense = pruning.nbytes(jax.device_get({'params': ctx.state.params, 'batch_stats': ctx.state.batch_stats}))
     sizes = np.array([[pruning.nbytes(stored), dense]], np.int32)
     previous = ctx.method_state.get('snapshot_bytes')
