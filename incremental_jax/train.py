@@ -108,6 +108,15 @@ class Trainer:
       self._steps[key] = jax.jit(self._counted(chunk), donate_argnums=(0,), out_shardings=(repl, repl))
     return self._steps[key]
 
+  def compiled_gather(self, group: bool, on_device: bool):
+    """The jitted `(source, xs [1, ...]) -> batch` of a chunk of one step (`chunk_batch`), a program of its own
+    so that the step it feeds is exactly `compiled_step`'s."""
+    key = ('gather', group, on_device)
+    if key not in self._steps:
+      self._steps[key] = jax.jit(lambda source, xs: chunk_batch(
+          source, jax.tree.map(lambda a: a[0], xs), group, on_device, self.mesh))
+    return self._steps[key]
+
   def chunk_length(self, on_device: bool) -> int:
     """Train steps per compiled chunk: `data.chunk_steps`, or when 0: on CPU 1 (XLA:CPU runs a train step
     inside a loop body 2-3x slower than alone, measured on the digits model), on accelerators 64 with the images
@@ -167,18 +176,10 @@ def make_chunk(step: Callable, group: bool, on_device: bool, mesh) -> Callable:
   multiple of K) is skipped (`lax.cond`, its metrics 0), so epochs of any length reuse one program; with R > 1
   `step` is the vmapped, masked group step, which keeps the state of runs whose `valid` is 0.
   `metrics`: each metric stacked per step [K] (or [K, R])."""
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
-
   def chunk(state, frozen, task, source, xs, valid):
     def take(state, x, v):
-      if on_device:
-        batch = {'image': source['image'][x], 'label': jnp.take_along_axis(source['label'], x, axis=1)}
-      else:
-        batch = x
-      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)   # [R, B, ...], B over the devices
-      if group:
-        return step(state, frozen, task, batch, v)
-      return step(state, frozen, task, jax.tree.map(lambda a: a[0], batch))
+      batch = chunk_batch(source, x, group, on_device, mesh)
+      return step(state, frozen, task, batch, v) if group else step(state, frozen, task, batch)
 
     def body(state, inp):
       x, v = inp
@@ -187,12 +188,22 @@ def make_chunk(step: Callable, group: bool, on_device: bool, mesh) -> Callable:
         return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
       return jax.lax.cond(jnp.any(v > 0), take, skip, state, x, v)
 
-    if valid.shape[0] == 1:   # a chunk of one step is the step itself (every step is taken: K divides the epoch)
-      state, metrics = take(state, jax.tree.map(lambda a: a[0], xs), valid[0])
-      return state, jax.tree.map(lambda a: a[None], metrics)
     return jax.lax.scan(body, state, (xs, valid))
 
   return chunk
+
+
+def chunk_batch(source, x, group: bool, on_device: bool, mesh) -> dict:
+  """One step's batch of a chunk: with `on_device`, gathered from `source` (the device images and the runs'
+  labels [R, N]) by the index rows `x` [R, B]; else `x` is the batch itself. Sharded along B over the mesh's
+  'data' axis: [R, B, ...] for a group, [B, ...] for one run."""
+  if on_device:
+    batch = {'image': source['image'][x], 'label': jnp.take_along_axis(source['label'], x, axis=1)}
+  else:
+    batch = x
+  batch = jax.lax.with_sharding_constraint(
+      batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data')))
+  return batch if group else jax.tree.map(lambda a: a[0], batch)
 
 
 def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
@@ -226,7 +237,6 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   states = [r.state if r.start_epoch else trainer.phase_start(r.state, phase) for r in runs]
   has_teacher = runs[0].frozen is not None
   on_device = isinstance(images, pipeline.DeviceImages)
-  chunk_fn = trainer.compiled_chunk(phase, has_teacher, group=group, on_device=on_device)
   if group:
     state, task = _stack(states), parallel.replicate(_stack(tasks), mesh)
     frozen = _stack([r.frozen for r in runs]) if has_teacher else None
@@ -236,6 +246,14 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   source = {'image': images.device, 'label': parallel.replicate(labels, mesh)} if on_device else None
   steps, first = int(run_steps.max()), int(starts.min())
   k = trainer.chunk_length(on_device)
+  if k == 1:
+    # One step per dispatch: the batch gathered by its own small program, then the plain compiled step, so the
+    # step's program (and its rounding) is the one of `compiled_step`.
+    step_fn, gather_fn = trainer.compiled_step(phase, has_teacher, group), trainer.compiled_gather(group, on_device)
+    chunk_fn = lambda state, frozen, task, source, xs, v: step_fn(
+        state, frozen, task, gather_fn(source, xs), *((v[0],) if group else ()))
+  else:
+    chunk_fn = trainer.compiled_chunk(phase, has_teacher, group=group, on_device=on_device)
   padded = -(-steps // k) * k
   bar = _progress(epochs * steps, desc, trainer.show_progress)
   bar.update(first * steps)
@@ -255,7 +273,8 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
       bar.update(taken)
       for _ in range(taken if fault_per_step else 0):
         faults.reached('train_step')
-    stacked = jax.tree.map(lambda *m: jnp.concatenate(m)[:steps], *epoch_metrics)   # [steps, R] or [steps]
+    join = jnp.stack if k == 1 else jnp.concatenate   # per-step metrics of single steps, or of chunks
+    stacked = jax.tree.map(lambda *m: join(m)[:steps], *epoch_metrics)   # [steps, R] or [steps]
     if group:
       stacked = jax.device_get(stacked)
       means = [{name: float((v[:, r] * valid[:steps, r]).sum() / valid[:steps, r].sum()) for name, v in stacked.items()}
