@@ -201,6 +201,10 @@ class RunCheckpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
+  def saving(self) -> bool:
+    """Whether a save started earlier is still being written (asked without waiting)."""
+    return self.manager.is_saving_in_progress()
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

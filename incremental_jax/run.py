@@ -193,6 +193,10 @@ class RunStore:
 
   def save_mid_task(self, train: TrainState, meta: dict) -> None:
     self.checkpointer.save_mid_task(int(jax.device_get(train.step)), train, meta)
+    # Orbax's save returned once the previous one (the last task end's) was complete: its results can go out.
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      self.write_results(pending)
 
   def results(self, steps: list, **extra) -> dict:
     spec = self.spec
@@ -210,11 +214,19 @@ class RunStore:
   def results_when_saved(self, results: dict) -> None:
     """Writes `results` once the checkpoint just started (the task-end one of its last task) is complete: the
     results pending from the previous task are written now (the checkpoint started since waited for theirs),
-    these at the next call or at `close`. (Orbax's `save` returns only once the previous save is complete.)
+    these at the end of the next phase that finds their checkpoint complete (`write_saved_results`), at the next
+    call or at `close`. (Orbax's `save` returns only once the previous save is complete.)
     results.json thus never names a task whose checkpoint is incomplete, and no task end waits for its own
     checkpoint's files."""
     pending, self._pending = self._pending, results
     if pending is not None:
+      self.write_results(pending)
+
+  def write_saved_results(self) -> None:
+    """Writes the pending results now if their checkpoint is already complete (asked without waiting), so that
+    results.json follows the task ends as soon as their files are written."""
+    if self._pending is not None and not self.checkpointer.saving():
+      pending, self._pending = self._pending, None
       self.write_results(pending)
 
   def close(self, write_pending: bool = False) -> None:
@@ -361,6 +373,7 @@ def run_phases(trainer: train_lib.Trainer, runs: list, ctxs: list, phase_lists: 
     start_steps = [int(jax.device_get(part.state.step)) for part in parts]
     results = train_lib.run_phase(trainer, parts, ctxs[0].train_images, desc, on_epoch_end)
     for k in todo:
+      runs[k].store.write_saved_results()
       if runs[k].tb is not None:
         first = parts[k].start_epoch
         runs[k].tb.log_phase(t, phases[0].name, results[k].epoch_metrics[first:], start_steps[k],

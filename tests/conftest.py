@@ -149,6 +149,7 @@ def _comparable(results: dict) -> dict:
   import json
   results = json.loads(json.dumps(results))
   results.pop('config')
+  results.pop('environment', None)   # the versions and devices it ran on (2 processes have 2 devices)
   for record in [results, *results['steps']]:
     for k in ('train_seconds', 'compilations'):
       record.pop(k, None)

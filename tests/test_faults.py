@@ -21,19 +21,6 @@ from incremental_jax import run as run_lib
 from incremental_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ('train_seconds', 'compilations')
-
-
-def comparable(results: dict) -> dict:
-  """results.json without timing fields and without the config (compared separately, runtime fields aside)."""
-  results = json.loads(json.dumps(results))
-  results.pop('config')
-  for k in TIMING:
-    results.pop(k, None)
-  for s in results['steps']:
-    for k in TIMING:
-      s.pop(k, None)
-  return results
 
 
 @pytest.fixture(scope='module')
@@ -124,7 +111,7 @@ def test_retention_keeps_task_ends_and_the_latest_checkpoint():
 
 # ---- SIGKILL and resume --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path, reference):
+def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path, reference, comparable):
   """Kills `main.py` (a checkpoint every epoch) while a checkpoint is being written, during exemplar selection
   and inside a task's training; every restart resumes from the last complete checkpoint, and the final
   results equal the uninterrupted run's. Orbax's `save` first waits for the previous save, so a kill at the
@@ -289,7 +276,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_results_of_one(tmp_path, reference, close):
+def test_two_processes_give_the_results_of_one(tmp_path, reference, close, comparable):
   """`main.py` as two CPU processes (one device each, gloo collectives) joined by jax.distributed: each loads
   half of every batch; the results equal the single-process run with the same global batch, only process 0
   writes, and a single process resumes from the checkpoint they wrote together."""
