@@ -258,45 +258,46 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   bar = _progress(epochs * steps, desc, trainer.show_progress)
   bar.update(first * steps)
   fault_per_step = faults.armed('train_step')
-  for e in range(first, epochs):
-    live = starts <= e
-    valid = ((np.arange(padded)[:, None] < run_steps[None]) & live[None]).astype(np.float32)   # [padded, R]
-    rows = np.stack([_padded(plan[e], padded) for plan in plans], 1).astype(np.int32)         # [padded, R, B]
-    chunks = [rows[c:c + k] for c in range(0, padded, k)]
-    inputs = (pipeline.host_chunks(images, labels, chunks, mesh) if not on_device else
-              (_to_mesh(c, mesh) for c in chunks))
-    epoch_metrics = []
-    for c, xs in enumerate(inputs):
-      state, metrics = chunk_fn(state, frozen, task, source, xs, _to_mesh(valid[c * k:(c + 1) * k], mesh))
-      epoch_metrics.append(metrics)
-      taken = min(k, steps - c * k)
-      bar.update(taken)
-      for _ in range(taken if fault_per_step else 0):
-        faults.reached('train_step')
-    join = jnp.stack if k == 1 else jnp.concatenate   # per-step metrics of single steps, or of chunks
-    stacked = jax.tree.map(lambda *m: join(m)[:steps], *epoch_metrics)   # [steps, R] or [steps]
-    if group:
-      stacked = jax.device_get(stacked)
-      means = [{name: float((v[:, r] * valid[:steps, r]).sum() / valid[:steps, r].sum()) for name, v in stacked.items()}
-               if live[r] else None for r in range(len(runs))]
-    else:
-      means = [{name: float(v) for name, v in jax.device_get(jax.tree.map(jnp.mean, stacked)).items()}]
-    for r, (run, m) in enumerate(zip(runs, means)):
-      if m is None:
-        continue
-      run.history.append(m)
-      if not np.isfinite(m['loss']):
-        bar.close()
-        losses = np.asarray(jax.device_get(stacked['loss']))
-        end_step = int(jax.device_get(state.step[r] if group else state.step))
-        message = _non_finite_message(desc, losses[:run_steps[r], r] if group else losses, end_step, e)
-        raise FloatingPointError(f'run {r}: {message}' if group else message)
-    bar.set_postfix(epoch=e + 1, loss=' '.join(f"{r.history[-1]['loss']:.4f}" for r in runs if r.history),
-                    refresh=False)
-    faults.reached('epoch_end')
-    if on_epoch_end is not None:
-      on_epoch_end(e, lambda state=state: _unstack(state, len(runs)) if group else [state], live)
-  bar.close()
+  try:   # the bar is closed however the loop ends (a stop request or an error in a callback too)
+    for e in range(first, epochs):
+      live = starts <= e
+      valid = ((np.arange(padded)[:, None] < run_steps[None]) & live[None]).astype(np.float32)   # [padded, R]
+      rows = np.stack([_padded(plan[e], padded) for plan in plans], 1).astype(np.int32)         # [padded, R, B]
+      chunks = [rows[c:c + k] for c in range(0, padded, k)]
+      inputs = (pipeline.host_chunks(images, labels, chunks, mesh) if not on_device else
+                (_to_mesh(c, mesh) for c in chunks))
+      epoch_metrics = []
+      for c, xs in enumerate(inputs):
+        state, metrics = chunk_fn(state, frozen, task, source, xs, _to_mesh(valid[c * k:(c + 1) * k], mesh))
+        epoch_metrics.append(metrics)
+        taken = min(k, steps - c * k)
+        bar.update(taken)
+        for _ in range(taken if fault_per_step else 0):
+          faults.reached('train_step')
+      join = jnp.stack if k == 1 else jnp.concatenate   # per-step metrics of single steps, or of chunks
+      stacked = jax.tree.map(lambda *m: join(m)[:steps], *epoch_metrics)   # [steps, R] or [steps]
+      if group:
+        stacked = jax.device_get(stacked)
+        means = [{name: float((v[:, r] * valid[:steps, r]).sum() / valid[:steps, r].sum())
+                  for name, v in stacked.items()} if live[r] else None for r in range(len(runs))]
+      else:
+        means = [{name: float(v) for name, v in jax.device_get(jax.tree.map(jnp.mean, stacked)).items()}]
+      for r, (run, m) in enumerate(zip(runs, means)):
+        if m is None:
+          continue
+        run.history.append(m)
+        if not np.isfinite(m['loss']):
+          losses = np.asarray(jax.device_get(stacked['loss']))
+          end_step = int(jax.device_get(state.step[r] if group else state.step))
+          message = _non_finite_message(desc, losses[:run_steps[r], r] if group else losses, end_step, e)
+          raise FloatingPointError(f'run {r}: {message}' if group else message)
+      bar.set_postfix(epoch=e + 1, loss=' '.join(f"{r.history[-1]['loss']:.4f}" for r in runs if r.history),
+                      refresh=False)
+      faults.reached('epoch_end')
+      if on_epoch_end is not None:
+        on_epoch_end(e, lambda state=state: _unstack(state, len(runs)) if group else [state], live)
+  finally:
+    bar.close()
   final = _unstack(state, len(runs)) if group else [state]
   return [PhaseResult(state=s, epoch_metrics=r.history) for s, r in zip(final, runs)]
 
