@@ -123,8 +123,8 @@ CATEGORIES = ('imports', 'data', 'compilation', 'training', 'evaluation', 'exemp
               'other')
 
 
-def quick_start_child(config_spec: str) -> dict:
-  """Runs the quick start in this process with timers (exclusive time per category) and returns the split."""
+def quick_start_child(config_spec: str, cache: str) -> dict:
+  """Runs the quick start in this process (compilation cache `cache`) with timers (exclusive time per category) and returns the split."""
   t_start = time.perf_counter()
   import jax
   import incremental_jax
@@ -171,6 +171,11 @@ def quick_start_child(config_spec: str) -> dict:
   from configs import lucir
   config = lucir.get_config(config_spec.partition(':')[2] or 'digits')
   config.progress = False
+  if 'compilation_cache' in config:   # the checkout's own cache setting, as main.py uses it
+    config.compilation_cache = cache
+  else:                                # a checkout from before the field: the cache its main.py set up
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
     incremental_jax.train_and_evaluate(config, workdir)
@@ -186,10 +191,10 @@ def quick_start(checkout: str, config_spec: str) -> list:
   out = []
   with tempfile.TemporaryDirectory() as cache:
     for label in ('cold', 'warm'):
-      env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
-      cmd = [sys.executable, os.path.abspath(__file__), f'--checkout={checkout}', '--child', config_spec]
+      cmd = [sys.executable, os.path.abspath(__file__), f'--checkout={checkout}', f'--cache={cache}', '--child',
+             config_spec]
       t0 = time.perf_counter()
-      proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, check=True)
+      proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True)
       wall = time.perf_counter() - t0
       res = json.loads(proc.stdout.strip().splitlines()[-1])
       res.update(label=label, wall_s=wall)
@@ -206,10 +211,11 @@ def main() -> None:
   parser.add_argument('--quick_start', action='store_true', help='time the quick start instead, cold and warm')
   parser.add_argument('--config', default='lucir.py:digits')
   parser.add_argument('--child', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--cache', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   _import_checkout(args.checkout)
   if args.child:
-    print(json.dumps(quick_start_child(args.child)))
+    print(json.dumps(quick_start_child(args.child, args.cache)))
     return
   if args.quick_start:
     for r in quick_start(args.checkout, args.config):

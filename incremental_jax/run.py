@@ -447,14 +447,15 @@ def compilation_cache_dir(setting: str, environ=os.environ) -> str:
 
 
 def use_compilation_cache(setting: str) -> None:
-  """Points JAX's persistent compilation cache at `compilation_cache_dir(setting)` (programs compiling in
-  0.5 s or more are kept), also after this process compiled something else (the cache is re-opened)."""
+  """Points JAX's persistent compilation cache at `compilation_cache_dir(setting)`, also after this process
+  compiled something else (the cache is re-opened). Every program is kept, however fast it compiled: the digits
+  quick start compiles ~40 programs under JAX's default 1 s threshold, 1.3 s of a warm run when recompiled."""
   from jax.experimental.compilation_cache import compilation_cache
   path = compilation_cache_dir(setting)
   if not path or jax.config.jax_compilation_cache_dir == path:
     return
   jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   compilation_cache.reset_cache()
 
 

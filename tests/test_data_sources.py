@@ -441,3 +441,27 @@ def test_lazy_images_pickle_and_threads(folder_tree):
   np.testing.assert_array_equal(ds.train_images[np.arange(9)], serial[np.arange(9)])
   copy = pickle.loads(pickle.dumps(ds.train_images))
   np.testing.assert_array_equal(copy[np.arange(9)], serial[np.arange(9)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scikit-learn's bundled digits.
+
+
+def test_bundled_digits_equal_load_digits_without_importing_sklearn():
+  """The digits read from scikit-learn's bundled file equal `sklearn.datasets.load_digits()`, and reading them
+  imports no scikit-learn (checked in a fresh interpreter)."""
+  import subprocess
+  import sys
+  from sklearn.datasets import load_digits
+  from incremental_jax.data.sources import bundled_digits
+  pixels, target = bundled_digits()
+  reference = load_digits()
+  np.testing.assert_array_equal(pixels, reference.images)
+  np.testing.assert_array_equal(target, reference.target)
+  code = ('import sys\nfrom incremental_jax.data.sources import bundled_digits\npixels, target = bundled_digits()\n'
+          "print(pixels.shape, int(target.sum()), 'sklearn' in sys.modules)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=root))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['(1797,', '8,', '8)', str(int(reference.target.sum())), 'False']
