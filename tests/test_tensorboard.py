@@ -113,3 +113,31 @@ def test_heavy_libraries_are_imported_only_when_used():
                        env=dict(os.environ, PYTHONPATH=root))
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == '[]'
+
+
+def test_writer_does_not_import_torch(tmp_path):
+  """A run's TensorBoard logger writes its scalars without importing PyTorch, even where torch is installed
+  (tensorboardX's writer imports it when it can; it costs a run seconds and hundreds of MB). Checked in a fresh
+  interpreter whose `torch` is a stand-in that fails loudly when imported; `import torch` afterwards still works."""
+  import subprocess
+  import sys
+  fake = tmp_path / 'site'
+  (fake / 'torch').mkdir(parents=True)
+  (fake / 'torch' / '__init__.py').write_text("import os\nif not os.environ.get('TORCH_OK'):\n"
+                                              "  raise RuntimeError('torch imported')\n")
+  logdir = tmp_path / 'tb'
+  code = ('import os, sys\n'
+          'from incremental_jax.tensorboard import TensorBoardLogger\n'
+          f'logger = TensorBoardLogger({str(logdir)!r})\n'
+          "logger.log_phase(0, 'train', [{'loss': 1.5, 'lr': 0.1}, {'loss': 0.5, 'lr': 0.1}], 0, 20)\n"
+          'logger.close()\n'
+          "assert 'torch' not in sys.modules, 'torch was imported'\n"
+          "os.environ['TORCH_OK'] = '1'\n"
+          'import torch\n'
+          f"print('ok', torch.__file__.startswith({str(fake)!r}))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), root])))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['ok', 'True']
+  assert _scalars(str(logdir))['train/train/loss'] == [(10, 1.5), (20, 0.5)]
