@@ -144,11 +144,12 @@ def run_jax(args) -> dict:
   sys.path.insert(0, ROOT)   # this checkout's incremental_jax and configs/
   import incremental_jax
   import jax
-  if args.compilation_cache:   # what main.py does by default (~/.cache/incremental_jax/xla)
-    jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
   t0 = time.perf_counter()
   register_source(args)
   config = jax_config(args)
+  # the persistent compilation cache: `--compilation_cache`, else none (a cold run; the library's default
+  # 'auto' would reuse ~/.cache/incremental_jax/xla from earlier runs)
+  config.compilation_cache = args.compilation_cache
   with tempfile.TemporaryDirectory(prefix='protocol_vs_torch_') as workdir:
     results = incremental_jax.train_and_evaluate(config, workdir)
   avg = results['avg_incremental_accuracy']
