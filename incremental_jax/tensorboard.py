@@ -43,7 +43,7 @@ def summary_writer_class():
 
   tensorboardX's writer module imports torch whenever it is installed, only so that torch tensors are accepted as
   values; this logger writes Python floats. With torch 2.13 installed (as it is for most users coming from the
-  PyTorch toolboxes) that import cost the digits quick start 1.7 s and 170-200 MB of peak RSS. While tensorboardX
+  PyTorch toolboxes) that import cost the digits quick start 1.7 s and 170-290 MB of peak RSS. While tensorboardX
   is imported, `sys.modules['torch']` is None, Python's documented way to make `import torch` raise ImportError
   (tensorboardX catches it); a torch that is already imported is left as it is and used."""
   if 'torch' in sys.modules:
