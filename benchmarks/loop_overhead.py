@@ -32,10 +32,6 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _import_checkout(checkout: str) -> None:
-  sys.path.insert(0, os.path.abspath(checkout))
-
-
 # ---- 1. loop overhead ------------------------------------------------------------------------------------------
 def _setup(model_name: str, steps: int):
   """(trainer, phase run factory, host images, device images or host images, labels) of one model."""
@@ -50,7 +46,7 @@ def _setup(model_name: str, steps: int):
 
   if model_name == 'digits':
     config = lucir.get_config('digits')
-    shape, classes, n_per = (8, 8, 1), 10, None
+    shape, classes = (8, 8, 1), 10
   else:
     config = lucir.get_config('cifar100_b50_s10')
     shape, classes = (32, 32, 3), 100
@@ -60,7 +56,6 @@ def _setup(model_name: str, steps: int):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (n,) + shape).astype(np.uint8)
   labels = (np.arange(n) % config.data.initial_classes).astype(np.int64)
-  del n_per
   mesh = parallel.make_mesh()
   method = build_method(config, classes, shape)
   aug = augment.make_augment_fn(config.data.augment, (0.5,) * shape[-1], (0.25,) * shape[-1])
@@ -168,8 +163,9 @@ def quick_start_child(config_spec: str, cache: str) -> dict:
   run_lib.RunStore.save_task_end = timed('checkpoints', run_lib.RunStore.save_task_end)
   run_lib.RunStore.close = timed('checkpoints', run_lib.RunStore.close)
   run_lib.metrics_lib.write_results = timed('results', run_lib.metrics_lib.write_results)
-  from configs import lucir
-  config = lucir.get_config(config_spec.partition(':')[2] or 'digits')
+  import importlib
+  module, _, preset = config_spec.partition(':')
+  config = importlib.import_module(f"configs.{module.removesuffix('.py')}").get_config(preset or 'digits')
   config.progress = False
   if 'compilation_cache' in config:   # the checkout's own cache setting, as main.py uses it
     config.compilation_cache = cache
@@ -213,7 +209,7 @@ def main() -> None:
   parser.add_argument('--child', default='', help=argparse.SUPPRESS)
   parser.add_argument('--cache', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  _import_checkout(args.checkout)
+  sys.path.insert(0, os.path.abspath(args.checkout))   # that checkout's incremental_jax and configs/
   if args.child:
     print(json.dumps(quick_start_child(args.child, args.cache)))
     return

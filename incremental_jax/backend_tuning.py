@@ -38,8 +38,9 @@ import logging
 import os
 import subprocess
 import sys
-from importlib import metadata
 from typing import Callable, Mapping, MutableMapping, Optional
+
+from incremental_jax import environment
 
 ENV_VAR = 'INCREMENTAL_JAX_XLA_CPU_FLAGS'
 _NO_YNN_CONV = '--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
@@ -97,24 +98,20 @@ def xla_accepts(flags, python: str = sys.executable, timeout: float = 120.0) -> 
   return done.returncode == 0 and done.stdout.strip() == '6.0'
 
 
-def _cache_file() -> str:
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(root, 'incremental_jax', 'xla_flags.json')
-
-
 def cached_accepts(jaxlib_version: str, flags, probe: Callable = xla_accepts,
                    cache_file: Optional[str] = None) -> bool:
   """`probe(flags)`, remembered per jaxlib version and flag list in a JSON file (an unwritable cache only
   costs a new probe next time)."""
-  cache_file = cache_file or _cache_file()
+  cache_file = cache_file or os.path.join(environment.cache_dir(), 'xla_flags.json')
   key = hashlib.sha256(' '.join([jaxlib_version, *flags]).encode()).hexdigest()[:16]
   try:
     with open(cache_file) as f:
       known = json.load(f)
   except (OSError, ValueError):
     known = {}
-  if not isinstance(known, dict) or not isinstance(known.get(key), bool):
-    known = known if isinstance(known, dict) else {}
+  if not isinstance(known, dict):
+    known = {}
+  if not isinstance(known.get(key), bool):
     known[key] = bool(probe(flags))
     try:
       os.makedirs(os.path.dirname(cache_file), exist_ok=True)
@@ -144,18 +141,13 @@ def flags_to_add(jaxlib_version: str, environ: Mapping[str, str], accepts: Calla
   return []
 
 
-def _jaxlib_version() -> str:
-  try:
-    return metadata.version('jaxlib')
-  except metadata.PackageNotFoundError:
-    return ''
-
-
 def configure(environ: Optional[MutableMapping[str, str]] = None, jaxlib_version: Optional[str] = None) -> list[str]:
   """Adds the XLA:CPU flags of this jaxlib to `environ['XLA_FLAGS']` (default `os.environ`) without importing
   JAX. Returns the flags added."""
   environ = os.environ if environ is None else environ
-  add = flags_to_add(_jaxlib_version() if jaxlib_version is None else jaxlib_version, environ)
+  if jaxlib_version is None:
+    jaxlib_version = environment.versions(('jaxlib',))['jaxlib'] or ''
+  add = flags_to_add(jaxlib_version, environ)
   if add:
     environ['XLA_FLAGS'] = ' '.join([environ.get('XLA_FLAGS', '').strip(), *add]).strip()
   return add

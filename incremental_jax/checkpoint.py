@@ -116,14 +116,15 @@ class RunCheckpointer:
         pass  # reported if and when this step is the one resumed from
 
   def _check_directory(self) -> None:
-    if self._path.exists() and not self._path.is_dir():
-      raise CheckpointError(f'{self.directory} exists and is not a directory.')
-    if self._path.is_dir():
-      names = [p.name for p in self._path.iterdir()]
-      foreign = [n for n in names if not (n.isdigit() or '.orbax-checkpoint-tmp' in n or n.startswith('.'))]
-      if foreign:
-        raise CheckpointError(f'{self.directory} holds files that are not checkpoints of this project '
-                              f'({sorted(foreign)[:5]}); choose another --workdir or remove them.')
+    if not self._path.is_dir():
+      if self._path.exists():
+        raise CheckpointError(f'{self.directory} exists and is not a directory.')
+      return
+    names = [p.name for p in self._path.iterdir()]
+    foreign = [n for n in names if not (n.isdigit() or '.orbax-checkpoint-tmp' in n or n.startswith('.'))]
+    if foreign:
+      raise CheckpointError(f'{self.directory} holds files that are not checkpoints of this project '
+                            f'({sorted(foreign)[:5]}); choose another --workdir or remove them.')
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

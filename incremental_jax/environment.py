@@ -21,6 +21,12 @@ def versions(packages=PACKAGES) -> dict:
   return out
 
 
+def cache_dir(environ=os.environ) -> str:
+  """This package's per-user cache directory: $XDG_CACHE_HOME/incremental_jax (~/.cache/incremental_jax)."""
+  root = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'incremental_jax')
+
+
 def describe() -> dict:
   """Versions, the default backend's platform, device kind and count, and the `XLA_FLAGS` of this process."""
   import jax

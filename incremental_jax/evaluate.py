@@ -55,8 +55,8 @@ def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=
     else:
       run = lambda x, r: forward(params, batch_stats, x, r, np.bool_(flip))
     if isinstance(images, pipeline.DeviceImages):   # gathered on the device from the run's one copy
-      positions = images.positions()
-      chunks = [run(images.device, parallel.replicate(positions[r].astype(np.int32), mesh)) for r in rows]
+      positions = images.positions().astype(np.int32)
+      chunks = [run(images.device, parallel.host_input(positions[r], mesh)) for r in rows]
     else:
       ident = np.arange(len(images))
       chunks = [run(b['image'], None) for b in pipeline.device_batches(images, ident, rows, mesh)]

@@ -32,10 +32,11 @@ ENV_VAR = 'INCREMENTAL_JAX_FAULT'
 POINTS = ('train_step', 'epoch_end', 'checkpoint_write', 'exemplar_selection', 'task_end')
 SIGNALS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM}
 PERTURB_VAR = 'INCREMENTAL_JAX_PERTURB'
-DECISIONS = ('herding', 'podnet_imprint', 'prune_masks', 'epoch_plan')
+# the host decisions `parallel` checks or broadcasts across processes -> what each is, for messages
+DECISIONS = {'herding': 'the herding exemplar indices', 'podnet_imprint': "PODNet's k-means imprinted proxies",
+             'prune_masks': "M2KD's pruning mask", 'epoch_plan': "the sampler's epoch plan"}
 
-_plan: dict[str, int] = {}
-_signals: dict[str, int] = {}
+_plan: dict[str, tuple[int, int]] = {}   # point -> (occurrence, signal)
 _perturb: frozenset = frozenset()
 _counts: collections.Counter = collections.Counter()
 
@@ -68,10 +69,8 @@ def parse_perturb(spec: str) -> frozenset:
 def configure(spec: str | None = None, perturb: str | None = None) -> None:
   """(Re)reads the plan from `spec` and the perturbed decisions from `perturb` (default: the environment
   variables) and resets the counters."""
-  global _plan, _signals, _perturb
-  full = parse_signals(os.environ.get(ENV_VAR, '') if spec is None else spec)
-  _plan = {point: n for point, (n, _) in full.items()}
-  _signals = {point: sig for point, (_, sig) in full.items()}
+  global _plan, _perturb
+  _plan = parse_signals(os.environ.get(ENV_VAR, '') if spec is None else spec)
   _perturb = parse_perturb(os.environ.get(PERTURB_VAR, '') if perturb is None else perturb)
   _counts.clear()
 
@@ -85,8 +84,9 @@ def reached(point: str) -> None:
   if point not in _plan:
     return
   _counts[point] += 1
-  if _counts[point] == _plan[point]:
-    os.kill(os.getpid(), _signals.get(point, signal.SIGKILL))
+  n, sig = _plan[point]
+  if _counts[point] == n:
+    os.kill(os.getpid(), sig)
 
 
 def perturbed(decision: str, value):

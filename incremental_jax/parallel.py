@@ -40,6 +40,12 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
+def host_input(x: np.ndarray, mesh: jax.sharding.Mesh):
+  """A small host array (index rows, masks) for a jitted call: as it is with one process (the call transfers it,
+  the cheapest way), else the global replicated array that every process passes."""
+  return x if jax.process_count() == 1 else replicate(x, mesh)
+
+
 def process_slice(global_size: int) -> slice:
   """The part of a global batch this process loads: contiguous, `global_size // process_count` examples."""
   n = jax.process_count()
@@ -83,8 +89,6 @@ def check_batch_divisible(batch_size: int, what: str = 'batch_size') -> None:
 
 
 # ---- host decisions every process must share ---------------------------------------------------------------
-DECISIONS = {'herding': 'the herding exemplar indices', 'podnet_imprint': "PODNet's k-means imprinted proxies",
-             'prune_masks': "M2KD's pruning mask", 'epoch_plan': "the sampler's epoch plan"}
 
 
 class HostDisagreement(RuntimeError):
@@ -111,7 +115,7 @@ def check_agreement(tree: Any, decision: str, where: str) -> Any:
   digests = np.asarray(multihost_utils.process_allgather(_digest(tree)))
   differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
   if differ:
-    raise HostDisagreement(f'process(es) {differ} computed {DECISIONS[decision]} {where} differently from process '
+    raise HostDisagreement(f'process(es) {differ} computed {faults.DECISIONS[decision]} {where} differently from process '
                            '0 (a different library version, BLAS or float tie on that host?); stopping rather than '
                            'train different models.')
   return tree
@@ -126,10 +130,10 @@ def broadcast_decision(value: np.ndarray, decision: str, where: str) -> np.ndarr
   # Without jax_enable_x64, 64-bit arrays would travel as 32-bit ones: indices are sent as int32 (checked).
   sent = {np.dtype(bool): np.uint8, np.dtype(np.int64): np.int32}.get(value.dtype, value.dtype)
   if value.dtype == np.int64 and value.size and np.abs(value).max() >= 2 ** 31:
-    raise ValueError(f'{DECISIONS[decision]} holds indices beyond int32.')
+    raise ValueError(f'{faults.DECISIONS[decision]} holds indices beyond int32.')
   sent = value.astype(sent)
   agreed = np.asarray(multihost_utils.broadcast_one_to_all(sent)).astype(value.dtype)
   if not np.array_equal(agreed, value):
-    print(f'warning: process {jax.process_index()} computed {DECISIONS[decision]} {where} differently from process 0; '
+    print(f'warning: process {jax.process_index()} computed {faults.DECISIONS[decision]} {where} differently from process 0; '
           "using process 0's.", file=sys.stderr, flush=True)
   return agreed

@@ -93,12 +93,13 @@ def _read_json(path: str) -> dict:
 
 def load_entry(path: str) -> Entry:
   """A RUN_DIR: a group when it holds summary.json, else a single run's results.json."""
-  if paths.as_path(paths.join(path, 'summary.json')).exists():
-    summary = _read_json(paths.join(path, 'summary.json'))
+  summary_file, results_file = paths.join(path, 'summary.json'), paths.join(path, 'results.json')
+  if paths.as_path(summary_file).exists():
+    summary = _read_json(summary_file)
     runs = [_read_json(paths.join(path, f'run_{k}', 'results.json')) for k in range(int(summary['num_runs']))]
     return Entry(path, runs, summary)
-  if paths.as_path(paths.join(path, 'results.json')).exists():
-    return Entry(path, [_read_json(paths.join(path, 'results.json'))])
+  if paths.as_path(results_file).exists():
+    return Entry(path, [_read_json(results_file)])
   raise ReportError(f'{path} holds neither results.json (a run) nor summary.json (a num_runs group); pass the '
                     '--workdir of a run.')
 

@@ -194,9 +194,7 @@ class RunStore:
   def save_mid_task(self, train: TrainState, meta: dict) -> None:
     self.checkpointer.save_mid_task(int(jax.device_get(train.step)), train, meta)
     # Orbax's save returned once the previous one (the last task end's) was complete: its results can go out.
-    pending, self._pending = self._pending, None
-    if pending is not None:
-      self.write_results(pending)
+    self._write_pending()
 
   def results(self, steps: list, **extra) -> dict:
     spec = self.spec
@@ -218,23 +216,27 @@ class RunStore:
     call or at `close`. (Orbax's `save` returns only once the previous save is complete.)
     results.json thus never names a task whose checkpoint is incomplete, and no task end waits for its own
     checkpoint's files."""
-    pending, self._pending = self._pending, results
-    if pending is not None:
-      self.write_results(pending)
+    self._write_pending()
+    self._pending = results
 
   def write_saved_results(self) -> None:
     """Writes the pending results now if their checkpoint is already complete (asked without waiting), so that
     results.json follows the task ends as soon as their files are written."""
     if self._pending is not None and not self.checkpointer.saving():
-      pending, self._pending = self._pending, None
-      self.write_results(pending)
+      self._write_pending()
 
   def close(self, write_pending: bool = False) -> None:
     """Waits for the checkpoint being written, then (with `write_pending`, when the run stops on an error)
     writes the results pending on it; `finish` writes the final ones instead."""
     self.checkpointer.close()
+    if write_pending:
+      self._write_pending()
+    self._pending = None
+
+  def _write_pending(self) -> None:
+    """Writes the pending results, if any (their checkpoint is known complete), and forgets them."""
     pending, self._pending = self._pending, None
-    if write_pending and pending is not None:
+    if pending is not None:
       self.write_results(pending)
 
 
@@ -441,8 +443,7 @@ def compilation_cache_dir(setting: str, environ=os.environ) -> str:
   if environ.get('JAX_COMPILATION_CACHE_DIR') or not setting:
     return ''
   if setting == 'auto':
-    root = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(root, 'incremental_jax', 'xla')
+    return os.path.join(environment_lib.cache_dir(environ), 'xla')
   return os.path.abspath(os.path.expanduser(setting))
 
 

@@ -1,8 +1,9 @@
 """Training: the loop that runs one phase of a task over its epochs, for one run or for several trained together.
 
-`Trainer` compiles the pure step of `incremental_jax.step` once per distinct phase, inside a chunk of K steps
-that is one `lax.scan` (`make_chunk`; `jax.jit`, state donated, batch sharded over the mesh's 'data' axis,
-everything else replicated), and for R > 1 runs its `jax.vmap` over a leading run axis. `run_phase` is the one
+`Trainer` compiles the pure step of `incremental_jax.step` once per distinct phase (`jax.jit`, state donated,
+batch sharded over the mesh's 'data' axis, everything else replicated), alone or inside a chunk of K steps that
+is one `lax.scan` (`make_chunk`; K = 1 on CPU, see `Trainer.chunk_length`), and for R > 1 runs its `jax.vmap`
+over a leading run axis. `run_phase` is the one
 epoch loop: R = 1 runs the plain step, R > 1 the vmapped one; each run draws its own batches, may start at its
 own epoch (resume), and keeps its own per-epoch metrics.
 `SubnetworkTrainer` is the training service that the run hands to method hooks which train a network of their
@@ -78,34 +79,33 @@ class Trainer:
   def compiled_step(self, phase: Phase, has_teacher: bool, group: bool = False):
     """The jitted step of `phase`; with `group`, the vmapped step over a leading run axis `(states, frozens,
     tasks, batches, valid [R]) -> (states, metrics)` in which runs whose `valid` is 0 keep their state."""
-    key = ('group' if group else 'solo', self._step_key(phase, has_teacher))
-    if key not in self._steps:
-      step = self.method.make_train_step(self.model, phase, self.augment_fn, has_teacher)
-      if group:
-        step = _masked_group_step(jax.vmap(step))
-      repl = parallel.replicated(self.mesh)
-      self._steps[key] = jax.jit(self._counted(step), donate_argnums=(0,), out_shardings=(repl, repl))
-    return self._steps[key]
-
-  def _counted(self, fn: Callable) -> Callable:
-    """`fn`, adding 1 to `compile_count` each time JAX traces it: once per program it compiles (a new phase, or
-    new shapes such as a teacher stack that grew), so `compile_count` is every compiled train step."""
-    def traced(*args):
-      self.compile_count += 1
-      return fn(*args)
-    return traced
+    return self._compiled(('group' if group else 'solo', self._step_key(phase, has_teacher)),
+                          lambda: self._step(phase, has_teacher, group))
 
   def compiled_chunk(self, phase: Phase, has_teacher: bool, group: bool, on_device: bool):
     """The jitted chunk of `phase` (`make_chunk` over its step, vmapped and masked with `group`):
     `(state, frozen, task, source, xs, valid) -> (state, metrics)`, the state donated."""
-    key = ('chunk', group, on_device, self._step_key(phase, has_teacher))
+    return self._compiled(('chunk', group, on_device, self._step_key(phase, has_teacher)),
+                          lambda: make_chunk(self._step(phase, has_teacher, group), group, on_device, self.mesh))
+
+  def _step(self, phase: Phase, has_teacher: bool, group: bool) -> Callable:
+    """The method's pure step of `phase`; with `group`, vmapped over a leading run axis and masked by `valid`."""
+    step = self.method.make_train_step(self.model, phase, self.augment_fn, has_teacher)
+    return _masked_group_step(jax.vmap(step)) if group else step
+
+  def _compiled(self, key: tuple, build: Callable[[], Callable]):
+    """The jitted `build()` kept under `key` (state donated, outputs replicated), adding 1 to `compile_count`
+    each time JAX traces it: once per program it compiles (a new phase, or new shapes), so `compile_count` is
+    every compiled train program."""
     if key not in self._steps:
-      step = self.method.make_train_step(self.model, phase, self.augment_fn, has_teacher)
-      if group:
-        step = _masked_group_step(jax.vmap(step))
+      fn = build()
+
+      def traced(*args):
+        self.compile_count += 1
+        return fn(*args)
+
       repl = parallel.replicated(self.mesh)
-      chunk = make_chunk(step, group, on_device, self.mesh)
-      self._steps[key] = jax.jit(self._counted(chunk), donate_argnums=(0,), out_shardings=(repl, repl))
+      self._steps[key] = jax.jit(traced, donate_argnums=(0,), out_shardings=(repl, repl))
     return self._steps[key]
 
   def compiled_gather(self, group: bool, on_device: bool):
@@ -265,10 +265,10 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
       rows = np.stack([_padded(plan[e], padded) for plan in plans], 1).astype(np.int32)         # [padded, R, B]
       chunks = [rows[c:c + k] for c in range(0, padded, k)]
       inputs = (pipeline.host_chunks(images, labels, chunks, mesh) if not on_device else
-                (_to_mesh(c, mesh) for c in chunks))
+                (parallel.host_input(c, mesh) for c in chunks))
       epoch_metrics = []
       for c, xs in enumerate(inputs):
-        state, metrics = chunk_fn(state, frozen, task, source, xs, _to_mesh(valid[c * k:(c + 1) * k], mesh))
+        state, metrics = chunk_fn(state, frozen, task, source, xs, parallel.host_input(valid[c * k:(c + 1) * k], mesh))
         epoch_metrics.append(metrics)
         taken = min(k, steps - c * k)
         bar.update(taken)
@@ -300,12 +300,6 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
     bar.close()
   final = _unstack(state, len(runs)) if group else [state]
   return [PhaseResult(state=s, epoch_metrics=r.history) for s, r in zip(final, runs)]
-
-
-def _to_mesh(x: np.ndarray, mesh):
-  """A small host array for the compiled chunk: as it is with one process (the jitted call transfers it, the
-  cheapest way), else the global replicated array that every process passes."""
-  return x if jax.process_count() == 1 else parallel.replicate(x, mesh)
 
 
 def _padded(rows: np.ndarray, length: int) -> np.ndarray:

@@ -334,9 +334,7 @@ def missing_data_message(name: str, looked: Sequence[str], layout: PickleLayout,
 def load_cifar(name: str, cfg) -> Dataset:
   """CIFAR-10/100 from the pickle folder, else TFDS, else a DataError that says how to get it."""
   layout = LAYOUTS[name]
-  data_dir = str(cfg.data_dir or '')
-  if data_dir and not paths.is_remote(data_dir):
-    data_dir = os.path.expanduser(data_dir)
+  data_dir = os.path.expanduser(str(cfg.data_dir or ''))   # (a gs:// path has no leading ~: unchanged)
   candidates = pickle_candidates(data_dir, layout)
   for folder in candidates:
     missing = missing_pickle_files(folder, layout)

@@ -364,8 +364,7 @@ def load_image_folder(cfg) -> Dataset:
   none), num_workers (0: all cores), verify_images (True: open every file once up front), mean / std
   (default: ImageNet's), name.
   """
-  data_dir = str(cfg.data_dir or '')
-  data_dir = data_dir if paths_lib.is_remote(data_dir) else os.path.expanduser(data_dir)
+  data_dir = os.path.expanduser(str(cfg.data_dir or ''))   # (a gs:// path has no leading ~: unchanged)
   if not data_dir:
     raise DataError(f'The image_folder source needs --config.data.data_dir=<root>; {_LAYOUT_HINT}.')
   if not paths_lib.is_dir(data_dir):

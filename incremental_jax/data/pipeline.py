@@ -119,12 +119,11 @@ class DeviceImages:
     return out if dtype is None else out.astype(dtype)
 
 
-def device_budget_bytes(device: Optional[jax.Device] = None) -> int:
+def device_budget_bytes() -> int:
   """How many bytes of images `data.on_device='auto'` places on a device: a quarter of its memory as the
   runtime reports it (GPU, TPU), or 2 GiB where it reports none (CPU: host memory, copied once)."""
-  device = device or jax.local_devices()[0]
   try:
-    stats = device.memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
   except Exception:  # noqa: BLE001 - backends without memory statistics
     stats = {}
   limit = stats.get('bytes_limit')

@@ -49,8 +49,6 @@ def multi_model_kd(student_logits: jax.Array, snapshot_logits: jax.Array, group_
       fixed-size stack, which contribute nothing (S then counts the valid ones).
   """
   masks = snapshot_class_masks(group_masks, domain)
-  if valid is not None:   # an empty slot gets every class: a finite term (and gradient) that is then dropped
-    masks = jnp.where(valid[:, None] > 0, masks, 1.0)
   per_snapshot = jax.vmap(lambda t, m: kd_kl(student_logits, t, temperature, m))(snapshot_logits, masks)  # [S, B]
   per_snapshot = temperature ** 2 * per_snapshot
   count = per_snapshot.shape[0]

@@ -114,11 +114,10 @@ def append_snapshot(frozen, stored: dict, group: np.ndarray, keep_all: bool, slo
   return frozen
 
 
-def stacked_forward(model, snapshots: dict, images: jax.Array, valid=None) -> dict:
+def stacked_forward(model, snapshots: dict, images: jax.Array, valid: jax.Array) -> dict:
   """Inference-mode outputs {'logits': [S, B, C], 'stages': ([S, B, H, W, C], ...)} of the S stacked stored
-  snapshots on `images`, each snapshot's masked weights rebuilt from its stored form: one vmapped forward, or,
-  with `valid` [S], one forward per valid snapshot (`lax.map` over the slots; an empty slot's outputs are 0
-  and cost nothing)."""
+  snapshots on `images`, each snapshot's masked weights rebuilt from its stored form: one forward per valid
+  snapshot (`valid` [S]; `lax.map` over the slots; an empty slot's outputs are 0 and cost nothing)."""
   params_template, _ = jax.eval_shape(model.init_variables)
 
   def forward(stored):
@@ -126,8 +125,6 @@ def stacked_forward(model, snapshots: dict, images: jax.Array, valid=None) -> di
     out = model.apply(params, stored['batch_stats'], images, train=False)[0]
     return {'logits': out['logits'], 'stages': tuple(out['stages'])}
 
-  if valid is None:
-    return jax.vmap(forward)(snapshots)
   first = jax.tree.map(lambda x: x[0], snapshots)
   empty = lambda stored: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(forward, first))
   return jax.lax.map(lambda sv: jax.lax.cond(sv[1] > 0, forward, empty, sv[0]), (snapshots, valid))

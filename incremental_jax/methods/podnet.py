@@ -24,7 +24,6 @@ the gradient drives eta below 0 (measured on digits, see configs/podnet.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 
@@ -117,9 +116,8 @@ class PODNet(Method):
   def before_task(self, ctx: TaskContext) -> TaskContext:
     if ctx.task == 0 or not self.mcfg.imprint:
       return ctx
-    imprint = functools.partial(imprinted_proxies, seed=int(ctx.config.seed))
     return with_imprinted_head(ctx, lambda *args: parallel.broadcast_decision(  # k-means: the same on every host
-        imprint(*args), 'podnet_imprint', f'in task {ctx.task}'))
+        imprinted_proxies(*args, seed=int(ctx.config.seed)), 'podnet_imprint', f'in task {ctx.task}'))
 
   def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
     """Class-balanced finetuning of every seen class's proxies on the (balanced) exemplar memory, with NCA at
