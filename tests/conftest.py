@@ -188,12 +188,13 @@ def close():
 
 @pytest.fixture(scope='session')
 def two_processes():
-  """`two_processes(workdir, env_of_1={}) -> [(returncode, stdout, stderr)] * 2`: `main.py` on the iCaRL `test`
-  preset as two CPU processes (one device each) joined by jax.distributed; process 1 also gets `env_of_1`."""
+  """`two_processes(workdir, env_of_1={}, args=()) -> [(returncode, stdout, stderr)] * 2`: `main.py` on the
+  iCaRL `test` preset (plus the command-line `args`) as two CPU processes (one device each) joined by
+  jax.distributed; process 1 also gets `env_of_1`."""
   import socket
   import subprocess
 
-  def run(workdir, env_of_1: dict = None) -> list:
+  def run(workdir, env_of_1: dict = None, args=()) -> list:
     with socket.socket() as s:
       s.bind(('localhost', 0))
       port = s.getsockname()[1]
@@ -201,7 +202,8 @@ def two_processes():
            if k not in ('XLA_FLAGS', 'INCREMENTAL_JAX_FAULT', 'INCREMENTAL_JAX_PERTURB')}
     env['JAX_PLATFORMS'] = 'cpu'
     procs = [subprocess.Popen([sys.executable, 'main.py', '--config=configs/icarl.py:test', f'--workdir={workdir}',
-                               f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+                               f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}',
+                               *args],
                               cwd=ROOT, env={**env, **(env_of_1 or {})} if i else env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for i in range(2)]

@@ -69,8 +69,10 @@ def test_xla_accepts_a_known_flag_and_refuses_an_unknown_one():
 
 
 def test_importing_the_package_sets_the_flags_before_jax_starts():
-  code = ('import os, incremental_jax, jax.numpy as jnp; jnp.ones(2).block_until_ready(); '
-          'print(os.environ["XLA_FLAGS"])')
+  """The flags are in XLA_FLAGS once `incremental_jax` is imported, which imports no JAX (so no backend can have
+  started before them), and stay there through the first computation."""
+  code = ("import os, sys, incremental_jax; assert 'jax' not in sys.modules; import jax.numpy as jnp; "
+          'jnp.ones(2).block_until_ready(); print(os.environ["XLA_FLAGS"])')
   env = {k: v for k, v in __import__('os').environ.items() if k not in ('XLA_FLAGS', bt.ENV_VAR)}
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
   assert out.stdout.split() == list(bt.measured_flags(jaxlib.__version__)[0])

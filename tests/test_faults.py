@@ -268,32 +268,17 @@ def test_non_finite_parameters_are_never_checkpointed():
 
 
 # ---- several processes -----------------------------------------------------------------------------------
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_give_the_results_of_one(tmp_path, reference, close, comparable):
+def test_two_processes_give_the_results_of_one(tmp_path, reference, close, comparable, two_processes):
   """`main.py` as two CPU processes (one device each, gloo collectives) joined by jax.distributed: each loads
   half of every batch; the results equal the single-process run with the same global batch, only process 0
   writes, and a single process resumes from the checkpoint they wrote together."""
   ref_results = reference.results
   workdir = tmp_path / 'run'
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', faults.ENV_VAR)}
-  env['JAX_PLATFORMS'] = 'cpu'
-  procs = [subprocess.Popen([sys.executable, 'main.py', '--config=configs/icarl.py:test', f'--workdir={workdir}',
-                             '--config.progress=True', f'--coordinator_address=localhost:{port}',
-                             '--num_processes=2', f'--process_id={i}'],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=900) for p in procs]
-  for p, (stdout, stderr) in zip(procs, outs):
-    assert p.returncode == 0, stderr[-3000:]
-  reports = [[line for line in stdout.splitlines() if not line.startswith('[Gloo]')] for stdout, _ in outs]
+  outs = two_processes(workdir, args=('--config.progress=True',))
+  for returncode, _, stderr in outs:
+    assert returncode == 0, stderr[-3000:]
+  reports = [[line for line in stdout.splitlines() if not line.startswith('[Gloo]')] for _, stdout, _ in outs]
   assert 'results written to' in reports[0][-1] and reports[1] == []  # only process 0 reports
   results = json.loads((workdir / 'results.json').read_text())
   assert results['complete'] and len(results['steps']) == 3

@@ -218,7 +218,7 @@ def test_each_class_group_is_distilled_from_the_snapshot_that_learned_it():
   assert ref > 0.05 and float(last['mm_kd']) == pytest.approx(ref, rel=1e-5)
 
 
-def test_vmapped_stacked_snapshots_equal_a_loop_over_the_masked_models():
+def test_stacked_snapshots_equal_a_loop_over_the_masked_models():
   cfg, method, model, params, stats = _model_and_params()
   cfg.method.prune_keep = 0.5
   method = build_method(cfg, NUM_CLASSES, IMAGE_SHAPE)
@@ -227,7 +227,7 @@ def test_vmapped_stacked_snapshots_equal_a_loop_over_the_masked_models():
   stored = [{'params': pruning.compress_tree(p, 0.5), 'batch_stats': stats} for p in snaps]
   stacked = pruning.stack(stored)
   images = jnp.asarray(rng.normal(size=(4,) + IMAGE_SHAPE), jnp.float32)
-  out = jax.jit(lambda s, x: m2kd_lib.stacked_forward(model, s, x))(stacked, images)
+  out = jax.jit(lambda s, x: m2kd_lib.stacked_forward(model, s, x, jnp.ones(len(snaps))))(stacked, images)
   apply = jax.jit(lambda p, s, x: model.apply(p, s, x, train=False)[0])
   for j, p in enumerate(snaps):
     masked = jax.tree.map(lambda w: np.where(pruning.magnitude_mask(w, 0.5), w, 0) if w.ndim >= 2 else w, p)
