@@ -20,6 +20,7 @@ checkpoint is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from typing import Any, Optional
@@ -132,6 +133,11 @@ class RunCheckpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def complete_steps(self) -> list[int]:
+    """The steps whose checkpoint is complete in storage (renamed from its temporary directory, or committed in a
+    bucket), read from the directory: Orbax's own list also holds a step whose background write failed."""
+    return sorted(ocp.path.step.checkpoint_steps(self._path))
+
   def save(self, step: int, train_state, frozen: Any, method_state: dict, memory_array: np.ndarray, meta: dict) -> None:
     """Saves everything at global step `step` (forced, whatever the save interval): a task-end checkpoint.
     The write continues in the background; `wait()` returns when it is complete."""
@@ -148,9 +154,26 @@ class RunCheckpointer:
 
   def _save(self, step: int, kind: str, meta: dict, **items) -> None:
     self._kinds[int(step)] = kind
-    self.manager.save(int(step), force=True, args=ocp.args.Composite(
-        meta=ocp.args.JsonSave(dict(meta, format_version=FORMAT_VERSION)), **items))
+    with self._failed_writes_reported():   # Orbax's save first waits for the previous one, which may have failed
+      self.manager.save(int(step), force=True, args=ocp.args.Composite(
+          meta=ocp.args.JsonSave(dict(meta, format_version=FORMAT_VERSION)), **items))
     faults.reached('checkpoint_write')
+
+  @contextlib.contextmanager
+  def _failed_writes_reported(self):
+    """Turns a failed (background) checkpoint write, which Orbax raises at the next save or wait, into one
+    CheckpointError naming the directory, the cause and the complete checkpoints a rerun resumes from."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - storage failures come as OSError, TensorStore's ValueError, ...
+      detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+      complete = self.complete_steps()
+      raise CheckpointError(
+          f'a checkpoint could not be written in {self.directory} ({type(e).__name__}: {detail}); the complete '
+          f'checkpoints are kept ({complete if complete else "none"}): fix the storage and run the same command '
+          'again to resume from the latest of them.') from e
 
   def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
     detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
@@ -200,12 +223,15 @@ class RunCheckpointer:
     return restored['train'], frozen, dict(extra['method_state']), np.asarray(extra['memory']).astype(np.int64)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._failed_writes_reported():
+      self.manager.wait_until_finished()
 
   def saving(self) -> bool:
     """Whether a save started earlier is still being written (asked without waiting)."""
     return self.manager.is_saving_in_progress()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

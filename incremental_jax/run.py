@@ -146,7 +146,7 @@ class RunStore:
     self.spec = spec
     self.checkpointer = ckpt_lib.RunCheckpointer(os.path.join(spec.workdir, 'checkpoints'),
                                                  max_to_keep=spec.config.checkpoint.max_to_keep)
-    self._pending: Optional[dict] = None   # results waiting for their task-end checkpoint to complete
+    self._pending: Optional[tuple] = None   # (step, results): results waiting for their checkpoint `step`
 
   def restore(self, state: RunState) -> tuple[RunState, Resume]:
     """The latest checkpointed state of the workdir (or `state` when there is none) and where it resumes."""
@@ -209,15 +209,15 @@ class RunStore:
     if jax.process_index() == 0:
       metrics_lib.write_results(self.spec.workdir, results, plots=plots and bool(self.spec.config.plots))
 
-  def results_when_saved(self, results: dict) -> None:
-    """Writes `results` once the checkpoint just started (the task-end one of its last task) is complete: the
-    results pending from the previous task are written now (the checkpoint started since waited for theirs),
-    these at the end of the next phase that finds their checkpoint complete (`write_saved_results`), at the next
-    call or at `close`. (Orbax's `save` returns only once the previous save is complete.)
-    results.json thus never names a task whose checkpoint is incomplete, and no task end waits for its own
-    checkpoint's files."""
+  def results_when_saved(self, step: int, results: dict) -> None:
+    """Writes `results` once checkpoint `step` (the task-end one of their last task, just started) is complete:
+    the results pending from the previous task are written now if their checkpoint is (the checkpoint started
+    since waited for it), these at the end of the next phase that finds their checkpoint complete
+    (`write_saved_results`), at the next call or at `close`. (Orbax's `save` returns only once the previous save
+    is complete.) results.json thus never names a task whose checkpoint is incomplete or failed, and no task end
+    waits for its own checkpoint's files."""
     self._write_pending()
-    self._pending = results
+    self._pending = (step, results)
 
   def write_saved_results(self) -> None:
     """Writes the pending results now if their checkpoint is already complete (asked without waiting), so that
@@ -227,17 +227,20 @@ class RunStore:
 
   def close(self, write_pending: bool = False) -> None:
     """Waits for the checkpoint being written, then (with `write_pending`, when the run stops on an error)
-    writes the results pending on it; `finish` writes the final ones instead."""
-    self.checkpointer.close()
-    if write_pending:
-      self._write_pending()
-    self._pending = None
+    writes the results pending on it if it is complete; `finish` writes the final ones instead."""
+    try:
+      self.checkpointer.close()
+      if write_pending:
+        self._write_pending()
+    finally:
+      self._pending = None
 
   def _write_pending(self) -> None:
-    """Writes the pending results, if any (their checkpoint is known complete), and forgets them."""
+    """Writes the pending results, if any, when their checkpoint is complete in storage (a background write that
+    failed left none), and forgets them."""
     pending, self._pending = self._pending, None
-    if pending is not None:
-      self.write_results(pending)
+    if pending is not None and pending[0] in self.checkpointer.complete_steps():
+      self.write_results(pending[1])
 
 
 def _refuse_orphan_results(workdir: str) -> None:
@@ -335,7 +338,8 @@ def end_task(run: _Run, ctx: TaskContext, epoch_losses: dict, t0: float, show_pr
   run.state = RunState(train=ctx.state, frozen=ctx.frozen, method_state=ctx.method_state, memory=ctx.memory,
                        steps=run.state.steps + [record])
   run.resume.task_start_step = run.store.save_task_end(t, run.state)
-  run.store.results_when_saved(run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
+  run.store.results_when_saved(run.resume.task_start_step,
+                               run.store.results(run.state.steps, complete=t == scenario.num_tasks - 1))
   if run.tb is not None:
     run.tb.log_task(run.state.steps)
   if show_progress and jax.process_index() == 0:
@@ -504,7 +508,10 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
     run_tasks(runs, trainer, subnetworks, every, show_progress)
   except BaseException:
     for r in runs:   # a task-end checkpoint may still be written: complete it, and report its task
-      r.store.close(write_pending=True)
+      try:
+        r.store.close(write_pending=True)
+      except Exception:  # noqa: BLE001 - a failed write as well: the error already raised is the one reported
+        pass
     raise
   compilations = {'compilations': trainer.compile_count}
   if subnetworks.compile_count:

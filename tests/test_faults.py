@@ -286,3 +286,39 @@ def test_two_processes_give_the_results_of_one(tmp_path, reference, close, compa
 
   resumed = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(workdir))  # nothing left to train
   close(comparable(resumed), comparable(ref_results))
+
+
+# ---- a failing disk -------------------------------------------------------------------------------------------
+def test_failed_checkpoint_write_is_one_error_and_the_workdir_resumes(tmp_path, reference, comparable, monkeypatch):
+  """The background write of task 1's checkpoint fails (a storage error from Orbax's commit futures, as a full
+  disk or a lost bucket connection gives): the run stops with one CheckpointError naming the cause, results.json
+  and the checkpoints name task 0 only, and the same command then resumes to the uninterrupted results."""
+  import orbax.checkpoint as ocp
+  original, task_end_saves = ocp.StandardCheckpointHandler.async_save, []
+
+  class FailingCommit:
+    def result(self, timeout=None):
+      raise OSError(28, 'No space left on device (injected)')
+
+  async def async_save(self, directory, *args, **kwargs):
+    futures = list(await original(self, directory, *args, **kwargs) or [])
+    item = getattr(kwargs.get('args'), 'item', None)
+    if isinstance(item, dict) and 'memory' in item:   # the task-end checkpoint's `extra`
+      task_end_saves.append(directory)
+      if len(task_end_saves) == 2:
+        futures.append(FailingCommit())
+    return futures
+
+  workdir = str(tmp_path / 'run')
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', async_save)
+  with pytest.raises(ckpt_lib.CheckpointError, match='could not be written .*No space left on device') as e:
+    incremental_jax.train_and_evaluate(icarl.get_config('test'), workdir)
+  assert '\n' not in str(e.value)
+  done = complete_steps(workdir)
+  assert len(done) == 1
+  with open(os.path.join(workdir, 'checkpoints', str(done[0]), 'meta', 'metadata')) as f:
+    assert json.load(f)['task'] == 0
+  assert len(json.loads(open(os.path.join(workdir, 'results.json')).read())['steps']) == 1
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', original)
+  resumed = incremental_jax.train_and_evaluate(icarl.get_config('test'), workdir)
+  assert comparable(resumed) == comparable(reference.results)
