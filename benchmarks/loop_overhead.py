@@ -124,7 +124,10 @@ def quick_start_child(config_spec: str, cache: str) -> dict:
   import jax
   import incremental_jax
   from incremental_jax import evaluate as eval_lib
-  from incremental_jax import run as run_lib
+  from incremental_jax import memory as memory_lib
+  from incremental_jax import metrics as metrics_lib
+  from incremental_jax import store as store_lib
+  from incremental_jax import task_stages
   from incremental_jax import train as train_lib
   from incremental_jax.data import sources
   times = dict.fromkeys(CATEGORIES, 0.0)
@@ -156,13 +159,14 @@ def quick_start_child(config_spec: str, cache: str) -> dict:
 
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   sources.load_dataset = timed('data', sources.load_dataset)
-  train_lib.run_phase = timed('training', train_lib.run_phase)
+  task_stages.train_stage = timed('training', task_stages.train_stage)
+  train_lib.SubnetworkTrainer.train = timed('training', train_lib.SubnetworkTrainer.train)
   eval_lib.evaluate_task = timed('evaluation', eval_lib.evaluate_task)
-  run_lib.update_memory = timed('exemplars', run_lib.update_memory)
-  run_lib.nme_class_means = timed('exemplars', run_lib.nme_class_means)
-  run_lib.RunStore.save_task_end = timed('checkpoints', run_lib.RunStore.save_task_end)
-  run_lib.RunStore.close = timed('checkpoints', run_lib.RunStore.close)
-  run_lib.metrics_lib.write_results = timed('results', run_lib.metrics_lib.write_results)
+  memory_lib.update_memory = timed('exemplars', memory_lib.update_memory)
+  memory_lib.exemplar_class_means = timed('exemplars', memory_lib.exemplar_class_means)
+  store_lib.RunStore.save = timed('checkpoints', store_lib.RunStore.save)
+  store_lib.RunStore.close = timed('checkpoints', store_lib.RunStore.close)
+  metrics_lib.write_results = timed('results', metrics_lib.write_results)
   import importlib
   module, _, preset = config_spec.partition(':')
   config = importlib.import_module(f"configs.{module.removesuffix('.py')}").get_config(preset or 'digits')

@@ -37,6 +37,15 @@ FORMAT_VERSION = 1
 # Config fields that may differ between a run and its resumption (they do not change what is computed).
 RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'eval.batch_size', 'checkpoint', 'progress', 'workdir',
                   'compilation_cache', 'data.on_device', 'data.chunk_steps')
+# Config fields removed from the library that did not change results (kernel choices): a checkpoint whose config
+# still sets them resumes, with one line saying they are ignored.
+REMOVED_FIELDS = ('model.bn_impl', 'model.conv_impl')
+
+
+def removed_fields(saved: dict) -> list[str]:
+  """The REMOVED_FIELDS a checkpoint's config dict sets."""
+  flat = flatten_config(saved)
+  return [f for f in REMOVED_FIELDS if f in flat]
 
 
 
@@ -65,12 +74,13 @@ def flatten_config(d: dict, prefix: str = '') -> dict:
 
 
 def config_differences(saved: dict, current: dict, defaults: Optional[dict] = None) -> list[str]:
-  """Fields (dotted) whose values differ between two config dicts, ignoring RUNTIME_FIELDS. A field absent
+  """Fields (dotted) whose values differ between two config dicts, ignoring RUNTIME_FIELDS and REMOVED_FIELDS. A
+  field absent
   from `saved` (written before the field was declared) whose current value is its default in `defaults`
   ({'section.field': value}) is no difference."""
   a, b = flatten_config(saved), flatten_config(json.loads(json.dumps(current)))
   defaults = json.loads(json.dumps(defaults or {}))
-  skip = lambda k: (any(k == f or k.startswith(f + '.') for f in RUNTIME_FIELDS)
+  skip = lambda k: (any(k == f or k.startswith(f + '.') for f in RUNTIME_FIELDS + REMOVED_FIELDS)
                     or (k not in a and k in defaults and b.get(k) == defaults[k]))
   return [f'{k}: checkpoint has {a.get(k, "<absent>")!r}, config has {b.get(k, "<absent>")!r}'
           for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
@@ -79,16 +89,16 @@ def config_differences(saved: dict, current: dict, defaults: Optional[dict] = No
 TASK_END, MID_TASK = 'task_end', 'mid_task'
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _KeepTaskEnds:
   """Orbax preservation policy: the latest `max_to_keep` task-end checkpoints (all when None) and the latest
-  checkpoint. `kinds` maps a step to TASK_END or MID_TASK; an unknown step counts as a task end."""
+  checkpoint; `is_mid_task(step)` tells the kinds apart."""
   max_to_keep: Optional[int]
-  kinds: dict
+  is_mid_task: Any
 
   def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
     del context
-    ends = [i for i, c in enumerate(checkpoints) if self.kinds.get(c.step, TASK_END) == TASK_END]
+    ends = [i for i, c in enumerate(checkpoints) if not self.is_mid_task(c.step)]
     keep = set(ends[-self.max_to_keep:] if self.max_to_keep else ends)
     keep.update([len(checkpoints) - 1] if checkpoints else [])
     return [i in keep for i in range(len(checkpoints))]
@@ -106,7 +116,7 @@ class RunCheckpointer:
     self._kinds: dict[int, str] = {}
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-        preservation_policy=_KeepTaskEnds(max_to_keep or None, self._kinds))
+        preservation_policy=_KeepTaskEnds(max_to_keep or None, self.is_mid_task))
     handlers = {'train': ocp.StandardCheckpointHandler(), 'extra': ocp.StandardCheckpointHandler(),
                 'meta': ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self._path, options=options, item_handlers=handlers)
@@ -127,6 +137,10 @@ class RunCheckpointer:
       raise CheckpointError(f'{self.directory} holds files that are not checkpoints of this project '
                             f'({sorted(foreign)[:5]}); choose another --workdir or remove them.')
 
+  def is_mid_task(self, step: int) -> bool:
+    """Whether checkpoint `step` is a mid-task one (an unreadable step counts as a task end)."""
+    return self._kinds.get(int(step), TASK_END) == MID_TASK
+
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
@@ -146,11 +160,13 @@ class RunCheckpointer:
     _check_str_keys(extra, 'checkpoint')
     self._save(step, TASK_END, meta, train=ocp.args.StandardSave(train_state), extra=ocp.args.StandardSave(extra))
 
-  def save_mid_task(self, step: int, train_state, meta: dict) -> None:
-    """Saves the train state inside a task at global step `step`; `meta['mid_task']` says where."""
+  def save_mid_task(self, step: int, train_state, meta: dict, memory_array: Optional[np.ndarray] = None) -> None:
+    """Saves the train state inside a task at global step `step` (and the memory once the task updated it);
+    `meta['mid_task']` says where."""
     if MID_TASK not in meta:
       raise ValueError(f'a mid-task checkpoint needs meta[{MID_TASK!r}].')
-    self._save(step, MID_TASK, meta, train=ocp.args.StandardSave(train_state))
+    extra = {} if memory_array is None else {'extra': ocp.args.StandardSave({'memory': np.asarray(memory_array)})}
+    self._save(step, MID_TASK, meta, train=ocp.args.StandardSave(train_state), **extra)
 
   def _save(self, step: int, kind: str, meta: dict, **items) -> None:
     self._kinds[int(step)] = kind
@@ -207,6 +223,19 @@ class RunCheckpointer:
           train=ocp.args.StandardRestore(self._abstract(train_template, mesh))))['train']
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, 'restore', e) from e
+
+  def restore_mid_task(self, step: int, train_template, mesh) -> tuple[Any, Optional[np.ndarray]]:
+    """(train_state, memory_array or None) of mid-task checkpoint `step`, replicated over `mesh`."""
+    try:
+      items = {'train': ocp.args.StandardRestore(self._abstract(train_template, mesh))}
+      extra_meta = self.manager.item_metadata(step).get('extra')
+      if extra_meta is not None:
+        items['extra'] = ocp.args.StandardRestore(self._abstract(extra_meta, mesh))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, 'restore', e) from e
+    memory = restored['extra']['memory'] if extra_meta is not None else None
+    return restored['train'], None if memory is None else np.asarray(memory).astype(np.int64)
 
   def restore(self, step: int, train_template, mesh) -> tuple[Any, Any, dict, np.ndarray]:
     """(train_state, frozen, method_state, memory_array) of task-end checkpoint `step`, replicated over `mesh`."""

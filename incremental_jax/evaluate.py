@@ -89,7 +89,7 @@ def evaluate_task(predict: Callable, params, batch_stats, test_images, test_labe
   seen = test_labels < scenario.task_end(t)
   idx = np.flatnonzero(seen)
   labels = test_labels[idx]
-  out = predict(params, batch_stats, _take(test_images, idx))
+  out = predict(params, batch_stats, take(test_images, idx))
   seen_mask = scenario.class_masks(t)['seen']
   logits = np.where(seen_mask[None] > 0, out['logits'], -np.inf)
   record = {'cnn': accuracy_report(np.argmax(logits, axis=1), labels, scenario, t), 'nme': None}
@@ -99,7 +99,7 @@ def evaluate_task(predict: Callable, params, batch_stats, test_images, test_labe
   return record
 
 
-def _take(images, idx: np.ndarray):
+def take(images, idx: np.ndarray):
   """A view of `images` restricted to `idx` that stays lazy for lazy image containers (and on the device for
 `pipeline.DeviceImages`)."""
   if isinstance(images, np.ndarray):

@@ -7,9 +7,11 @@ repeats); 'herding_loop' is the fixed-iteration loop of LUCIR's and PODNet's cod
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
+from incremental_jax import faults, parallel
 from incremental_jax.errors import ConfigError
 
 SELECTIONS = ('herding', 'herding_loop', 'random')
@@ -82,9 +84,10 @@ def per_class_budget(memory_cfg, num_seen_classes: int) -> int:
   return int(memory_cfg.per_class)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Memory:
-  """Exemplars per (remapped) class, as indices into the train split in priority (herding) order."""
+  """Exemplars per (remapped) class, as indices into the train split in priority (herding) order. A value: its
+  methods return new memories."""
   exemplars: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def indices(self) -> np.ndarray:
@@ -154,3 +157,29 @@ def nme_predict(features: np.ndarray, means: np.ndarray, class_mask: np.ndarray)
   d2 = (phi**2).sum(1, keepdims=True) - 2 * phi @ means.T + (means**2).sum(1)[None]
   d2 = np.where(np.asarray(class_mask)[None] > 0, d2, np.inf)
   return np.argmin(d2, axis=1)
+
+
+def update_memory(memory: Memory, embed: Callable[[np.ndarray], np.ndarray], train_labels: np.ndarray,
+                  new_indices: np.ndarray, classes: range, memory_cfg, seed: int, where: str = '') -> Memory:
+  """iCaRL's memory update after a task whose new classes are `classes` (Alg. 5 then Alg. 4): the old classes
+  shrink to the new per-class budget, then each new class's exemplars are selected from the embeddings
+  `embed(indices)` of its train examples (`new_indices`, every new class's examples: embedded in one inference
+  pass, not one per class). The exemplar indices are process 0's on every process ('herding' decision)."""
+  m = per_class_budget(memory_cfg, classes.stop)
+  memory = memory.reduced(m)
+  new_feats = embed(new_indices)
+  for c in classes:
+    faults.reached('exemplar_selection')
+    of_c = train_labels[new_indices] == c
+    pos = select_exemplars(new_feats[of_c], m, memory_cfg.selection, seed=seed + c)
+    memory = memory.with_class(c, new_indices[of_c][pos])
+  return Memory.from_array(parallel.broadcast_decision(memory.to_array(classes.stop), 'herding', where))
+
+
+def exemplar_class_means(memory: Memory, embed: Callable[..., np.ndarray], train_labels: np.ndarray,
+                         num_classes: int, memory_cfg) -> np.ndarray:
+  """NME class means of the exemplars (`class_means`), averaged with their second view `memory.nme_view` when
+  `memory.nme_flip`; `embed(indices, flip)` gives train embeddings."""
+  idx = memory.indices()
+  flipped = embed(idx, memory_cfg.nme_view) if memory_cfg.nme_flip else None
+  return class_means(embed(idx, False), train_labels[idx], num_classes, flipped)

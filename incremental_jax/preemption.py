@@ -27,6 +27,11 @@ class Preempted(Exception):
   """The run stopped after a preemption notice; its message says where and how to resume."""
 
 
+class StopRequested(Exception):
+  """Raised by a loop below the run (a sub-network's training) that honoured a stop request at an epoch end; the
+  message says where. The run saves what can be resumed and raises `Preempted`."""
+
+
 class _State:
   requested = False   # SIGTERM seen by this process's handler (single process)
   stop = False        # the answer given once, kept

@@ -1,8 +1,8 @@
 """The start-up summary a run prints (process 0) before it trains: what data was found and how the protocol,
 method and network are set up, in the numbering of results.json (`step t`, t = 0 the base task).
 
-`startup_summary(...)` is a pure function of plain values and returns the text; `session_summary(session)`
-gathers those values from a `run.RunSession`.
+`startup_summary(...)` is a pure function of plain values and returns the text; `session_summary(specs, states,
+...)` gathers those values from the runs' specs and states.
 """
 from __future__ import annotations
 
@@ -95,18 +95,21 @@ def startup_summary(config: Any, workdir: str, *, dataset_name: str, location: s
   return 'run set-up:\n' + '\n'.join(f'  {k:<{width}}  {v}' for k, v in lines)
 
 
-def session_summary(sessions: Sequence[Any], workdir: str, config: Any) -> str:
-  """`startup_summary` of the runs of the run loop (`run._Run`: spec, state, resume point), one run (a list of one)
-  or a `num_runs` group (`workdir` and `config` are the group's; the data, network and class order shown are run
-  0's)."""
+def session_summary(specs: Sequence[Any], states: Sequence[Any], workdir: str, config: Any) -> str:
+  """`startup_summary` of the runs of the task loop (`run_spec.RunSpec` and restored `run_state.RunState` each),
+  one run (a list of one) or a `num_runs` group (`workdir` and `config` are the group's; the data, network and
+  class order shown are run 0's)."""
   import jax
-  lead = sessions[0]
-  ds, scenario = lead.spec.data.dataset, lead.spec.scenario
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lead.state.train.params))
+  lead = specs[0]
+  ds, scenario = lead.data.dataset, lead.scenario
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(states[0].train.params))
+  in_task = states[0].cursor.in_task
+  mid = ({'task': states[0].cursor.task, 'phase_name': in_task.phase_name, 'epoch': in_task.epoch}
+         if in_task is not None and len(states) == 1 else None)
   return startup_summary(
       config, workdir, dataset_name=ds.name, location=ds.location, num_classes=ds.num_classes,
       num_train=len(ds.train_labels), num_test=len(ds.test_labels), image_shape=ds.image_shape, mean=ds.mean,
       std=ds.std, class_order=scenario.order.tolist(), task_sizes=scenario.sizes, num_params=num_params,
-      uses_memory=lead.spec.method.uses_memory, num_devices=jax.device_count(), platform=jax.devices()[0].platform,
-      num_processes=jax.process_count(), start_task=min(s.resume.start_task for s in sessions),
-      mid=lead.resume.mid if len(sessions) == 1 else None, num_runs=len(sessions))
+      uses_memory=lead.method.uses_memory, num_devices=jax.device_count(), platform=jax.devices()[0].platform,
+      num_processes=jax.process_count(), start_task=min(s.cursor.task for s in states), mid=mid,
+      num_runs=len(states))

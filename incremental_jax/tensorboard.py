@@ -107,19 +107,21 @@ class TensorBoardLogger:
           self._writer.add_scalar(f'{key}/{kind}', float(summary[key][kind]), t)
     self._writer.flush()
 
+  def log_tasks(self, records: Sequence[dict]) -> None:
+    """The evaluations of every task of `records`, as `log_task` after each. A resumed run logs the records its
+    checkpoint restored again (the same values at the same steps), so a process killed after a checkpoint but
+    before its events reached the disk leaves no hole in the per-task curves."""
+    for t in range(len(records)):
+      self.log_task(records[:t + 1])
+
   def close(self) -> None:
     if self._opened is not None:
       self._opened.close()
 
 
-def make_logger(config, workdir: str, restored_steps: Sequence[dict] = ()) -> Optional[TensorBoardLogger]:
+def make_logger(config, workdir: str) -> Optional[TensorBoardLogger]:
   """The logger of the run in `workdir` when `config.tensorboard` is on, tensorboardX is installed and this is
-  process 0; else None (the run's loop then skips every call). A resumed run passes the steps its checkpoint
-  restored: their evaluations are written again (the same values at the same steps), so a process killed after
-  a checkpoint but before its events reached the disk leaves no hole in the per-step curves."""
+  process 0; else None (the run's loop then skips every call)."""
   if not config.tensorboard or jax.process_index() != 0 or not available():
     return None
-  logger = TensorBoardLogger(paths.join(workdir, SUBDIR))
-  for t in range(len(restored_steps)):
-    logger.log_task(restored_steps[:t + 1])
-  return logger
+  return TensorBoardLogger(paths.join(workdir, SUBDIR))

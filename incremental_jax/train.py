@@ -3,22 +3,23 @@
 `Trainer` compiles the pure step of `incremental_jax.step` once per distinct phase (`jax.jit`, state donated,
 batch sharded over the mesh's 'data' axis, everything else replicated), alone or inside a chunk of K steps that
 is one `lax.scan` (`make_chunk`; K = 1 on CPU, see `Trainer.chunk_length`), and for R > 1 runs its `jax.vmap`
-over a leading run axis. `run_phase` is the one
-epoch loop: R = 1 runs the plain step, R > 1 the vmapped one; each run draws its own batches, may start at its
-own epoch (resume), and keeps its own per-epoch metrics.
+over a leading run axis. `phase_epochs` is the one epoch loop, a generator that yields at each epoch end (the
+caller decides checkpoints and stops): R = 1 runs the plain step, R > 1 the vmapped one; each run draws its own
+batches, may start at its own epoch (resume), and keeps its own per-epoch metrics.
 `SubnetworkTrainer` is the training service that the run hands to method hooks which train a network of their
 own (a teacher, an autoencoder, a pruned snapshot): methods never build a trainer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental_jax import faults, parallel
+from incremental_jax import faults, parallel, preemption
 from incremental_jax.data import pipeline
 from incremental_jax.step import (advanced, augmented_batch, check_finite, head_update_mask,  # noqa: F401
                                   init_train_state, learning_rate, make_optimizer, make_task_info,
@@ -26,13 +27,24 @@ from incremental_jax.step import (advanced, augmented_batch, check_finite, head_
 from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PhaseResult:
   state: TrainState
-  epoch_metrics: list  # per epoch: {metric: mean over the epoch's steps}
+  epoch_metrics: tuple  # per epoch: {metric: mean over the epoch's steps}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+  """What `phase_epochs` yields after epoch `epoch`: which runs trained in it (`live`), each run's per-epoch mean
+  metrics so far (`histories`, the resumed epochs' included), and `states()`, the runs' train states now (unstacked
+  on demand: only a checkpoint needs them)."""
+  epoch: int
+  live: np.ndarray
+  histories: tuple
+  states: Callable[[], list]
+
+
+@dataclasses.dataclass(frozen=True)
 class PhaseRun:
   """One run's share of a phase.
 
@@ -45,7 +57,7 @@ class PhaseRun:
     seed: the run's seed (`TaskInfo.seed`, which keys the augmentation).
     start_epoch: epochs before it are done: `state` is the one saved after epoch `start_epoch - 1` (its
       optimiser state and `phase_step` are kept); `phase.optim.epochs` means the run skips the phase.
-    history: the per-epoch mean metrics of the epochs done, extended in place.
+    history: the per-epoch mean metrics of the epochs done before `start_epoch` (a resumed phase's).
   """
   state: TrainState
   frozen: Any
@@ -55,7 +67,7 @@ class PhaseRun:
   rng_seed: tuple
   seed: int
   start_epoch: int = 0
-  history: list = dataclasses.field(default_factory=list)
+  history: tuple = ()
 
 
 class Trainer:
@@ -206,10 +218,21 @@ def chunk_batch(source, x, group: bool, on_device: bool, mesh) -> dict:
   return batch if group else jax.tree.map(lambda a: a[0], batch)
 
 
-def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
-              on_epoch_end: Optional[Callable] = None) -> list:
+def run_phase(trainer: Trainer, runs: list, images, desc: str = '') -> list:
+  """Trains the same phase of each `PhaseRun` in `runs` to its end (`phase_epochs`) and returns one
+  `PhaseResult` per run."""
+  runs = list(runs)
+  states, histories = [r.state for r in runs], tuple(tuple(r.history) for r in runs)
+  with contextlib.closing(phase_epochs(trainer, runs, images, desc)) as epochs:
+    for end in epochs:
+      states, histories = end.states(), end.histories
+  return [PhaseResult(state=s, epoch_metrics=h) for s, h in zip(states, histories)]
+
+
+def phase_epochs(trainer: Trainer, runs: list, images, desc: str = '') -> Iterator[EpochEnd]:
   """Trains the same phase of each `PhaseRun` in `runs` for `phase.optim.epochs` epochs over its
-  `phase.indices`, and returns one `PhaseResult` per run.
+  `phase.indices`, yielding an `EpochEnd` after each epoch: the caller decides what an epoch end means (a mid-task
+  checkpoint, a stop) and stops iterating to stop training.
 
   One run trains with the plain compiled step. Several are stacked on a leading run axis (states, teachers,
   task constants with their own seeds, batches) and updated by one vmapped step; run k draws its batches
@@ -220,9 +243,6 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   The steps run in compiled chunks of `Trainer.chunk_length` steps (`make_chunk`): an epoch is one or a few
   dispatches, whose batches are gathered on the device from `images` when it is `pipeline.DeviceImages`
   (else loaded on the host a chunk ahead). Progress bars and the 'train_step' fault point advance per chunk.
-
-  `on_epoch_end(e, states, live)` is called after each epoch e with a function returning the per-run states and
-  the runs that trained in that epoch (e.g. to write mid-task checkpoints).
 
   Raises FloatingPointError, naming the global step (and the run, with several), when a loss is not finite;
   the check reads the epoch's metrics once at the epoch end, so it adds nothing to the compiled step.
@@ -258,7 +278,8 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
   bar = _progress(epochs * steps, desc, trainer.show_progress)
   bar.update(first * steps)
   fault_per_step = faults.armed('train_step')
-  try:   # the bar is closed however the loop ends (a stop request or an error in a callback too)
+  histories = [list(r.history) for r in runs]
+  try:   # the bar is closed however the loop ends (the caller stops iterating, or an error)
     for e in range(first, epochs):
       live = starts <= e
       valid = ((np.arange(padded)[:, None] < run_steps[None]) & live[None]).astype(np.float32)   # [padded, R]
@@ -282,24 +303,21 @@ def run_phase(trainer: Trainer, runs: list, images, desc: str = '',
                   for name, v in stacked.items()} if live[r] else None for r in range(len(runs))]
       else:
         means = [{name: float(v) for name, v in jax.device_get(jax.tree.map(jnp.mean, stacked)).items()}]
-      for r, (run, m) in enumerate(zip(runs, means)):
+      for r, m in enumerate(means):
         if m is None:
           continue
-        run.history.append(m)
+        histories[r].append(m)
         if not np.isfinite(m['loss']):
           losses = np.asarray(jax.device_get(stacked['loss']))
           end_step = int(jax.device_get(state.step[r] if group else state.step))
           message = _non_finite_message(desc, losses[:run_steps[r], r] if group else losses, end_step, e)
           raise FloatingPointError(f'run {r}: {message}' if group else message)
-      bar.set_postfix(epoch=e + 1, loss=' '.join(f"{r.history[-1]['loss']:.4f}" for r in runs if r.history),
-                      refresh=False)
+      bar.set_postfix(epoch=e + 1, loss=' '.join(f"{h[-1]['loss']:.4f}" for h in histories if h), refresh=False)
       faults.reached('epoch_end')
-      if on_epoch_end is not None:
-        on_epoch_end(e, lambda state=state: _unstack(state, len(runs)) if group else [state], live)
+      yield EpochEnd(epoch=e, live=live, histories=tuple(tuple(h) for h in histories),
+                     states=lambda state=state: _unstack(state, len(runs)) if group else [state])
   finally:
     bar.close()
-  final = _unstack(state, len(runs)) if group else [state]
-  return [PhaseResult(state=s, epoch_metrics=r.history) for s, r in zip(final, runs)]
 
 
 def _padded(rows: np.ndarray, length: int) -> np.ndarray:
@@ -337,9 +355,14 @@ class SubnetworkTrainer:
       self._trainers[key] = Trainer(model, method, self.mesh, augment_fn, show_progress=self.show_progress)
     state = self.initial_state(model, phase.optim) if state is None else state
     run = PhaseRun(state=state, frozen=frozen, task=task, phase=phase, labels=labels, rng_seed=rng_seed, seed=seed)
-    result = run_phase(self._trainers[key], [run], images, desc=desc)[0]
-    check_finite(result.state, desc)
-    return result.state
+    with contextlib.closing(phase_epochs(self._trainers[key], [run], images, desc=desc)) as epochs:
+      for end in epochs:   # a stop request is honoured at an epoch end; after the last one, at the run's next
+        state = end.states()[0]
+        if end.epoch + 1 < int(phase.optim.epochs) and preemption.requested():
+          raise preemption.StopRequested(f'{desc}, epoch {end.epoch + 1} (this network is trained again from its '
+                                         'start on resume)')
+    check_finite(state, desc)
+    return state
 
 
 def _stack(trees: list):

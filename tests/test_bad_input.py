@@ -93,7 +93,7 @@ def test_bad_input_is_one_clear_error_before_training(tmp_path, monkeypatch, cas
   def no_training(*args, **kwargs):
     raise AssertionError('training started')
 
-  monkeypatch.setattr(train_lib, 'run_phase', no_training)
+  monkeypatch.setattr(train_lib, 'phase_epochs', no_training)
   edit(c)
   with pytest.raises(error, match=pattern):
     incremental_jax.train_and_evaluate(c, str(tmp_path / 'run'))
@@ -143,7 +143,7 @@ def test_image_folder_with_an_empty_class(tmp_path, monkeypatch):
   _image_tree(tmp_path / 'data')
   for f in os.listdir(tmp_path / 'data' / 'train' / 'bee'):
     os.remove(tmp_path / 'data' / 'train' / 'bee' / f)
-  monkeypatch.setattr(train_lib, 'run_phase', lambda *a, **k: pytest.fail('training started'))
+  monkeypatch.setattr(train_lib, 'phase_epochs', lambda *a, **k: pytest.fail('training started'))
   with pytest.raises(sources.DataError, match='bee'):
     incremental_jax.train_and_evaluate(_folder_config(tmp_path / 'data'), str(tmp_path / 'run'))
 
@@ -152,6 +152,6 @@ def test_image_folder_with_an_empty_class(tmp_path, monkeypatch):
 def test_image_folder_with_an_unreadable_image(tmp_path, monkeypatch):
   _image_tree(tmp_path / 'data')
   (tmp_path / 'data' / 'train' / 'cat' / '1.png').write_bytes(b'not an image at all')
-  monkeypatch.setattr(train_lib, 'run_phase', lambda *a, **k: pytest.fail('training started'))
+  monkeypatch.setattr(train_lib, 'phase_epochs', lambda *a, **k: pytest.fail('training started'))
   with pytest.raises(sources.DataError, match=r'1\.png'):
     incremental_jax.train_and_evaluate(_folder_config(tmp_path / 'data'), str(tmp_path / 'run'))

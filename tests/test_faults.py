@@ -17,7 +17,7 @@ import incremental_jax
 from configs import icarl
 from incremental_jax import checkpoint as ckpt_lib
 from incremental_jax import faults
-from incremental_jax import run as run_lib
+from incremental_jax import metrics as metrics_lib
 from incremental_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ def reference(tmp_path_factory):
   """An uninterrupted icarl `test` run in this process: `results`, `workdir`, and `write_log`: at every
   results.json write, (steps reported, task of the latest complete checkpoint)."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
-  original = run_lib.metrics_lib.write_results
+  original = metrics_lib.write_results
 
   def write_results(wd, results, plots=True):
     done = complete_steps(wd)
@@ -40,11 +40,11 @@ def reference(tmp_path_factory):
     original(wd, results, plots)
 
   write_log = []
-  run_lib.metrics_lib.write_results = write_results
+  metrics_lib.write_results = write_results
   try:
     results = incremental_jax.train_and_evaluate(icarl.get_config('test'), workdir)
   finally:
-    run_lib.metrics_lib.write_results = original
+    metrics_lib.write_results = original
   return types.SimpleNamespace(results=results, workdir=workdir, write_log=write_log)
 
 
@@ -233,7 +233,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
   c.optim.lr = 1e30
   workdir = str(tmp_path / 'run')
   snapshots = []
-  original = train_lib.run_phase
+  original = train_lib.phase_epochs
 
   def run_phase(trainer, runs, *args, **kwargs):
     if int(runs[0].task.index) == 1:   # task 0's checkpoint may still be written in the background
@@ -244,7 +244,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
       snapshots.append(_tree_digest(os.path.join(workdir, 'checkpoints')))
     return original(trainer, runs, *args, **kwargs)
 
-  monkeypatch.setattr(train_lib, 'run_phase', run_phase)
+  monkeypatch.setattr(train_lib, 'phase_epochs', run_phase)
   with pytest.raises(FloatingPointError) as e:
     incremental_jax.train_and_evaluate(c, workdir)
   (end0,) = complete_steps(workdir)

@@ -14,7 +14,7 @@ import incremental_jax
 from configs import iekd as iekd_cfg
 from configs import train as train_cfg
 from incremental_jax import parallel
-from incremental_jax import run as run_lib
+from incremental_jax import run_spec as run_lib
 from incremental_jax import train as train_lib
 from incremental_jax.data import augment
 from incremental_jax.losses import iekd as L

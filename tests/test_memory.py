@@ -108,13 +108,10 @@ def test_herding_loop_reproduces_a_hand_worked_example_with_a_repeated_pick():
 
 
 def test_memory_update_embeds_the_new_classes_once_and_herds_each_class():
-  """`run.update_memory` embeds every new class in one inference call (not one call per class, each padded to
+  """`memory.update_memory` embeds every new class in one inference call (not one call per class, each padded to
   eval.batch_size) and still picks, per class, the exemplars herding picks from that class's embeddings alone."""
-  import types
   from incremental_jax import config as cfglib
   from incremental_jax.data.scenario import Scenario
-  from incremental_jax.methods.base import TaskContext
-  from incremental_jax.run import update_memory
 
   rng = np.random.default_rng(0)
   labels = rng.permutation(np.repeat(np.arange(6), 7)).astype(np.int32)   # classes interleaved in the split
@@ -128,10 +125,9 @@ def test_memory_update_embeds_the_new_classes_once_and_herds_each_class():
   config = cfglib.base_config()
   config.memory.per_class = 3
   old = M.Memory({0: np.array([1, 2, 3, 4]), 1: np.array([5, 6, 7, 8])})
-  ctx = TaskContext(config=config, task=1, scenario=Scenario(np.arange(6), (2, 4)), train_images=None,
-                    train_labels=labels, model=None, state=types.SimpleNamespace(params=None, batch_stats=None),
-                    frozen=None, method_state={}, memory=old, embed=embed, predict=None)
-  memory = update_memory(ctx, config)
+  scenario = Scenario(np.arange(6), (2, 4))
+  memory = M.update_memory(old, lambda idx: embed(None, None, idx), labels,
+                           scenario.indices_of_classes(labels, 2, 6), range(2, 6), config.memory, config.seed)
   assert len(calls) == 1 and sorted(calls[0]) == sorted(np.flatnonzero(labels >= 2))
   np.testing.assert_array_equal(memory.exemplars[0], [1, 2, 3])   # old classes shrunk to the new budget
   for c in range(2, 6):

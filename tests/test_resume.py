@@ -32,7 +32,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   full = incremental_jax.train_and_evaluate(_config(), str(tmp_path / 'full'))
   assert len(full['steps']) == 3
 
-  original_run_phase = train_lib.run_phase
+  original_run_phase = train_lib.phase_epochs
 
   def crash_in_task_2(trainer, runs, *args, **kwargs):
     if int(runs[0].task.index) == 2:
@@ -40,7 +40,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     return original_run_phase(trainer, runs, *args, **kwargs)
 
   # the crash stops the run while task 1's checkpoint may still be written: it is completed and reported
-  monkeypatch.setattr(train_lib, 'run_phase', crash_in_task_2)
+  monkeypatch.setattr(train_lib, 'phase_epochs', crash_in_task_2)
   with pytest.raises(RuntimeError, match='simulated crash'):
     incremental_jax.train_and_evaluate(_config(), str(tmp_path / 'resumed'))
   partial = json.loads((tmp_path / 'resumed' / 'results.json').read_text())
@@ -53,7 +53,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     trained_tasks.append(int(runs[0].task.index))
     return original_run_phase(trainer, runs, *args, **kwargs)
 
-  monkeypatch.setattr(train_lib, 'run_phase', counting_run_phase)
+  monkeypatch.setattr(train_lib, 'phase_epochs', counting_run_phase)
   resumed = incremental_jax.train_and_evaluate(_config(), str(tmp_path / 'resumed'))
   assert trained_tasks == [2]  # tasks 0 and 1 came from the checkpoint
   assert _strip(resumed) == _strip(full)

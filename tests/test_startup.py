@@ -17,11 +17,11 @@ def _lines(text):
 def test_summary_of_a_new_lucir_run(tmp_path):
   from configs import lucir
   cfg = lucir.get_config('test')
-  session = run.open_run(cfg, str(tmp_path / 'w'), parallel.make_mesh(), show_progress=False)
-  text = startup.session_summary([session], str(tmp_path / 'w'), cfg)
+  spec, _, state = run.open_run(cfg, str(tmp_path / 'w'), parallel.make_mesh())
+  text = startup.session_summary([spec], [state], str(tmp_path / 'w'), cfg)
   assert text.startswith('run set-up:\n')
   f = _lines(text)
-  ds = session.spec.data.dataset
+  ds = spec.data.dataset
   assert f['data set'] == 'digits, read from scikit-learn (bundled, sklearn.datasets.load_digits)'
   assert f['classes'] == f'10; {len(ds.train_labels)} train and {len(ds.test_labels)} test images of shape 8×8×1'
   assert len(ds.train_labels) + len(ds.test_labels) == 1797
@@ -32,7 +32,7 @@ def test_summary_of_a_new_lucir_run(tmp_path):
   assert f['method'].startswith('lucir: ') and 'lambda_base=5.0' in f['method'] and 'margin=0.5' in f['method']
   assert f['optimiser'].startswith('2 epochs, batch 32, lr 0.05 (multistep, no milestones)')
   assert f['memory'] == '3 per class, herding'
-  params = sum(x.size for x in jax.tree.leaves(session.state.train.params))
+  params = sum(x.size for x in jax.tree.leaves(state.train.params))
   assert f['network'] == f'cifar_resnet-8 width 4, cosine head, float32; {params:,} parameters'
   assert f['devices'] == f'{jax.device_count()} cpu device(s), 1 process(es)'
   assert f['workdir'] == f"{tmp_path / 'w'} (new run; steps 0..2 to train)"

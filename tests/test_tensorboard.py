@@ -78,7 +78,8 @@ def test_resumed_logger_rewrites_the_restored_steps(tiny_workdirs, tmp_path):
   from incremental_jax import tensorboard
   with open(os.path.join(tiny_workdirs['lucir'], 'results.json')) as f:
     steps = json.load(f)['steps']
-  logger = tensorboard.make_logger(lucir.get_config('test'), str(tmp_path), steps[:2])
+  logger = tensorboard.make_logger(lucir.get_config('test'), str(tmp_path))
+  logger.log_tasks(steps[:2])
   logger.close()
   tb = _scalars(str(tmp_path / 'tensorboard'))
   assert tb['nme/all'] == [(s['step'], _f32(s['nme']['all'])) for s in steps[:2]]

@@ -132,7 +132,7 @@ def test_shuffle_sampler_covers_each_example_once_per_epoch():
 
 
 def test_compilation_cache_dir_setting():
-  from incremental_jax.run import compilation_cache_dir
+  from incremental_jax.environment import compilation_cache_dir
   assert compilation_cache_dir('auto', {'XDG_CACHE_HOME': '/c'}) == '/c/incremental_jax/xla'
   assert compilation_cache_dir('auto', {}) == os.path.join(os.path.expanduser('~'), '.cache', 'incremental_jax', 'xla')
   assert compilation_cache_dir('', {}) == ''

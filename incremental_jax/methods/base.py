@@ -123,6 +123,8 @@ class Method:
     freeze_old_classes: old classes' classifier parameters get no updates (LUCIR, PODNet).
     required_head: the `model.head` the method's losses need (checked at construction).
     uses_aux_losses: whether `config.method.aux_losses` are added to `loss`.
+    state_format: the version of the layout of `method_state` (and of `frozen`) in checkpoints; a method that
+      changes it raises this number, and the run then refuses its older checkpoints with a one-line message.
 
   Auxiliary loss terms named in `config.method.aux_losses` (e.g. BAKE, see `losses.auxiliary`) are added to
   `self.loss` when the method is built, so every phase that trains with the method's loss gets them; phases
@@ -133,6 +135,7 @@ class Method:
   required_head: Optional[str] = None
   freeze_old_classes: bool = False
   uses_aux_losses: bool = True
+  state_format: int = 1
 
   def __init__(self, config, num_classes: int, image_shape: tuple[int, int, int]):
     self.config = config

@@ -137,6 +137,7 @@ class M2KD(Method):
   current task's classes, as LwF; 'seen': every seen class, needed with exemplars), `prune_keep` (fraction of each
   weight array a stored snapshot keeps; 1 = no pruning), and `aux_losses.feature_kd` {weight, stages}."""
   teacher = 'all'
+  state_format = 2   # 2: the snapshots as a fixed stack of slots with a `valid` mask (1: a growing stack)
 
   def __init__(self, config, num_classes, image_shape):
     super().__init__(config, num_classes, image_shape)
