@@ -102,11 +102,11 @@ def run_tasks(specs: list, stores: list, states: list, trainer: train_lib.Traine
     runs = task_stages.train_stage(trainer, runs, task_stages.BALANCING,
                                    [r.spec.method.balancing_phases(r.ctx) for r in runs], every)
     runs = task_stages.after_stage(runs)
-    ends = [task_stages.end_task(r, show_progress and not group) for r in runs]
-    for k, (state, waiting) in zip(active, ends):
-      states[k], pending[k] = state, waiting
+    ends = dict(zip(active, (task_stages.end_task(r, show_progress and not group) for r in runs)))
+    states = [ends[k][0] if k in ends else s for k, s in enumerate(states)]
+    pending = [ends[k][1] if k in ends else p for k, p in enumerate(pending)]
     if group and show_progress and jax.process_index() == 0:
-      print(runs_lib.task_line(t, [s.records[-1] for s, _ in ends]), flush=True)
+      print(runs_lib.task_line(t, [ends[k][0].records[-1] for k in active]), flush=True)
     if t + 1 < num_tasks and preemption.requested():
       raise preemption.StopRequested(f'after step {t}')
   return states
