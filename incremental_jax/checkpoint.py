@@ -169,8 +169,13 @@ class RunCheckpointer:
     self._save(step, MID_TASK, meta, train=ocp.args.StandardSave(train_state), **extra)
 
   def _save(self, step: int, kind: str, meta: dict, **items) -> None:
-    self._kinds[int(step)] = kind
     with self._failed_writes_reported():   # Orbax's save first waits for the previous one, which may have failed
+      if int(step) in self.manager.all_steps() and self.is_mid_task(step):
+        # A mid-task checkpoint at this step (a task stopped in its `after_task` hook, after its last train step)
+        # is superseded by this one.
+        self.manager.wait_until_finished()
+        self.manager.delete(int(step))
+      self._kinds[int(step)] = kind
       self.manager.save(int(step), force=True, args=ocp.args.Composite(
           meta=ocp.args.JsonSave(dict(meta, format_version=FORMAT_VERSION)), **items))
     faults.reached('checkpoint_write')

@@ -110,9 +110,9 @@ def phase_run(run: TaskRun, phase, stage: str, p_idx: int) -> train_lib.PhaseRun
 
 def train_stage(trainer: train_lib.Trainer, runs: list, stage: str, phase_lists: list, every: int) -> list:
   """Trains the runs' phases of `stage` in order, the i-th phases of all runs together (one vmapped step), and
-  returns the runs with their trained states and losses. After each epoch: a mid-task checkpoint of each run
-  that trained in it every `every` epochs (never after a phase's last epoch, whose state the next checkpoint
-  supersedes) or when a stop is requested, then `preemption.StopRequested`."""
+  returns the runs with their trained states and losses. After each epoch but a phase's last: a mid-task
+  checkpoint of each run that trained in it every `every` epochs or when a stop is requested, then
+  `preemption.StopRequested`."""
   names = [[p.name for p in phases] for phases in phase_lists]
   if any(n != names[0] for n in names):
     raise RuntimeError(f'runs trained together must have the same phases; got {names}.')
@@ -121,13 +121,7 @@ def train_stage(trainer: train_lib.Trainer, runs: list, stage: str, phase_lists:
     phases = [pl[p_idx] for pl in phase_lists]
     parts = [phase_run(run, phase, stage, p_idx) for run, phase in zip(runs, phases)]
     epochs = int(phases[0].optim.epochs)
-    # A run resumed at this phase's end continues from the state its checkpoint holds.
-    runs = [run.replace(ctx=run.ctx.replace(state=part.state)) for run, part in zip(runs, parts)]
     todo = [k for k, part in enumerate(parts) if part.start_epoch < epochs]
-    # A run whose checkpoint was taken at this phase's end (a stop after its last epoch) has its losses there.
-    runs = [run.replace(losses=run.losses + ((name, run.state.cursor.in_task.phase_losses),))
-            if k not in todo and run.resumed_at(stage) and run.state.cursor.in_task.stage == stage
-            and run.state.cursor.in_task.phase == p_idx else run for k, run in enumerate(runs)]
     if not todo:
       continue
     # Runs trained together stay together (one vmapped step) even when one of them resumed past this phase:
@@ -139,8 +133,9 @@ def train_stage(trainer: train_lib.Trainer, runs: list, stage: str, phase_lists:
       for end in ends:
         states, histories = end.states(), end.histories
         stop = preemption.requested()
-        due = every and (end.epoch + 1) % every == 0 and end.epoch + 1 < epochs
-        if not (stop or due):
+        # A phase's end is no resume point (the next checkpoint supersedes it): a stop requested there is honoured
+        # at the next boundary.
+        if end.epoch + 1 >= epochs or not (stop or (every and (end.epoch + 1) % every == 0)):
           continue
         for k, run in enumerate(runs):
           if end.live[k]:
