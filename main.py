@@ -79,7 +79,7 @@ def main(argv):
   if _CACHE.value is not None:
     config.compilation_cache = _CACHE.value
   workdir = _WORKDIR.value or default_workdir(config)
-  preemption.install()
+  preemption.install()   # after jax.distributed.initialize: replaces the SIGTERM handler of JAX's preemption service
   try:
     incremental_jax.train_and_evaluate(config, workdir)
   except USER_ERRORS as e:

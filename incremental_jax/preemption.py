@@ -1,15 +1,20 @@
 """Preemption: SIGTERM (what preemptible VMs, Cloud TPU maintenance events and SLURM send before they kill a job)
 makes the run save a checkpoint at its next epoch boundary and stop, on every process together.
 
-- One process: `install()` (called by `main.py`) turns SIGTERM into a request; the run asks `requested()` at each
-  epoch end of a task's main phases and after each task.
-- Several processes (`jax.distributed`): JAX's preemption service receives the SIGTERM of any process, and
-  `jax.experimental.multihost_utils.reached_preemption_sync_point` answers True on every process at the same
-  call, the first one after every process has heard of it; `requested()` makes that call (one per boundary, so the
-  call counts agree because every process runs the same loop). `install()` then leaves SIGTERM to JAX.
+`install()` (called by `main.py`, after `jax.distributed.initialize`) makes SIGTERM set a flag of this process;
+the run asks `requested()` at each epoch end of a task's main phases and after each task, on every process.
+
+- One process: `requested()` is the flag.
+- Several processes (`jax.distributed`): `requested()` gathers every process's flag
+  (`multihost_utils.process_allgather`, one small collective per boundary) and answers True everywhere when any
+  process has it, so all stop at the same boundary. JAX's own preemption service is not used: its sync point is
+  the largest id any process passed to `reached_preemption_sync_point` plus one, and Orbax passes the train step
+  there on every save, so a counter of boundaries would never reach it after the first save. `install()` replaces
+  the SIGTERM handler that `jax.distributed.initialize` registers for that service.
 
 Once `requested()` has said True it keeps saying so (a boundary where no checkpoint can be written, e.g. after
-a phase's last epoch, passes the stop on to the next one). The run raises `Preempted` after its checkpoint is
+a phase's last epoch, passes the stop on to the next one) until `reset()`, which `train_and_evaluate` calls when
+it starts (a notebook's next run after a `Preempted`). The run raises `Preempted` after its checkpoint is
 complete; `main.py` prints its one-line message (where it stopped, how to resume) and exits with `EXIT_CODE`.
 Running the same command again resumes from that checkpoint to the results of an uninterrupted run.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import signal
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 EXIT_CODE = 75   # EX_TEMPFAIL (sysexits.h): stopped on purpose, run the same command again to continue
@@ -33,9 +39,8 @@ class StopRequested(Exception):
 
 
 class _State:
-  requested = False   # SIGTERM seen by this process's handler (single process)
-  stop = False        # the answer given once, kept
-  calls = 0           # boundaries asked about so far (the sync-point id, equal on every process)
+  signalled = False   # SIGTERM seen by this process's handler
+  stop = False        # the answer given once, kept until reset()
 
 
 _state = _State()
@@ -43,32 +48,38 @@ _state = _State()
 
 def _on_sigterm(signum, frame) -> None:
   del signum, frame
-  _state.requested = True
+  _state.signalled = True
 
 
 def install() -> None:
-  """Makes SIGTERM a stop request of this (single) process; with several processes JAX's preemption service
-  already listens for it and is left in charge."""
+  """Makes SIGTERM a stop request of this process. With several processes, call it after
+  `jax.distributed.initialize`, whose preemption notifier also registers for SIGTERM: the last handler set wins."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` is True on any process: the same answer on every process (a collective with several
+  processes, so every process must call it at the same point)."""
   if jax.process_count() == 1:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def requested() -> bool:
-  """Whether the run must checkpoint and stop at this boundary: the same answer on every process. Call it at
-  the same points on every process (each call is one sync-point id)."""
-  _state.calls += 1
+  """Whether the run must checkpoint and stop at this boundary: True once any process has received SIGTERM,
+  the same answer on every process, kept until `reset()`. Call it at the same points on every process."""
   if not _state.stop:
-    if jax.process_count() > 1:
-      _state.stop = bool(multihost_utils.reached_preemption_sync_point(_state.calls))
-    else:
-      _state.stop = _state.requested
+    _state.stop = _any_process(_state.signalled)
   return _state.stop
 
 
 def reset() -> None:
-  """Forgets any request (tests; a notebook that goes on after a `Preempted`)."""
-  _state.requested = _state.stop = False
-  _state.calls = 0
+  """Starts a run afresh (`train_and_evaluate` calls it first): forgets a stop already answered and the SIGTERM
+  behind it, so a notebook's next run after a `Preempted` trains; a SIGTERM not answered yet (one received
+  between `install()` and the run's start) is kept."""
+  if _state.stop:
+    _state.signalled = False
+  _state.stop = False
 
 
 def message(workdir: str, where: str, step: int) -> str:

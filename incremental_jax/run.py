@@ -47,6 +47,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   With several processes (`jax.distributed`), every process calls this; only process 0 writes results, plots
   and progress. A finished workdir is left as it is and its results returned.
   """
+  preemption.reset()
   show_progress = config.progress if show_progress is None else show_progress
   configs = runs_lib.run_configs(config)
   for c in configs:

@@ -84,20 +84,73 @@ def test_sigterm_at_a_random_step_checkpoints_exits_and_resumes_identically(tmp_
   assert comparable(final) == comparable(reference), n
 
 
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The uninterrupted iCaRL `test` run (one process), computed once for this module's comparisons."""
+  return incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path_factory.mktemp('reference')))
+
+
+STOPS = {   # fault of process 1, extra flags -> where both processes stop, checkpoint step (17 train steps per
+            # epoch in task 0, 13 in task 1, 2 epochs each: task ends at 34 and 60, epoch 1 ends at 17 and 47)
+    'before_any_save': ('train_step:5:term', (), "in step 0 (phase 'train', epoch 1)", 17),
+    'after_task_end_save': ('task_end:1:term', (), 'after step 0', 34),
+    'every_epoch_saved': ('train_step:40:term', ('--config.checkpoint.every_epochs=1',),
+                          "in step 1 (phase 'train', epoch 1)", 47),
+    'while_save_finalizes': ('checkpoint_write:3:term', ('--config.checkpoint.every_epochs=1',), 'after step 1', 60),
+}
+
+
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_checkpoint(tmp_path, comparable, close,
-                                                                           two_processes):
-  """Two processes; process 1 alone gets SIGTERM after train step 5 (epoch 1 of task 0, 17 steps per epoch):
-  JAX's preemption service tells process 0, both save the mid-task checkpoint of that epoch's end together and
-  exit with 75; one process then resumes from it to the uninterrupted results."""
+@pytest.mark.parametrize('case', list(STOPS))
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_checkpoint(case, tmp_path, comparable, close,
+                                                                           reference, two_processes):
+  """Two processes; process 1 alone gets SIGTERM: before any checkpoint, right after a task-end checkpoint, after
+  train step 40 when every epoch is saved (checkpoints 17 and 34 written before), or right after the third save
+  started (`checkpoint_write`, while process 0 finalizes it in the background; the next boundary ends the
+  phase, so the stop passes to the task end). Orbax drives JAX's preemption sync point with the train step on
+  every save, so the stop must not depend on it: both processes save the same checkpoint, print the same line
+  and exit with 75; one process then resumes from it to the uninterrupted results."""
+  fault, args, where, saved = STOPS[case]
   workdir = tmp_path / 'run'
-  outs = two_processes(workdir, {faults.ENV_VAR: 'train_step:5:term'})
+  outs = two_processes(workdir, {faults.ENV_VAR: fault}, args)
   for rc, _, err in outs:
-    assert rc == preemption.EXIT_CODE, err[-3000:]
+    assert rc == preemption.EXIT_CODE, (rc, err[-3000:])
     assert err.strip().splitlines()[-1] == (
-        f"preempted (SIGTERM): stopped in step 0 (phase 'train', epoch 1) after saving checkpoint 17 in {workdir}; "
+        f'preempted (SIGTERM): stopped {where} after saving checkpoint {saved} in {workdir}; '
         'run the same command again to resume from it.')
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['17']
-  resumed = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(workdir))
-  reference = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path / 'reference'))
-  close(comparable(resumed), comparable(reference))
+  assert max(int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit()) == saved
+  config = icarl.get_config('test')
+  config.checkpoint.every_epochs = 1 if args else 0
+  close(comparable(incremental_jax.train_and_evaluate(config, str(workdir))), comparable(reference))
+
+
+def test_a_run_after_a_preempted_one_in_the_same_process_trains(tmp_path):
+  """A notebook: SIGTERM stops a run with `Preempted`; calling `train_and_evaluate` again (here: resuming it)
+  trains to the end instead of stopping at its first boundary."""
+  previous = signal.getsignal(signal.SIGTERM)
+  preemption.install()
+  faults.configure('train_step:5:term')
+  try:
+    with pytest.raises(preemption.Preempted, match='after saving checkpoint 17 '):
+      incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path))
+    faults.configure('')
+    results = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path))
+  finally:
+    faults.configure('')
+    signal.signal(signal.SIGTERM, previous)
+    preemption.reset()
+  assert results['complete'] and len(results['steps']) == 3
+
+
+def test_reset_forgets_an_answered_stop_and_keeps_an_unanswered_sigterm():
+  previous = signal.getsignal(signal.SIGTERM)
+  preemption.install()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)   # e.g. between main.py's install() and the run's start
+    preemption.reset()
+    assert preemption.requested()          # not lost: the run stops at its first boundary
+    preemption.reset()
+    assert not preemption.requested()      # answered: the next run trains
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    preemption.reset()
