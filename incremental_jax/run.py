@@ -436,30 +436,6 @@ def _stop(runs: list, where: str) -> None:
 
 
 # ---- the task loop --------------------------------------------------------------------------------------
-def compilation_cache_dir(setting: str, environ=os.environ) -> str:
-  """The persistent compilation cache directory of `config.compilation_cache` ('' = none): 'auto' is
-  $XDG_CACHE_HOME/incremental_jax/xla (~/.cache/incremental_jax/xla); JAX_COMPILATION_CACHE_DIR, when set,
-  is JAX's own setting and wins."""
-  if environ.get('JAX_COMPILATION_CACHE_DIR') or not setting:
-    return ''
-  if setting == 'auto':
-    return os.path.join(environment_lib.cache_dir(environ), 'xla')
-  return os.path.abspath(os.path.expanduser(setting))
-
-
-def use_compilation_cache(setting: str) -> None:
-  """Points JAX's persistent compilation cache at `compilation_cache_dir(setting)`, also after this process
-  compiled something else (the cache is re-opened). Every program is kept, however fast it compiled: the digits
-  quick start compiles ~40 programs under JAX's default 1 s threshold, 1.3 s of a warm run when recompiled."""
-  from jax.experimental.compilation_cache import compilation_cache
-  path = compilation_cache_dir(setting)
-  if not path or jax.config.jax_compilation_cache_dir == path:
-    return
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  compilation_cache.reset_cache()
-
-
 def open_run(config, workdir: str, mesh, show_progress: bool) -> _Run:
   """Builds a run's spec, opens its workdir and restores its latest checkpoint, if any."""
   spec = build_run_spec(config, workdir, mesh)
@@ -489,7 +465,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   configs = runs_lib.run_configs(config)
   for c in configs:
     validate.validate_config(c)   # before anything starts (the mesh, data loading)
-  use_compilation_cache(config.compilation_cache)
+  environment_lib.use_compilation_cache(config.compilation_cache)
   group = len(configs) > 1
   workdirs = [os.path.join(workdir, f'run_{k}') for k in range(len(configs))] if group else [workdir]
   mesh = parallel.make_mesh()
