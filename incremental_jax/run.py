@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from incremental_jax import backend_tuning
 from incremental_jax import checkpoint as ckpt_lib
 from incremental_jax import config as cfglib
 from incremental_jax import environment as environment_lib
@@ -461,6 +462,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   With several processes (`jax.distributed`), every process calls this; only process 0 writes results, plots
   and progress.
   """
+  backend_tuning.set_up()   # XLA:CPU flags before validation's jax.device_count() starts the backend
   show_progress = config.progress if show_progress is None else show_progress
   configs = runs_lib.run_configs(config)
   for c in configs:
