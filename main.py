@@ -62,6 +62,8 @@ def main(argv):
     from incremental_jax import listing
     print(listing.listing(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')))
     return
+  from incremental_jax import backend_tuning
+  backend_tuning.set_up()   # XLA:CPU flags in XLA_FLAGS before JAX is imported, so before its first computation
   import jax
   dist = distributed_args()
   if dist is not None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental_jax import parallel, train
+from incremental_jax import backend_tuning, parallel, train
 from incremental_jax.data import augment, pipeline
 from incremental_jax.losses.bake import soft_targets
 from incremental_jax.methods import build_method
@@ -96,6 +96,7 @@ def main():
   parser.add_argument('--m', type=int, default=3, help='same-class partners per anchor in the step batches')
   parser.add_argument('--repeat', type=int, default=5)
   args = parser.parse_args()
+  backend_tuning.set_up()   # its XLA:CPU flags, before the first computation
   backbone, depth, width, _ = ARCHS[args.arch]
   dim = args.dim or (4 * width if backbone == 'cifar_resnet' else width * 8 * (4 if depth >= 50 else 1))
   dev = jax.devices()[0]

@@ -224,7 +224,12 @@ def main() -> None:
       print(f"quick start {args.config} {r['label']}: {r['wall_s']:.1f} s wall (target <= {target} s), peak RSS "
             f"{r['peak_rss_mb']:.0f} MB (target <= 700)\n  {split}", flush=True)
     return
-  import incremental_jax  # noqa: F401 - first, so that its XLA:CPU flags apply
+  try:   # that checkout's XLA:CPU flags, before the first computation
+    from incremental_jax.backend_tuning import set_up
+  except ImportError:   # a checkout from before `set_up`: importing the package set them
+    import incremental_jax  # noqa: F401
+  else:
+    set_up()
   import jax
   dev = jax.devices()[0]
   print(f'{args.checkout}: {jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}')

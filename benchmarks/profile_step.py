@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vs_torch  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
+from incremental_jax import backend_tuning  # noqa: E402
 
 KINDS = ('convolutions', 'conv + product fusions', 'materialising products', 'other matrix products',
          'transposes / copies', 'batch norm', 'ReLU, residual adds', 'optimiser + update masks', 'losses + head',
@@ -252,6 +253,7 @@ def main():
   parser.add_argument('--top', type=int, default=12, help='largest single operations listed')
   parser.add_argument('--dtype', default='float32')
   args = parser.parse_args()
+  backend_tuning.set_up()   # its XLA:CPU flags, before the first computation
   if args.side in ('both', 'jax'):
     import jax
     print_table(f'incremental_jax (JAX {jax.__version__}, {jax.devices()[0].platform})', *jax_profile(args), args.top)

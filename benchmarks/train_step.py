@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental_jax import parallel, train
+from incremental_jax import backend_tuning, parallel, train
 from incremental_jax.data import augment, pipeline
 from incremental_jax.methods import METHODS
 from incremental_jax.methods.base import Phase, snapshot
@@ -112,6 +112,7 @@ def main():
   parser.add_argument('--run', default='', help='time a whole run of this config instead (path.py:preset)')
   parser.add_argument('--num_runs', type=int, default=1, help='with --run: runs trained together')
   args = parser.parse_args()
+  backend_tuning.set_up()   # its XLA:CPU flags, before the first computation
   if args.run:
     whole_run(args.run, args.num_runs)
     return

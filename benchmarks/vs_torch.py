@@ -193,6 +193,7 @@ def main():
   parser.add_argument('--dtype', default='float32', help='model.dtype: float32 or bfloat16 (compute)')
   parser.add_argument('--jax_only', action='store_true', help='time the JAX side only (no PyTorch needed)')
   args = parser.parse_args()
+  backend_tuning.set_up()   # its XLA:CPU flags, before the first computation
   dev = jax.devices()[0]
   run_jax, compile_s, _ = jax_step(args)
   sides = {'jax': run_jax}

@@ -8,11 +8,11 @@ A method of your own (a `incremental_jax.methods.Method` subclass) runs the same
 `incremental_jax.register_method('my_method', MyMethod)`, with `config.method.name = 'my_method'`.
 
 Importing a sub-module (`incremental_jax.losses`, `incremental_jax.models`) loads only what it needs; the run
-machinery is imported on first use of `train_and_evaluate` or `register_method`.
+machinery is imported on first use of `train_and_evaluate` or `register_method`. Importing the package changes no
+environment variable, starts no process and writes no file: `train_and_evaluate` sets the backend up
+(`backend_tuning.set_up`: XLA:CPU flags that take effect only before JAX's first computation; call it first in a
+notebook that computes with JAX before training).
 """
-from incremental_jax import backend_tuning
-
-backend_tuning.configure()   # XLA:CPU flags in XLA_FLAGS, before a computation starts XLA (backend_tuning.py)
 
 __all__ = ['train_and_evaluate', 'register_method']
 __version__ = '0.1.0'

@@ -1,6 +1,9 @@
 """What a result was computed with: package versions, backend and devices, XLA flags (`results.json`'s
 `environment`). Two runs of one config on different versions can differ by float rounding (other kernels, other
-fusions); `python -m incremental_jax.report` lists the environments of runs that differ in them."""
+fusions); `python -m incremental_jax.report` lists the environments of runs that differ in them.
+
+Also where this package keeps per-user files (`cache_dir`) and JAX's persistent compilation cache
+(`use_compilation_cache`, called by `train_and_evaluate`, never on import)."""
 from __future__ import annotations
 
 import os
@@ -59,5 +62,3 @@ def use_compilation_cache(setting: str) -> None:
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   compilation_cache.reset_cache()
-
-

@@ -16,6 +16,7 @@ from typing import Optional
 
 import jax
 
+from incremental_jax import backend_tuning
 from incremental_jax import metrics as metrics_lib
 from incremental_jax import parallel
 from incremental_jax import paths
@@ -47,13 +48,13 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   With several processes (`jax.distributed`), every process calls this; only process 0 writes results, plots
   and progress. A finished workdir is left as it is and its results returned.
   """
-  preemption.reset()
+  preemption.reset()        # a stop that ended an earlier run of this process is not this run's
+  backend_tuning.set_up()   # XLA:CPU flags before validation's jax.device_count() starts the backend
   show_progress = config.progress if show_progress is None else show_progress
   configs = runs_lib.run_configs(config)
   for c in configs:
     validate.validate_config(c)   # before anything starts (the mesh, data loading)
   use_compilation_cache(config.compilation_cache)
-  preemption.reset()              # a request that stopped an earlier run of this process is not this run's
   group = len(configs) > 1
   workdirs = [os.path.join(workdir, f'run_{k}') for k in range(len(configs))] if group else [workdir]
   mesh = parallel.make_mesh()

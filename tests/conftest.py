@@ -16,6 +16,10 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.pytest_c
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+# The XLA:CPU flags for the in-process tests, before any of them computes (as main.py sets them up).
+from incremental_jax import backend_tuning  # noqa: E402
+backend_tuning.set_up()
+
 
 @functools.lru_cache(maxsize=None)
 def _digits_run(config_module: str, preset: str, overrides: tuple, tmp_root: str) -> dict:

@@ -1,6 +1,8 @@
 """The XLA:CPU flags of `backend_tuning`: per measured jaxlib release, never over the user's own, and for a release
-that was not measured only once XLA was seen to accept them (a subprocess), with a warning."""
+that was not measured only once XLA was seen to accept them (a subprocess), with a warning; set by `set_up()`
+before JAX's backend starts, and named with their measured cost in one line when it started before."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import pytest
 
 from incremental_jax import backend_tuning as bt
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = bt.XLA_CPU_FLAGS[(0, 12)][0]
 NAME = FLAG.split('=')[0]
 
@@ -68,12 +71,68 @@ def test_xla_accepts_a_known_flag_and_refuses_an_unknown_one():
   assert not bt.xla_accepts(['--xla_cpu_no_such_flag_of_incremental_jax=1'])
 
 
-def test_importing_the_package_sets_the_flags_before_jax_starts():
-  """The flags are in XLA_FLAGS once `incremental_jax` is imported, which imports no JAX (so no backend can have
-  started before them), and stay there through the first computation."""
-  code = ("import os, sys, incremental_jax; assert 'jax' not in sys.modules; import jax.numpy as jnp; "
-          'jnp.ones(2).block_until_ready(); print(os.environ["XLA_FLAGS"])')
-  env = {k: v for k, v in __import__('os').environ.items() if k not in ('XLA_FLAGS', bt.ENV_VAR)}
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
-  assert out.stdout.split() == list(bt.measured_flags(jaxlib.__version__)[0])
-  assert 'not measured' not in out.stderr and 'Traceback' not in out.stderr
+# A convolution compiled by this process: XLA:CPU calls it `ynn_fusion` when YNNPACK runs it, which the flag stops.
+_CONV = ('import jax, jax.numpy as jnp\n'
+         "conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', "
+         "dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
+         'def ynn(): return "ynn_fusion" in conv.lower(jnp.ones((8, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()\n')
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+  """`code` in a fresh interpreter whose environment has neither XLA_FLAGS nor the flags variable."""
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', bt.ENV_VAR)}
+  return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env={**env, 'JAX_PLATFORMS': 'cpu'},
+                        capture_output=True, text=True, timeout=300, check=True)
+
+
+def test_set_up_before_the_first_computation_applies_the_flags():
+  """`set_up()` after `import jax` but before a computation (as in `main.py` and `train_and_evaluate`): the flags
+  are in XLA_FLAGS and XLA compiles with them (no YNNPACK convolution); without `set_up()`, it does not."""
+  code = ('import json, os\n' + _CONV + 'from incremental_jax import backend_tuning as bt\n'
+          'added = bt.set_up()\n'
+          'print(json.dumps([added, os.environ["XLA_FLAGS"], ynn(), bt.set_up()]))\n')
+  added, xla_flags, ynn, again = json.loads(_python(code).stdout)
+  assert added == [FLAG] and xla_flags == FLAG and again == []     # idempotent
+  assert not ynn
+  assert json.loads(_python('import json\n' + _CONV + 'print(json.dumps(ynn()))').stdout)   # what the flag stops
+
+
+def test_set_up_after_the_backend_started_says_once_what_is_not_applied():
+  """A notebook that computed before: XLA_FLAGS stays as the backend read it, the convolution stays YNNPACK's, and
+  one line on stderr names the flag and its measured cost."""
+  code = ('import json, os\n' + _CONV + 'before = ynn()\n'
+          'from incremental_jax import backend_tuning as bt\n'
+          'added = [bt.set_up(), bt.set_up()]\n'
+          'print(json.dumps([before, added, os.environ.get("XLA_FLAGS"), ynn()]))\n')
+  out = _python(code)
+  before, added, xla_flags, ynn = json.loads(out.stdout)
+  assert before and ynn and added == [[], []] and xla_flags is None
+  lines = [line for line in out.stderr.splitlines() if 'incremental_jax' in line]
+  assert len(lines) == 1 and FLAG in lines[0] and 'not applied' in lines[0], out.stderr
+  assert f'{bt.SLOWER_WITHOUT[bt.release(jaxlib.__version__)]}x slower' in lines[0]
+
+
+def test_started_backend_without_jax_imported_is_none_and_imports_nothing():
+  code = 'import sys; from incremental_jax import backend_tuning as bt; print(bt.started_backend(), "jax" in sys.modules)'
+  assert _python(code).stdout.split() == ['None', 'False']
+
+
+@pytest.mark.parametrize('platform', [None, 'cpu', 'gpu'])
+def test_set_up_adds_the_flags_only_before_the_backend_starts(platform, caplog, monkeypatch):
+  monkeypatch.setattr(bt, '_reported', set())
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  assert bt.set_up(env, '0.12.0.1', started=lambda: platform) == ([FLAG] if platform is None else [])
+  assert bt.set_up(env, '0.12.0.1', started=lambda: platform) == []     # idempotent
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2' + (f' {FLAG}' if platform is None else '')
+  assert len(caplog.records) == (platform == 'cpu')       # once, and only where XLA:CPU flags matter
+  if platform == 'cpu':
+    assert caplog.records[0].getMessage() == bt.not_applied([FLAG], '0.12.0.1')
+
+
+def test_the_line_gives_the_measured_cost_of_exactly_the_measured_flags():
+  assert '2.5x slower without it on jaxlib 0.12' in bt.not_applied([FLAG], '0.12.0.1')
+  assert '1.2x slower without it on jaxlib 0.10' in bt.not_applied([FLAG], '0.10.2')
+  for flags, version in (([FLAG], '0.13.0'), (['--a=1'], '0.12.0')):   # not measured: no figure
+    line = bt.not_applied(flags, version)
+    assert 'x slower' not in line and 'not measured' in line and flags[0] in line
+  assert set(bt.SLOWER_WITHOUT) == set(bt.XLA_CPU_FLAGS)   # every measured release has its cost

@@ -1,5 +1,5 @@
-"""results.json records what it was computed with (`environment`), and the comparison report lists the
-environments of runs computed in different ones."""
+"""results.json records what it was computed with (`environment`), the comparison report lists the
+environments of runs computed in different ones, and the persistent compilation cache goes where the config says."""
 import json
 import os
 import platform
@@ -41,3 +41,12 @@ def test_the_report_lists_environments_only_when_they_differ():
   assert len(lines) == 3
   assert f"jax {a['versions']['jax']}," in lines[0] and 'jax 9.9.9,' in lines[1]
   assert lines[2] == '- podnet: not recorded'
+
+
+def test_compilation_cache_dir_setting():
+  assert environment.compilation_cache_dir('auto', {'XDG_CACHE_HOME': '/c'}) == '/c/incremental_jax/xla'
+  assert environment.compilation_cache_dir('auto', {}) == os.path.join(os.path.expanduser('~'), '.cache',
+                                                                       'incremental_jax', 'xla')
+  assert environment.compilation_cache_dir('', {}) == ''
+  assert environment.compilation_cache_dir('/tmp/x', {}) == '/tmp/x'
+  assert environment.compilation_cache_dir('auto', {'JAX_COMPILATION_CACHE_DIR': '/j'}) == ''   # JAX's own wins

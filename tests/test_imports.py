@@ -1,7 +1,8 @@
-"""The package's import graph has no circle (each floor imports only lower ones), and importing a building
-block does not load the run machinery."""
+"""The package's import graph has no circle (each floor imports only lower ones), importing a building block does
+not load the run machinery, and importing the package changes nothing outside the process."""
 import ast
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,36 @@ def test_importing_the_losses_loads_no_run_machinery():
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == '[]'
+
+
+# Run in a fresh interpreter: the events of the audit hook (PEP 578) that start a process, and the environment
+# variables that the package's imports changed (JAX's own import sets TF_CPP_MIN_LOG_LEVEL and TPU_SKIP_MDS_QUERY,
+# so it comes first). The jaxlib version is read as one that was not measured, the case in which the XLA:CPU
+# flags need a subprocess probe and a cache file (backend_tuning), which must wait for `set_up()`.
+_IMPORT_CODE = """
+import json, os, sys
+from importlib import metadata
+SPAWNING = ('subprocess.Popen', 'os.system', 'os.fork', 'os.forkpty', 'os.posix_spawn', 'os.exec', 'os.spawn')
+spawned = []
+sys.addaudithook(lambda event, args: spawned.append(event) if event in SPAWNING else None)
+version = metadata.version
+metadata.version = lambda name: '0.99.0' if name == 'jaxlib' else version(name)
+import jax
+before = dict(os.environ)
+import incremental_jax, incremental_jax.run
+changed = sorted(k for k in before.keys() | os.environ.keys() if before.get(k) != os.environ.get(k))
+print(json.dumps([changed, spawned]))
+"""
+
+
+def test_importing_the_package_changes_no_variable_starts_no_process_and_writes_no_file(tmp_path):
+  home, cache = tmp_path / 'home', tmp_path / 'cache'
+  home.mkdir()
+  cache.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'INCREMENTAL_JAX_XLA_CPU_FLAGS')}
+  out = subprocess.run([sys.executable, '-c', _IMPORT_CODE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**env, 'HOME': str(home), 'XDG_CACHE_HOME': str(cache)})
+  assert out.returncode == 0, out.stderr[-2000:]
+  changed, spawned = json.loads(out.stdout.splitlines()[-1])
+  assert changed == [] and spawned == []
+  assert sorted(tmp_path.rglob('*')) == [cache, home]   # nothing written under either

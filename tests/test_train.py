@@ -1,5 +1,4 @@
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -129,15 +128,6 @@ def test_shuffle_sampler_covers_each_example_once_per_epoch():
   small = shuffle_sampler(np.arange(5), np.zeros(5), 8, np.random.default_rng(0))
   assert small.shape == (1, 8) and set(small.ravel()) == set(range(5))
   np.testing.assert_array_equal(rows, shuffle_sampler(idx, np.zeros(50), 16, np.random.default_rng(0)))
-
-
-def test_compilation_cache_dir_setting():
-  from incremental_jax.environment import compilation_cache_dir
-  assert compilation_cache_dir('auto', {'XDG_CACHE_HOME': '/c'}) == '/c/incremental_jax/xla'
-  assert compilation_cache_dir('auto', {}) == os.path.join(os.path.expanduser('~'), '.cache', 'incremental_jax', 'xla')
-  assert compilation_cache_dir('', {}) == ''
-  assert compilation_cache_dir('/tmp/x', {}) == '/tmp/x'
-  assert compilation_cache_dir('auto', {'JAX_COMPILATION_CACHE_DIR': '/j'}) == ''   # JAX's own setting wins
 
 
 # ---- chunked epochs, images on the device ------------------------------------------------------------------------
