@@ -84,5 +84,8 @@ def reset() -> None:
 
 def message(workdir: str, where: str, step: int) -> str:
   """The one line printed when the run stops."""
+  if step is None:
+    return (f'preempted (SIGTERM): stopped {where} before any checkpoint of {workdir}; run the same command again '
+            'to start it over.')
   return (f'preempted (SIGTERM): stopped {where} after saving checkpoint {step} in {workdir}; run the same command '
           f'again to resume from it.')

@@ -359,8 +359,8 @@ class SubnetworkTrainer:
       for end in epochs:   # a stop request is honoured at an epoch end; after the last one, at the run's next
         state = end.states()[0]
         if end.epoch + 1 < int(phase.optim.epochs) and preemption.requested():
-          raise preemption.StopRequested(f'{desc}, epoch {end.epoch + 1} (this network is trained again from its '
-                                         'start on resume)')
+          raise preemption.StopRequested(f'while training {desc} (epoch {end.epoch + 1}; this network is trained '
+                                         'again from its start on resume)')
     check_finite(state, desc)
     return state
 
