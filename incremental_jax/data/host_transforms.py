@@ -55,11 +55,12 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
 
 
 def resized_crop(img, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-  """uint8 [size, size, 3]: the (top, left, h, w) box of PIL image `img`, resized bilinearly (PIL's resize
-  with a source box, the same pixels as cropping first: `torchvision.transforms.functional.resized_crop`)."""
+  """uint8 [size, size, 3]: the (top, left, h, w) box of PIL image `img` cut out, then resized bilinearly
+  (`torchvision.transforms.functional.resized_crop` on PIL images). Cropping first matters: PIL's resize with a
+  source box would also blend the pixels just outside the box into the edges."""
   from PIL import Image
   top, left, h, w = box
-  out = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+  out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
   return np.asarray(out, dtype=np.uint8)
 
 

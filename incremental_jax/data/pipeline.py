@@ -198,7 +198,7 @@ def _loader_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.nda
     for rows in chunks:
       local = rows[..., columns]
       image = np.stack([next(batches) for _ in range(local.shape[0] * local.shape[1])])
-      yield {'image': image.reshape(local.shape + image.shape[1:]),
+      yield {'image': image.reshape(local.shape + image.shape[2:]),
              'label': np.stack([lab[local[:, k]] for k, lab in enumerate(labels)], 1).astype(np.int32)}
 
   return _prefetched(lambda batch: parallel.shard_batch(batch, mesh, width, batch_axis=2), stacked(), prefetch)
