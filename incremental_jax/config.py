@@ -42,7 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.resize = 0               # image folders: shorter side before cropping (0 = image_size)
   c.data.train_list = ''          # image folders: optional split list files ('path label' per line)
   c.data.test_list = ''
-  c.data.num_workers = 0          # image decoding threads (0 = all cores)
+  c.data.num_workers = 0          # image folders: decoding threads of evaluation, herding and checks (0 = all cores)
+  c.data.workers = -1             # image folders: Grain worker processes that decode and crop the train batches
+                                  # (-1 = one per core, 0 = in the training process); batches do not depend on it
+  c.data.prefetch = 2             # image folders: train batches each Grain worker prepares ahead
+  c.data.classes = ''             # image folders: only these class folders, sorted ('' = all): a packaged list
+                                  # ('imagenet100', data/class_lists/) or a file with one folder name per line
   c.data.test_fraction = 0.2      # digits: held-out fraction per class
   c.data.split_seed = 0           # digits: seed of the train/test split
   c.data.class_order = ()         # explicit permutation of class ids; () = seeded shuffle
@@ -60,7 +65,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.same_class_per_anchor = 1
   c.data.sampler_kwargs = ml_collections.ConfigDict()   # extra keyword arguments of the sampler
   c.data.sampler_kwargs.same_class_per_anchor = c.data.get_ref('same_class_per_anchor')  # follows the field
-  c.data.augment = ml_collections.ConfigDict({'crop_padding': 4, 'flip': True, 'brightness': 0.0})
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.crop_padding = 4       # on the device: zero-pad and random crop back (RandomCrop(size, padding))
+  c.data.augment.flip = True            # on the device: horizontal flip with probability 1/2
+  c.data.augment.brightness = 0.0       # on the device: ColorJitter(brightness=b) (0 = off)
+  c.data.augment.brightness_mode = 'multiply'  # 'multiply' (torchvision ColorJitter: factor in [1-b, 1+b], clipped)
+                                        # or 'add' (offset in [-b, b] on [0, 1] pixels, tf.image.random_brightness)
+  c.data.augment.random_resized_crop = False   # image folders: RandomResizedCrop(image_size) of each decoded train
+                                        # image on the host (Grain loader); crop_padding is then not used
+  c.data.augment.crop_scale = (0.08, 1.0)      # its area fraction range (torchvision's default)
+  c.data.augment.crop_ratio = (3 / 4, 4 / 3)   # its aspect-ratio range (torchvision's default)
   c.data.verify_images = True     # image folders: open every image once before training (False skips the check)
   c.data.on_device = 'auto'       # train/test images kept on the device (placed once; batches gathered there):
                                   # True, False, or 'auto' = when in memory and within a quarter of device memory
@@ -161,7 +175,9 @@ def imagenet_subset(initial: int, increment: int, num_classes: int = 100) -> Cal
     c.data.resize = 256
     c.data.initial_classes = initial
     c.data.increment = increment
-    c.data.augment.crop_padding = 16
+    c.data.classes = 'imagenet100_podnet' if num_classes == 100 else ''   # data/class_lists/
+    c.data.augment.random_resized_crop = True   # RandomResizedCrop(224) + flip for training, Resize(256) +
+    c.data.augment.crop_padding = 0             # CenterCrop(224) for testing, as the official ImageNet code
     c.model.backbone = 'resnet'
     c.model.depth = 18
     c.model.width = 64

@@ -6,7 +6,8 @@ import math
 
 import jax
 
-from incremental_jax.data import pipeline, sources
+from incremental_jax.data import image_folder, pipeline, sources
+from incremental_jax.data.augment import BRIGHTNESS_MODES
 from incremental_jax.errors import ConfigError
 from incremental_jax.losses.auxiliary import AUX_LOSSES
 from incremental_jax.evaluate import VIEWS
@@ -38,6 +39,7 @@ def validate_config(config) -> None:
   _require(pipeline.on_device_setting(config.data.on_device) is not None,
            f"data.on_device={config.data.on_device!r}; valid: 'auto', True, False.")
   _require(int(config.data.chunk_steps or 0) >= 0, f'data.chunk_steps must be >= 0; got {config.data.chunk_steps}.')
+  _validate_inputs(config.data)
   optim = config.optim
   _require(optim.schedule in ('multistep', 'cosine', 'constant'),
            f"optim.schedule={optim.schedule!r}; valid: 'multistep', 'cosine', 'constant'.")
@@ -78,3 +80,30 @@ def validate_against_data(config, dataset, scenario) -> None:
   _require(total > 0 or int(config.memory.per_class) >= 1,
            f'{config.method.name} keeps exemplars: set memory.per_class >= 1 or memory.total >= '
            f'{scenario.num_classes}.')
+
+
+def _validate_inputs(data) -> None:
+  """`data.augment.*`, `data.workers`, `data.prefetch` and `data.classes`."""
+  aug = data.augment
+  _require(aug.brightness_mode in BRIGHTNESS_MODES,
+           f'data.augment.brightness_mode={aug.brightness_mode!r}; valid: {list(BRIGHTNESS_MODES)}.')
+  _require(math.isfinite(float(aug.brightness)) and float(aug.brightness) >= 0,
+           f'data.augment.brightness must be >= 0; got {aug.brightness}.')
+  _require(int(data.workers) >= -1, f'data.workers must be -1 (one per core), 0 (in the training process) or a '
+           f'number of worker processes; got {data.workers}.')
+  _require(int(data.prefetch) >= 1, f'data.prefetch must be >= 1; got {data.prefetch}.')
+  scale, ratio = tuple(aug.crop_scale), tuple(aug.crop_ratio)
+  _require(len(scale) == 2 and 0 < float(scale[0]) <= float(scale[1]) <= 1,
+           f'data.augment.crop_scale must be (low, high) with 0 < low <= high <= 1; got {scale}.')
+  _require(len(ratio) == 2 and 0 < float(ratio[0]) <= float(ratio[1]),
+           f'data.augment.crop_ratio must be (low, high) with 0 < low <= high; got {ratio}.')
+  if aug.random_resized_crop:
+    _require(data.name == 'image_folder', f'data.augment.random_resized_crop crops the decoded images of an image '
+             f'folder on the host; data.name={data.name!r} holds decoded arrays: use data.augment.crop_padding.')
+  if data.classes:
+    _require(data.name == 'image_folder', f'data.classes selects class folders of an image folder; '
+             f'data.name={data.name!r} has none.')
+    try:
+      image_folder.class_list(str(data.classes))
+    except sources.DataError as e:
+      raise ConfigError(str(e)) from None

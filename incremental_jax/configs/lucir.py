@@ -53,6 +53,7 @@ def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """ImageNet-100 B50 in 10 steps: ResNet-18 without its last ReLU, lambda_base 10; NME class means from the
   original images only (the official ImageNet code has no second view)."""
   c = cfglib.imagenet_subset(50, 5)(c)
+  c.data.classes = 'imagenet100_lucir'   # gen_imagenet_subset.py: 100 ImageNet-1k classes drawn with seed 1993
   c.memory.selection = 'herding_loop'
   c.method.lambda_base = 10.0
   c.memory.nme_flip = False

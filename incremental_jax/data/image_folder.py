@@ -6,18 +6,27 @@ files (`train_list`, `test_list`; one `relative/path.JPEG <label>` per line, pat
 ImageNet-100 subsets are distributed, define the images and labels instead of the folders.
 
 Images are never all loaded: the splits are `LazyImages`, which decode the requested indices on demand with PIL
-(RGB, shorter side resized to `resize`, centre crop `image_size`) in a thread pool.
+(RGB, shorter side resized to `resize`, centre crop `image_size`: the test view, as torchvision's `Resize(resize)` +
+`CenterCrop(image_size)`) in a thread pool. Train batches come from a Grain loader instead (`LazyImages.train_batches`,
+`grain.MapDataset` over the epoch's index rows, decoded in `data.workers` worker processes): with
+`data.augment.random_resized_crop` each train image is a RandomResizedCrop of the full decoded image
+(`host_transforms`), else the test view.
+
+`data.classes` restricts a class-folder tree to a list of class folders: a packaged list of `class_lists/` by name
+(`imagenet100_podnet`, `imagenet100_lucir`) or a file, so ImageNet-100 runs from an ImageNet-1k tree.
 """
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from incremental_jax import paths as paths_lib
+from incremental_jax.data import host_transforms
+from incremental_jax.data.host_transforms import row_keys
 from incremental_jax.data.sources import DataError, Dataset
 
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp', '.gif')
@@ -117,13 +126,48 @@ class LazyImages:
   [S, S, 3] image. Decoding runs in a thread pool of `num_workers` threads (PIL releases the GIL).
   """
 
-  def __init__(self, paths: Sequence[str], image_size: int, resize: int, num_workers: int):
+  def __init__(self, paths: Sequence[str], image_size: int, resize: int, num_workers: int,
+               train_transform: Optional[host_transforms.TrainDecode] = None, workers: int = 0, prefetch: int = 2):
     self.paths = tuple(paths)
     self.image_size = int(image_size)
     self.resize = int(resize)
     self.num_workers = max(1, int(num_workers))
+    self.train_transform = train_transform or host_transforms.TrainDecode(
+        self.paths, self.image_size, self.resize, random_resized_crop=False)
+    self.workers = int(workers)
+    self.prefetch = max(1, int(prefetch))
     self._pool = None
     self._lock = threading.Lock()
+
+  def train_batches(self, rows: np.ndarray, columns: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
+    """uint8 [len(columns), S, S, 3] train batches, one per index row of `rows` [n, B] (columns `columns` of each
+    row: this process's share, default all), made by a Grain loader in `self.workers` worker processes (0: in this
+    process, in threads) with `self.train_transform`. Each image's randomness is keyed by its row's digest and
+    its column (`host_transforms.row_keys`), so the batches depend on the rows only."""
+    import grain
+    from absl import flags
+    if not flags.FLAGS.is_parsed():   # Grain reads its absl flags; a notebook or test has parsed none
+      flags.FLAGS.mark_as_parsed()
+    rows = np.asarray(rows, np.int64).reshape(len(rows), -1)
+    columns = np.arange(rows.shape[1]) if columns is None else np.asarray(columns, np.int64)
+    keys = row_keys(rows)
+    items = np.empty((len(rows), len(columns), 4), np.uint64)
+    items[..., 0] = rows[:, columns]
+    items[..., 1], items[..., 2] = keys[:, None, 0], keys[:, None, 1]
+    items[..., 3] = columns[None]
+    ds = grain.MapDataset.source(_Items(items.reshape(-1, 4))).map(self.train_transform).batch(len(columns))
+    threads = 1 if self.workers > 0 else self.num_workers
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads * self.prefetch))
+    if self.workers > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=min(self.workers, len(rows)),
+                                                       per_worker_buffer_size=self.prefetch))
+    iterator = iter(it)
+    try:
+      yield from iterator
+    finally:
+      close = getattr(iterator, 'close', None)
+      if close is not None:
+        close()
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
@@ -184,6 +228,19 @@ class LazyImages:
     self._lock = threading.Lock()
 
 
+class _Items:
+  """A random-access Grain source over the (image, key0, key1, column) items of an epoch (uint64 [n, 4])."""
+
+  def __init__(self, items: np.ndarray):
+    self.items = items
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def __getitem__(self, i):
+    return self.items[i]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Class-folder trees.
 
@@ -235,11 +292,43 @@ def flatten_tree(tree: dict[str, list[str]], class_ids: dict[str, int]) -> tuple
   return paths, labels
 
 
-def folder_splits(data_dir: str) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str]]:
-  """(train paths, train labels, test paths, test labels, class names) of a class-folder tree."""
+CLASS_LISTS_DIR = os.path.join(os.path.dirname(__file__), 'class_lists')
+
+
+def class_list(name_or_file: str) -> list[str]:
+  """The class folder names of `data.classes`: a packaged list (`class_lists/<name>.txt`) or a file with one name
+  per line ('#' lines are comments); sorted. DataError when neither exists or the list is empty or repeats a name."""
+  packaged = os.path.join(CLASS_LISTS_DIR, f'{name_or_file}.txt')
+  path = packaged if os.path.isfile(packaged) else os.path.expanduser(name_or_file)
+  if not paths_lib.is_file(path):
+    names = sorted(f[:-4] for f in os.listdir(CLASS_LISTS_DIR) if f.endswith('.txt'))
+    raise DataError(f'data.classes={name_or_file!r} is neither a packaged class list ({", ".join(names)}) nor a '
+                    f'file with one class folder name per line.')
+  with paths_lib.open_file(path, 'r', encoding='utf-8') as f:
+    names = [line.strip() for line in f if line.strip() and not line.lstrip().startswith('#')]
+  if not names or len(set(names)) != len(names):
+    raise DataError(f'Class list {path} is empty or names a class twice.')
+  return sorted(names)
+
+
+def select_classes(tree: dict[str, list[str]], classes: Sequence[str], split_dir: str) -> dict[str, list[str]]:
+  """The `classes` of a {class: paths} tree; DataError naming the class folders that are missing."""
+  missing = [c for c in classes if c not in tree]
+  if missing:
+    raise DataError(f'{len(missing)} class(es) of data.classes have no folder in {split_dir}: '
+                    f'{missing[:_MAX_NAMED]}. Point --config.data.data_dir at the tree that holds them.')
+  return {c: tree[c] for c in classes}
+
+
+def folder_splits(data_dir: str,
+                  classes: Sequence[str] = ()) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str]]:
+  """(train paths, train labels, test paths, test labels, class names) of a class-folder tree; only the class
+  folders `classes` when given (sorted: their ids)."""
   train_dir = find_split_dir(data_dir, ('train',))
   test_dir = find_split_dir(data_dir, TEST_SPLIT_NAMES)
   train, test = scan_split(train_dir), scan_split(test_dir)
+  if classes:
+    train, test = select_classes(train, classes, train_dir), select_classes(test, classes, test_dir)
   only_train = [c for c in train if c not in test]
   only_test = [c for c in test if c not in train]
   if only_train or only_test:
@@ -361,8 +450,10 @@ def load_image_folder(cfg) -> Dataset:
   """The class-folder tree (or split lists) under `cfg.data_dir` as a Dataset of LazyImages.
 
   cfg fields: data_dir (required), image_size (0: 224), resize (0: image_size), train_list / test_list ('' for
-  none), num_workers (0: all cores), verify_images (True: open every file once up front), mean / std
-  (default: ImageNet's), name.
+  none), classes ('' for every class folder), num_workers (decoding threads, 0: all cores), workers (Grain
+  processes of the train loader, -1: one per core), prefetch, augment.random_resized_crop / crop_scale /
+  crop_ratio (the train view), verify_images (True: open every file once up front), mean / std (default:
+  ImageNet's), name.
   """
   data_dir = os.path.expanduser(str(cfg.data_dir or ''))   # (a gs:// path has no leading ~: unchanged)
   if not data_dir:
@@ -376,17 +467,27 @@ def load_image_folder(cfg) -> Dataset:
                     f'is taken from the resized image.')
   num_workers = int(cfg.num_workers or 0) or os.cpu_count() or 1
   train_list, test_list = str(cfg.train_list or ''), str(cfg.test_list or '')
+  classes = str(cfg.get('classes', '') or '')
   if train_list or test_list:
-    splits = list_splits(data_dir, train_list, test_list)
+    splits = list_splits(data_dir, train_list, test_list)   # the lists define the classes; data.classes unused
   else:
-    splits = folder_splits(data_dir)
+    splits = folder_splits(data_dir, class_list(classes) if classes else ())
   train_paths, train_labels, test_paths, test_labels, names = splits
   if cfg.verify_images:
     verify_images(train_paths + test_paths, num_workers)
   mean, std = normalisation(cfg)
   where = str(paths_lib.as_path(data_dir)) + (f' (split lists {train_list}, {test_list})' if train_list or test_list else '')
+  aug = cfg.get('augment', None) or {}
+  train_transform = host_transforms.TrainDecode(
+      tuple(train_paths), image_size, resize, random_resized_crop=bool(aug.get('random_resized_crop', False)),
+      scale=tuple(float(v) for v in aug.get('crop_scale', (0.08, 1.0))),
+      ratio=tuple(float(v) for v in aug.get('crop_ratio', (3 / 4, 4 / 3))))
+  workers = int(cfg.get('workers', -1))
+  workers = os.cpu_count() or 1 if workers < 0 else workers
+  train_images = LazyImages(train_paths, image_size, resize, num_workers, train_transform=train_transform,
+                            workers=workers, prefetch=int(cfg.get('prefetch', 2)))
   return Dataset(name=str(cfg.name),
-                 train_images=LazyImages(train_paths, image_size, resize, num_workers), train_labels=train_labels,
+                 train_images=train_images, train_labels=train_labels,
                  test_images=LazyImages(test_paths, image_size, resize, num_workers), test_labels=test_labels,
                  num_classes=len(names), class_names=names, mean=mean, std=std,
                  location=where)

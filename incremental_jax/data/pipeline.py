@@ -169,6 +169,9 @@ def host_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarra
   one global batch {'image': [K, R, B, H, W, C], 'label': [K, R, B]} sharded over the 'data' axis along B; this
   process loads only its slice of each row. Loading runs `prefetch` chunks ahead in a background thread."""
 
+  if hasattr(images, 'train_batches'):
+    return _loader_chunks(images, labels, chunks, mesh, prefetch)
+
   def load(rows):
     rows = np.asarray(rows)
     local = rows if jax.process_count() == 1 else rows[..., parallel.process_rows(rows.shape[-1], mesh)]
@@ -177,6 +180,28 @@ def host_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarra
     return parallel.shard_batch(batch, mesh, rows.shape[-1], batch_axis=2)
 
   return _prefetched(load, chunks, prefetch)
+
+
+def _loader_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarray], mesh,
+                   prefetch: int) -> Iterator[dict]:
+  """`host_chunks` for images with a train loader (`image_folder.LazyImages.train_batches`, Grain): the
+  loader decodes and transforms every row of the epoch's chunks in its worker processes, in order; here its
+  batches are stacked into chunks and sharded, `prefetch` chunks ahead in a background thread."""
+  chunks = [np.asarray(c) for c in chunks]
+  if not chunks:
+    return iter(())
+  width = chunks[0].shape[-1]
+  columns = np.arange(width) if jax.process_count() == 1 else np.arange(width)[parallel.process_rows(width, mesh)]
+  batches = images.train_batches(np.concatenate([c.reshape(-1, width) for c in chunks]), columns)
+
+  def stacked():
+    for rows in chunks:
+      local = rows[..., columns]
+      image = np.stack([next(batches) for _ in range(local.shape[0] * local.shape[1])])
+      yield {'image': image.reshape(local.shape + image.shape[2:]),
+             'label': np.stack([lab[local[:, k]] for k, lab in enumerate(labels)], 1).astype(np.int32)}
+
+  return _prefetched(lambda batch: parallel.shard_batch(batch, mesh, width, batch_axis=2), stacked(), prefetch)
 
 
 def _prefetched(load: Callable, items: Iterable, prefetch: int) -> Iterator:
