@@ -103,9 +103,10 @@ def test_retention_keeps_task_ends_and_the_latest_checkpoint():
   kinds = {10: 'task_end', 15: 'mid_task', 20: 'task_end', 25: 'mid_task', 30: 'task_end', 35: 'mid_task',
            37: 'mid_task'}
   infos = [Info(s) for s in sorted(kinds)]
-  keep = ckpt_lib._KeepTaskEnds(2, kinds).should_preserve(infos)
+  is_mid_task = lambda step: kinds[step] == 'mid_task'
+  keep = ckpt_lib._KeepTaskEnds(2, is_mid_task).should_preserve(infos)
   assert [i.step for i, k in zip(infos, keep) if k] == [20, 30, 37]
-  keep_all = ckpt_lib._KeepTaskEnds(None, kinds).should_preserve(infos)
+  keep_all = ckpt_lib._KeepTaskEnds(None, is_mid_task).should_preserve(infos)
   assert [i.step for i, k in zip(infos, keep_all) if k] == [10, 20, 30, 37]
 
 

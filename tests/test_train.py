@@ -199,13 +199,13 @@ def test_place_images_by_budget_and_device_predictions_equal_host_ones():
   placed = pipeline.place_images(images, mesh, 'auto', budget=images.nbytes)
   assert isinstance(placed, pipeline.DeviceImages)
   idx = np.array([5, 3, 69, 0, 12])
-  np.testing.assert_array_equal(np.asarray(evaluate._take(placed, idx)), images[idx])
+  np.testing.assert_array_equal(np.asarray(evaluate.take(placed, idx)), images[idx])
   config = cfglib.test_preset(cfglib.base_config())
   model = build_model(config.model, 4, (8, 8, 1), seed=0)
   params, stats = model.init_variables()
   predict = evaluate.make_predict_fn(model, mesh, lambda x: x.astype(jnp.float32) / 255.0, 8)
   for flip in (False, True, 'channel_reverse'):
     host = predict(params, stats, images[idx], flip=flip)
-    device = predict(params, stats, evaluate._take(placed, idx), flip=flip)
+    device = predict(params, stats, evaluate.take(placed, idx), flip=flip)
     for k in host:
       np.testing.assert_allclose(device[k], host[k], rtol=1e-6, atol=1e-6)
