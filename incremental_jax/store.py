@@ -157,12 +157,18 @@ class RunStore:
     """After an error: waits for the checkpoint being written (a failed write is not reported again: the error
     already raised is) and writes the results of the latest complete task-end checkpoint, if any."""
     try:
-      self.checkpointer.close()
+      self.checkpointer.wait()
     except CheckpointError:
       pass
-    ends = [s for s in self.checkpointer.complete_steps() if not self.checkpointer.is_mid_task(s)]
-    if ends:
-      self.write_results(self.results(self.checkpointer.restore_meta(ends[-1])['steps']))
+    try:
+      ends = [s for s in self.checkpointer.complete_steps() if not self.checkpointer.is_mid_task(s)]
+      if ends:
+        self.write_results(self.results(self.checkpointer.restore_meta(ends[-1])['steps']))
+    finally:
+      try:
+        self.close()
+      except CheckpointError:
+        pass
 
   def existing_results(self) -> Optional[dict]:
     """results.json as written, if any."""
