@@ -44,6 +44,7 @@ from incremental_jax import validate
 from incremental_jax.data import augment, pipeline, scenario as scenario_lib, sources
 from incremental_jax.errors import CheckpointError
 from incremental_jax.methods import Method, build_method
+from incremental_jax.method_store import MethodStore
 from incremental_jax.methods.base import TaskContext
 from incremental_jax.step import check_finite, init_train_state, make_optimizer, make_task_info
 from incremental_jax.types import TrainState
@@ -273,8 +274,8 @@ class _Run:
     return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=spec.train_images,
                        train_labels=spec.data.train_labels, model=spec.model, state=state.train,
                        frozen=state.frozen, method_state=state.method_state, memory=state.memory, embed=spec.embed,
-                       predict=spec.predict, mesh=spec.mesh, augment_fn=spec.augment_fn, workdir=spec.workdir,
-                       trainer=trainer)
+                       predict=spec.predict, mesh=spec.mesh, augment_fn=spec.augment_fn,
+                       store=MethodStore(spec.workdir), trainer=trainer)
 
   def resume_in(self, t: int) -> Optional[dict]:
     mid = self.resume.mid
