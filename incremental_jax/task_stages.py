@@ -27,6 +27,7 @@ from incremental_jax import memory as memory_lib
 from incremental_jax import preemption
 from incremental_jax import train as train_lib
 from incremental_jax.errors import CheckpointError
+from incremental_jax.method_store import MethodStore
 from incremental_jax.methods.base import TaskContext
 from incremental_jax.run_spec import RunSpec
 from incremental_jax.run_state import AFTER, BALANCING, MAIN, Cursor, InTask, RunState
@@ -63,7 +64,7 @@ def context(spec: RunSpec, state: RunState, t: int, trainer) -> TaskContext:
   return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=spec.train_images,
                      train_labels=spec.data.train_labels, model=spec.model, state=state.train, frozen=state.frozen,
                      method_state=state.method_state, memory=state.memory, embed=spec.embed, predict=spec.predict,
-                     mesh=spec.mesh, augment_fn=spec.augment_fn, workdir=spec.workdir, trainer=trainer)
+                     mesh=spec.mesh, augment_fn=spec.augment_fn, store=MethodStore(spec.workdir), trainer=trainer)
 
 
 def begin_task(spec: RunSpec, store: RunStore, state: RunState, t: int, trainer,

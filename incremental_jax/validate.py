@@ -12,6 +12,7 @@ from incremental_jax.errors import ConfigError
 from incremental_jax.losses.auxiliary import AUX_LOSSES
 from incremental_jax.evaluate import VIEWS
 from incremental_jax.memory import SELECTIONS
+from incremental_jax.method_store import require_network
 from incremental_jax.methods import method_class
 from incremental_jax.models import BACKBONES, COMPUTE_DTYPES, HEADS
 
@@ -64,6 +65,8 @@ def validate_config(config) -> None:
   for name in ('max_to_keep', 'every_epochs'):
     value = config.checkpoint[name] or 0
     _require(int(value) >= 0, f'checkpoint.{name} must be >= 0; got {value}.')
+  if config.method.get('teacher_workdir'):   # local or gs://, read before any data is loaded
+    require_network(config.method.teacher_workdir)
   order = tuple(config.data.class_order or ())
   _require(all(float(c) == int(c) for c in order),
            f'data.class_order must hold integer class ids; got {list(order)[:20]}.')

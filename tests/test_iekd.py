@@ -13,7 +13,7 @@ from flax import nnx
 import incremental_jax
 from configs import iekd as iekd_cfg
 from configs import train as train_cfg
-from incremental_jax import parallel
+from incremental_jax import method_store, parallel, validate
 from incremental_jax import run_spec as run_lib
 from incremental_jax import train as train_lib
 from incremental_jax.data import augment
@@ -186,14 +186,21 @@ def _iekd_setup(**method_overrides):
 
 
 def test_teacher_checkpoint_round_trip_and_checks(tmp_path):
+  """A network saved by the store loads back exactly, whatever optimiser trained it (here one with gradient
+  clipping, whose state has another structure than the run's), and is checked against the expected model."""
   cfg, method, _ = _iekd_setup()
   mesh = parallel.make_mesh()
-  state = train_lib.init_train_state(method.networks['teacher'], mesh, train_lib.make_optimizer(cfg.optim))
+  optim = cfg.optim.copy_and_resolve_references()
+  optim.clip_value = 1.0
+  state = train_lib.init_train_state(method.networks['teacher'], mesh, train_lib.make_optimizer(optim))
   state = state.replace(params=jax.tree.map(lambda p: p + 1.5, state.params), step=jnp.int32(7))
   teacher_cfg = train_cfg.get_config('test')
   order = np.random.default_rng(0).permutation(10)
-  iekd_lib.save_network(str(tmp_path / 't'), state, teacher_cfg, order, 10)
-  loaded, meta = iekd_lib.load_network(str(tmp_path / 't'), method.networks['teacher'], mesh)
+  store = method_store.MethodStore(str(tmp_path))
+  assert not store.has_network('t')
+  store.save_network('t', state, teacher_cfg, order, 10)
+  assert store.has_network('t') and os.path.isdir(tmp_path / 't' / 'checkpoints' / '7')
+  loaded, meta = method_store.load_network(store.location('t'), method.networks['teacher'], mesh)
   jax.tree.map(np.testing.assert_array_equal, {'params': state.params, 'batch_stats': state.batch_stats},
                jax.tree.map(np.asarray, loaded))
   ctx = types.SimpleNamespace(config=cfg, scenario=types.SimpleNamespace(order=order))
@@ -205,8 +212,19 @@ def test_teacher_checkpoint_round_trip_and_checks(tmp_path):
   other.depth = 14
   with pytest.raises(ConfigError, match='depth'):
     iekd_lib.check_teacher_meta(meta, other, ctx, 't')
+  with pytest.raises(incremental_jax.checkpoint.CheckpointError, match='expected architecture'):
+    store.load_network('t', method.model, mesh)  # the student: another network
   with pytest.raises(incremental_jax.checkpoint.CheckpointError, match='configs/train.py'):
-    iekd_lib.load_network(str(tmp_path / 'missing'), method.networks['teacher'], mesh)
+    method_store.load_network(str(tmp_path / 'missing'), method.networks['teacher'], mesh)
+  assert not os.path.exists(tmp_path / 'missing')  # looking for a checkpoint creates nothing
+
+
+def test_a_teacher_workdir_without_a_checkpoint_is_refused_before_the_data_loads(tmp_path):
+  cfg = iekd_cfg.get_config('test')
+  cfg.method.teacher_workdir = str(tmp_path / 'teacher')
+  (tmp_path / 'teacher' / 'checkpoints').mkdir(parents=True)
+  with pytest.raises(incremental_jax.checkpoint.CheckpointError, match=r'teacher holds no checkpoint .*configs/train'):
+    validate.validate_config(cfg)
 
 
 def test_iedml_without_coupling_is_two_independent_sgd_trainings():
@@ -251,7 +269,8 @@ def _context(cfg, model, mesh, workdir):
   return TaskContext(config=cfg, task=0, scenario=make_scenario(10, cfg.data), train_images=None,
                      train_labels=np.arange(10),
                      model=model, state=None, frozen=None, method_state={}, memory=None, embed=None, predict=None,
-                     mesh=mesh, workdir=workdir, trainer=train_lib.SubnetworkTrainer(mesh, show_progress=False))
+                     mesh=mesh, store=method_store.MethodStore(workdir),
+                     trainer=train_lib.SubnetworkTrainer(mesh, show_progress=False))
 
 
 def test_teacher_is_trained_in_the_run_once_with_its_own_model_and_optimiser(tmp_path, monkeypatch):
@@ -287,7 +306,8 @@ def phase_one(tmp_path_factory):
   mesh = parallel.make_mesh()
   data = run_lib.prepare_data(cfg)
   teacher = train_lib.init_train_state(method.networks['teacher'], mesh, train_lib.make_optimizer(cfg.optim))
-  iekd_lib.save_network(cfg.method.teacher_workdir, teacher, train_cfg.get_config('test'), data.scenario.order, 10)
+  method_store.save_network(cfg.method.teacher_workdir, teacher, train_cfg.get_config('test'), data.scenario.order,
+                           10)
   ds = data.dataset
   ctx = dataclasses.replace(_context(cfg, model, mesh, str(root / 'run')), train_images=ds.train_images[:32],
                             train_labels=data.train_labels[:32],
@@ -321,7 +341,7 @@ def test_iekd_run_keeps_teacher_frozen_and_does_not_train_it_twice(phase_one, tm
   cfg = p.cfg.copy_and_resolve_references()
   cfg.method.split = 'random'
   workdir = str(tmp_path / 'run')
-  shutil.copytree(os.path.join(p.root, 'run', iekd_lib.AUTOENCODER_DIR), os.path.join(workdir, iekd_lib.AUTOENCODER_DIR))
+  shutil.copytree(os.path.join(p.root, 'run', iekd_lib.AUTOENCODER), os.path.join(workdir, iekd_lib.AUTOENCODER))
 
   def no_training(*args, **kw):
     raise AssertionError('the teacher or its autoencoder was trained again')

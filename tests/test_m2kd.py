@@ -159,7 +159,7 @@ class _Context:
   state: object
   frozen: object
   method_state: dict
-  workdir: str = ''
+  store: object = None
   mesh: object = None
 
   def replace(self, **changes):

@@ -26,6 +26,7 @@ from incremental_jax import parallel
 from incremental_jax.errors import ConfigError
 from incremental_jax.losses.auxiliary import with_aux_losses
 from incremental_jax.memory import Memory
+from incremental_jax.method_store import MethodStore
 from incremental_jax.models import build_model
 from incremental_jax.step import make_task_info, make_train_step
 from incremental_jax.types import LossFn, Phase, TaskInfo  # noqa: F401  (the vocabulary of every method)
@@ -51,7 +52,8 @@ class TaskContext:
       inference mode.
     mesh: the device mesh.
     augment_fn: `(key, uint8 images) -> float images`, the run's on-device augmentation.
-    workdir: the run's directory (for auxiliary checkpoints or artefacts).
+    store: the run's `MethodStore`, for networks and files a method keeps in the workdir (IE-KD's teacher,
+      M2KD's snapshot sizes); None outside a run (nothing is kept).
     trainer: the training service (`train.SubnetworkTrainer`) for hooks that train a network of their own
       (`train_subnetwork`).
   """
@@ -69,7 +71,7 @@ class TaskContext:
   predict: Callable
   mesh: Any = None
   augment_fn: Optional[Callable] = None
-  workdir: str = ''
+  store: Optional[MethodStore] = None
   trainer: Any = None
 
   def replace(self, **changes) -> 'TaskContext':

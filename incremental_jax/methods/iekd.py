@@ -11,84 +11,36 @@ teacher's autoencoder here, its `teacher` / `embedTI` / `embedTE` the student an
 encoders here.
 
 Teachers come from this project's own supervised training (`configs/train.py`): `method.teacher_workdir` names
-such a run's workdir, whose latest checkpoint is restored against `method.teacher_model`. When it is empty, the
-teacher is trained first, inside the run, and checkpointed under `<workdir>/teacher` (a workdir `teacher_workdir`
+such a run's workdir (local or `gs://`), whose latest checkpoint is restored and checked against
+`method.teacher_model`. When it is empty, the teacher is trained first, inside the run, and saved in the run's
+store (`TaskContext.store`, `incremental_jax.method_store`: `<workdir>/teacher`, a workdir `teacher_workdir`
 accepts), so a resumed run loads it instead of training it again; IE-KD's teacher autoencoder likewise goes to
-`<workdir>/teacher_autoencoder`.
+the store's `teacher_autoencoder`.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from incremental_jax import checkpoint as ckpt_lib
+from incremental_jax import method_store
 from incremental_jax import step as step_lib
 from incremental_jax.losses import cross_entropy, kd_kl
 from incremental_jax.losses.iekd import exploration_loss, inheritance_loss, reconstruction_loss
-from incremental_jax.memory import Memory
 from incremental_jax.methods.base import Method, TaskContext, snapshot
 from incremental_jax.methods.baselines import Finetune
 from incremental_jax.models import build_model, functional_model, make_classifier
 from incremental_jax.models.factor import FactorAutoencoder, IEStudent, MutualPeers, factor_channels
 from incremental_jax.errors import ConfigError
-from incremental_jax.types import TrainState
 
-TEACHER_DIR = 'teacher'                      # <workdir>/teacher: the teacher trained inside a run
-AUTOENCODER_DIR = 'teacher_autoencoder'      # <workdir>/teacher_autoencoder: IE-KD's trained paraphraser
-
-
-# ---- frozen networks in checkpoints ---------------------------------------------------------------------
-def _abstract_state(model) -> TrainState:
-  """The TrainState structure of `model` (shapes only), to restore a checkpoint against."""
-  tx = step_lib.make_optimizer(ml_collections.ConfigDict({'weight_decay': 0.0, 'momentum': 0.9, 'nesterov': False,
-                                                          'clip_value': 0.0}))
-
-  def make():
-    params, stats = model.init_variables()
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, phase_step=zero, params=params, batch_stats=stats, opt_state=tx.init(params))
-
-  return jax.eval_shape(make)
+TEACHER = 'teacher'                          # the store's network: the teacher trained inside a run
+AUTOENCODER = 'teacher_autoencoder'          # the store's network: IE-KD's trained paraphraser
 
 
-def has_checkpoint(workdir: str) -> bool:
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
-
-
-def load_network(workdir: str, model, mesh) -> tuple[dict, dict]:
-  """(`{'params', 'batch_stats'}`, meta) of the latest checkpoint of a workdir written by this project (a
-  `configs/train.py` run, or a run's `teacher` folder), restored against `model`'s structure and replicated
-  over `mesh`."""
-  if not has_checkpoint(workdir):
-    raise ckpt_lib.CheckpointError(
-        f'{workdir} holds no checkpoint (expected {os.path.join(workdir, "checkpoints")}/<step>). Train a teacher '
-        'with `python main.py --config=configs/train.py:<preset> --workdir=<dir>` and pass that <dir>.')
-  checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=None, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    meta = checkpointer.restore_meta(step)
-    state, _, _, _ = checkpointer.restore(step, _abstract_state(model), mesh)
-  finally:
-    checkpointer.close()
-  return {'params': state.params, 'batch_stats': state.batch_stats}, meta
-
-
-def save_network(workdir: str, state, config, class_order, num_classes: int) -> None:
-  """Checkpoints a trained network into `<workdir>/checkpoints` as a one-task run of `config` would."""
-  checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=1)
-  meta = {'task': 0, 'steps': [], 'class_order': list(map(int, class_order)),
-          'config': json.loads(config.to_json_best_effort())}
-  checkpointer.save(int(jax.device_get(state.step)), state, None, {}, Memory().to_array(num_classes), meta)
-  checkpointer.close()
-
-
+# ---- frozen networks ----------------------------------------------------------------------------------
 def check_teacher_meta(meta: dict, teacher_model_cfg, ctx: TaskContext, workdir: str) -> None:
   """The teacher must be the architecture `method.teacher_model` names, trained on the same data set with the
   same class order (labels are positions in the class order)."""
@@ -169,19 +121,26 @@ class KD(Method):
     return ctx.replace(frozen={'teacher': self.frozen_teacher(ctx)})
 
   def frozen_teacher(self, ctx: TaskContext) -> dict:
-    """The frozen teacher: from `method.teacher_workdir`, else from `<workdir>/teacher`, else trained now
-    (cross-entropy with `method.teacher_optim`) and checkpointed there."""
-    workdir = self.mcfg.teacher_workdir or os.path.join(ctx.workdir, TEACHER_DIR)
-    if self.mcfg.teacher_workdir or has_checkpoint(workdir):
-      teacher, meta = load_network(workdir, self.networks['teacher'], ctx.mesh)
-      check_teacher_meta(meta, self.mcfg.teacher_model, ctx, workdir)
-      return teacher
+    """The frozen teacher: from `method.teacher_workdir` (local or `gs://`), else the store's `teacher`, else
+    trained now (cross-entropy with `method.teacher_optim`) and saved in the store."""
+    external, model = self.mcfg.teacher_workdir, self.networks['teacher']
+    if external:
+      teacher, meta = method_store.load_network(external, model, ctx.mesh)
+    elif ctx.store.has_network(TEACHER):
+      teacher, meta = ctx.store.load_network(TEACHER, model, ctx.mesh)
+    else:
+      return self._train_teacher(ctx)
+    check_teacher_meta(meta, self.mcfg.teacher_model, ctx, external or ctx.store.location(TEACHER))
+    return teacher
+
+  def _train_teacher(self, ctx: TaskContext) -> dict:
+    """The teacher trained on every class with cross-entropy (its own model and optimiser), saved in the store."""
     config = _sub_config(ctx.config, method=ml_collections.ConfigDict({'name': 'finetune', 'aux_losses': {}}),
                          model=self.mcfg.teacher_model, optim=self.mcfg.teacher_optim)
     supervised = Finetune(config, self.num_classes, self.image_shape)
     state = ctx.train_subnetwork(supervised, supervised.model, 'teacher', config.optim, ctx.seen_class_indices(),
                                  seed_offset=1000)
-    save_network(workdir, state, config, ctx.scenario.order, ctx.scenario.num_classes)
+    ctx.store.save_network(TEACHER, state, config, ctx.scenario.order, ctx.scenario.num_classes)
     return snapshot(state)
 
   def loss(self, outputs, batch, task, teacher, params):
@@ -236,16 +195,15 @@ class IEKD(KD):
     return ctx.replace(frozen={**ctx.frozen, 'autoencoder': self.teacher_autoencoder(ctx)})
 
   def teacher_autoencoder(self, ctx: TaskContext) -> dict:
-    """The trained paraphraser of the teacher's features: from `<workdir>/teacher_autoencoder`, else trained now
-    and checkpointed there."""
-    workdir = os.path.join(ctx.workdir, AUTOENCODER_DIR)
-    if has_checkpoint(workdir):
-      return load_network(workdir, self.networks['autoencoder'], ctx.mesh)[0]
+    """The trained paraphraser of the teacher's features: the store's `teacher_autoencoder`, else trained now and
+    saved in the store."""
+    if ctx.store.has_network(AUTOENCODER):
+      return ctx.store.load_network(AUTOENCODER, self.networks['autoencoder'], ctx.mesh)[0]
     method = _ReconstructTeacherFeatures(ctx.config, self.networks['teacher'], self.networks['autoencoder'],
                                          self.mcfg.reconstruction)
     state = ctx.train_subnetwork(method, method.model, 'teacher_autoencoder', self.mcfg.autoencoder_optim,
                                  ctx.seen_class_indices(), frozen=ctx.frozen['teacher'], seed_offset=1001)
-    save_network(workdir, state, ctx.config, ctx.scenario.order, ctx.scenario.num_classes)
+    ctx.store.save_network(AUTOENCODER, state, ctx.config, ctx.scenario.order, ctx.scenario.num_classes)
     return snapshot(state)
 
   def teacher_forward(self, model, frozen, images):

@@ -27,9 +27,6 @@ pruned copy) are PROPOSALs consistent with the abstract, all exposed in `configs
 """
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import numpy as np
 
@@ -42,6 +39,8 @@ from incremental_jax.losses.m2kd import multi_model_kd
 from incremental_jax.errors import ConfigError
 from incremental_jax.methods.base import Method, TaskContext, snapshot
 from incremental_jax.types import TrainState
+
+SIZES_FILE = 'm2kd_snapshots.json'   # the store's file (<workdir>/m2kd_snapshots.json): `sizes_report`
 
 
 def store_snapshot(model_vars: dict, keep: float) -> dict:
@@ -188,7 +187,8 @@ class M2KD(Method):
     previous = ctx.method_state.get('snapshot_bytes')
     if keep_all and previous is not None:
       sizes = np.concatenate([np.asarray(previous, np.int32), sizes])
-    _write_sizes(ctx.workdir, sizes)
+    if ctx.store is not None:
+      ctx.store.write_json(SIZES_FILE, sizes_report(sizes))
     frozen = jax.device_put(frozen) if ctx.mesh is None else parallel.replicate(frozen, ctx.mesh)
     return ctx.replace(frozen=frozen, method_state={**ctx.method_state, 'snapshot_bytes': sizes})
 
@@ -222,13 +222,9 @@ class M2KDExemplars(M2KD):
   uses_memory = True
 
 
-def _write_sizes(workdir: str, sizes: np.ndarray) -> None:
-  """`<workdir>/m2kd_snapshots.json`: per stored snapshot, the bytes kept and the dense size (process 0)."""
-  if not workdir or jax.process_index() != 0:
-    return
+def sizes_report(sizes: np.ndarray) -> dict:
+  """The content of `m2kd_snapshots.json`: per stored snapshot (rows of `sizes`, [stored, dense] bytes), the bytes
+  kept and the dense size, and their totals."""
   rows = [{'snapshot': i, 'stored_bytes': int(s), 'dense_bytes': int(d), 'fraction': round(float(s) / float(d), 4)}
           for i, (s, d) in enumerate(sizes)]
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'm2kd_snapshots.json'), 'w') as f:
-    json.dump({'snapshots': rows, 'stored_bytes': int(sizes[:, 0].sum()), 'dense_bytes': int(sizes[:, 1].sum())},
-              f, indent=1)
+  return {'snapshots': rows, 'stored_bytes': int(sizes[:, 0].sum()), 'dense_bytes': int(sizes[:, 1].sum())}
