@@ -229,6 +229,14 @@ class RunCheckpointer:
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, 'restore', e) from e
 
+  def saved_train_structure(self, step: int):
+    """The structure (shapes and dtypes) of checkpoint `step`'s train state as it was saved, to restore it
+    whatever optimiser wrote it."""
+    try:
+      return self.manager.item_metadata(step)['train']
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, 'read the metadata of', e) from e
+
   def restore_mid_task(self, step: int, train_template, mesh) -> tuple[Any, Optional[np.ndarray]]:
     """(train_state, memory_array or None) of mid-task checkpoint `step`, replicated over `mesh`."""
     try:

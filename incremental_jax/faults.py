@@ -10,7 +10,8 @@ sends SIGTERM instead (a preemption notice, see `incremental_jax.preemption`). P
   epoch_end           after an epoch's metrics are read back (before any mid-task checkpoint)
   checkpoint_write    right after a checkpoint has started being written (Orbax writes in the background)
   exemplar_selection  before the exemplars of one class are selected (herding)
-  task_end            after a task's checkpoint is complete and results.json is written
+  task_end            after a task's checkpoint has started being written (in the background) and the results
+                      of the task before it are written
 
 Without the variable every call returns at once; the train loop asks `armed('train_step')` once per phase and
 skips the call per step, so injection costs nothing in normal runs.

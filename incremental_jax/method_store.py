@@ -63,7 +63,7 @@ def load_network(workdir: str, model, mesh) -> tuple[dict, dict]:
   checkpointer = ckpt_lib.RunCheckpointer(_checkpoints(workdir), max_to_keep=None, async_save=False)
   try:
     meta = checkpointer.restore_meta(step)
-    saved = checkpointer.manager.item_metadata(step)['train']
+    saved = checkpointer.saved_train_structure(step)
     state = checkpointer.restore(step, saved, mesh)[0]
   finally:
     checkpointer.close()

@@ -1,5 +1,5 @@
-"""The method interface. A method is a composition of pure losses plus host-side task hooks; the train loop
-(`incremental_jax.run`) calls the hooks in this order for every task t:
+"""The method interface. A method is a composition of pure losses plus host-side task hooks; the task loop
+(`incremental_jax.run`, through `incremental_jax.task_stages`) calls the hooks in this order for every task t:
 
     ctx = method.before_task(ctx)                # e.g. imprint the new classes' weights
     for phase in method.phases(ctx):             # e.g. the main training phase
@@ -32,7 +32,7 @@ from incremental_jax.step import make_task_info, make_train_step
 from incremental_jax.types import LossFn, Phase, TaskInfo  # noqa: F401  (the vocabulary of every method)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TaskContext:
   """What host-side hooks read and may replace (with `dataclasses.replace`) for task `task`.
 
