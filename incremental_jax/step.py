@@ -17,6 +17,7 @@ import optax
 
 from incremental_jax import parallel
 from incremental_jax.models import Model
+from incremental_jax.registry import Registry
 from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
@@ -30,27 +31,45 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
   return optax.chain(optax.clip(clip), *sgd) if clip > 0 else optax.chain(*sgd)
 
 
+def multistep_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
+  """`gamma` to the number of `milestones` reached at `epoch` (PyTorch's MultiStepLR)."""
+  del task
+  passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
+  return jnp.power(float(optim_cfg.gamma), passed)
+
+
+def cosine_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
+  """A half cosine from 1 at epoch 0 to 0 at `task.epochs` (PyTorch's CosineAnnealingLR with eta_min 0)."""
+  del optim_cfg
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(epoch / task.epochs, 1.0)))
+
+
+def constant_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
+  """1 at every epoch."""
+  del optim_cfg, epoch, task
+  return jnp.ones(())
+
+
+# optim.schedule -> factor(optim_cfg, epoch, task) of the base learning rate, traced (epoch and task are arrays).
+SCHEDULES: Registry[Callable[..., jax.Array]] = Registry('a learning-rate schedule', {
+    'multistep': multistep_factor,
+    'cosine': cosine_factor,
+    'constant': constant_factor,
+})
+
+
 def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array:
   """The learning rate at `phase_step`: task.lr times the schedule factor at the current epoch.
 
-  Schedules (`optim.schedule`): 'multistep' (times `gamma` at each epoch of `milestones`), 'cosine' (half
-  cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
+  Schedules (`optim.schedule`, `SCHEDULES`): 'multistep' (times `gamma` at each epoch of `milestones`), 'cosine'
+  (half cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
   `schedule_unit='epoch'` (default) the factor changes once per epoch like PyTorch's epoch-stepped schedulers;
   'step' makes it continuous.
   """
   epoch = phase_step.astype(jnp.float32) / task.steps_per_epoch
   if optim_cfg.schedule_unit == 'epoch':
     epoch = jnp.floor(epoch)
-  kind = optim_cfg.schedule
-  if kind == 'multistep':
-    passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
-    factor = jnp.power(float(optim_cfg.gamma), passed)
-  elif kind == 'cosine':
-    factor = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(epoch / task.epochs, 1.0)))
-  elif kind == 'constant':
-    factor = jnp.ones(())
-  else:
-    raise ValueError(f"optim.schedule must be 'multistep', 'cosine' or 'constant'; got {kind!r}.")
+  factor = SCHEDULES.lookup(optim_cfg.schedule, 'optim.schedule')(optim_cfg, epoch, task)
   warmup = float(optim_cfg.warmup_epochs or 0)
   if warmup > 0:
     continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
