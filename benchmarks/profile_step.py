@@ -135,7 +135,8 @@ def classify(hlo: Hlo, name: str) -> str:
   if hlo.root_opcode(name) in ('transpose', 'copy'):
     return 'transposes / copies'
   root_funcs = {f.rsplit('.<locals>.', 1)[-1] for _, f, _ in hlo.root_stack(name)}
-  if root_funcs & {'train_step', '<lambda>', 'advanced', 'head_update_mask'}:   # step.py's update (optax inside)
+  update_funcs = {'train_step', '<lambda>', 'advanced', 'head_update_mask', 'masked_descent', 'apply_updates'}
+  if root_funcs & update_funcs:   # step.py's update (optax inside)
     return 'optimiser + update masks'
   if 'normalization.py' in files:   # flax's BatchNorm (flax/nnx/nn/normalization.py)
     return 'batch norm'
@@ -144,7 +145,7 @@ def classify(hlo: Hlo, name: str) -> str:
     return 'batch norm'
   if prims:
     return 'ReLU, residual adds'
-  if funcs & {'head_update_mask', 'advanced', '<lambda>'} or any(
+  if funcs & (update_funcs - {'train_step'}) or any(
       st and st[0][1].endswith('train_step') for _, n, st in inner):
     return 'optimiser + update masks'
   if files & {'lucir.py', 'classification.py', 'heads.py', 'cosine.py', 'distillation.py', 'network.py'}:

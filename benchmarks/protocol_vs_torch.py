@@ -137,7 +137,7 @@ def register_source(args) -> None:
                            class_names=[f'class_{c}' for c in range(NUM_CLASSES)],
                            location='synthetic (benchmark)', **d)
 
-  sources.SOURCES['synthetic100'] = load
+  sources.SOURCES.register('synthetic100', load, replace=True)
 
 
 def run_jax(args) -> dict:

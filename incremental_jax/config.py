@@ -10,13 +10,11 @@ attribute, so a missing one fails loudly and every declared one can be set on th
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
-import difflib
+from typing import Callable, Mapping, Optional
 
 import ml_collections
 
-from incremental_jax.errors import ConfigError
+from incremental_jax.registry import Registry
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -207,36 +205,34 @@ def test_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-CIFAR100_B50_PRESETS: dict[str, Callable] = {
+def preset_table(presets: Mapping[str, Callable]) -> Registry[Callable]:
+  """A config file's presets {name: function editing the base config} as the registry `apply_preset` reads."""
+  return Registry('a preset', presets)
+
+
+CIFAR100_B50_PRESETS: Registry[Callable] = preset_table({
     'cifar100_b50_s5': cifar100(50, 10),
     'cifar100_b50_s10': cifar100(50, 5),
     'cifar100_b50_s25': cifar100(50, 2),
     'cifar100_b50_s50': cifar100(50, 1),
-}
+})
 
-COMMON_PRESETS: dict[str, Callable] = {
+COMMON_PRESETS: Registry[Callable] = preset_table({
     'digits': digits,
     'test': test_preset,
     **CIFAR100_B50_PRESETS,
     'cifar100_b0_s10': cifar100(0, 10),
     'cifar100_b0_s20': cifar100(0, 5),
     'imagenet100_b50_s10': imagenet_subset(50, 5),
-}
+})
 
 
-def apply_preset(config: ml_collections.ConfigDict, arg: Optional[str], presets: dict[str, Callable],
+def apply_preset(config: ml_collections.ConfigDict, arg: Optional[str], presets: Mapping[str, Callable],
                  default: str) -> ml_collections.ConfigDict:
-  """Applies the preset named `arg` (or `default`); an unknown name lists the valid ones."""
-  name = arg or default
-  if name not in presets:
-    raise ConfigError(f'unknown preset {name!r}{close_matches(name, presets)}; valid presets: {sorted(presets)}.')
-  return presets[name](config)
-
-
-def close_matches(name: str, candidates) -> str:
-  """' (did you mean ...?)' naming the candidates close to `name`, or ''."""
-  close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=3, cutoff=0.6)
-  return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ''
+  """Applies the preset named `arg` (or `default`) of `presets` (a config file's `PRESETS` registry, or a plain
+  dict); an unknown name is an `UnknownName` listing the valid ones."""
+  table = presets if isinstance(presets, Registry) else preset_table(presets)
+  return table.lookup(arg or default, 'preset')(config)
 
 
 def flat_defaults() -> dict:

@@ -10,6 +10,11 @@ class ConfigError(ValueError):
   """An invalid config value; the message names the field and the valid choices."""
 
 
+class UnknownName(ConfigError):
+  """A name that is not in its table (a method, backbone, data set, preset, ...); the message names the config
+  field, the valid names and the close matches (`incremental_jax.registry.Registry.lookup`)."""
+
+
 class DataError(ValueError):
   """A data set is missing, unreadable or inconsistent; the message says what was looked for and how to fix it."""
 

@@ -12,15 +12,16 @@ import numpy as np
 from incremental_jax import memory as memory_lib
 from incremental_jax import parallel
 from incremental_jax.data import pipeline
+from incremental_jax.registry import Registry
 
 
 # The second view of an image whose embedding enters the NME class means (`memory.nme_view`), on NHWC batches:
 # 'hflip' mirrors the width (the usual flip); 'channel_reverse' reverses the channel axis, RGB -> BGR, which is
 # what LUCIR's official CIFAR code computes with `[:, :, :, ::-1]` on HWC arrays (it calls it a flip).
-VIEWS: dict[str, Callable] = {
+VIEWS: Registry[Callable] = Registry('a view', {
     'hflip': lambda x: x[:, :, ::-1, :],
     'channel_reverse': lambda x: x[..., ::-1],
-}
+})
 
 
 def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=('logits', 'embedding')) -> Callable:
@@ -45,7 +46,8 @@ def make_predict_fn(model, mesh, preprocess: Callable, batch_size: int, outputs=
 
   @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh), static_argnums=4)
   def forward_view(params, batch_stats, images, rows, view):
-    out, _ = model.apply(params, batch_stats, VIEWS[view](preprocess(inputs(images, rows))), train=False)
+    x = VIEWS.lookup(view, 'memory.nme_view')(preprocess(inputs(images, rows)))
+    out, _ = model.apply(params, batch_stats, x, train=False)
     return {k: out[k] for k in outputs}
 
   def predict(params, batch_stats, images, flip=False) -> dict:

@@ -1,5 +1,6 @@
-"""What can be run: every method and every preset of every config file, each with its one-line docstring
-(`python main.py --list` prints `listing()`).
+"""What can be run: every method and every preset of every config file, each with its one-line docstring, and
+the names every other named config field takes (`python main.py --list` prints `listing()`). Everything listed
+is read from the registries the run looks names up in (`incremental_jax.registry`).
 
 A config file's presets are its module's `PRESETS` dict, or `config.COMMON_PRESETS` for the files built on
 the shared protocols alone. The files listed are the command-line ones (`configs/<name>.py`), each re-exporting
@@ -12,7 +13,7 @@ import importlib
 import os
 import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from incremental_jax import config as cfglib
 
@@ -45,7 +46,7 @@ def config_modules(configs_dir: str) -> dict:
   return {n: importlib.import_module(f'{package}.{n}') for n in names if n != '__init__'}
 
 
-def presets_of(module) -> dict[str, Callable]:
+def presets_of(module) -> Mapping[str, Callable]:
   return getattr(module, 'PRESETS', cfglib.COMMON_PRESETS)
 
 
@@ -62,6 +63,7 @@ def describe(config) -> str:
 def listing(configs_dir: str = 'configs') -> str:
   """The text of `python main.py --list`."""
   from incremental_jax.methods import METHODS
+  from incremental_jax.validate import named_fields, named_key_fields
   shown = os.path.relpath(configs_dir)
   lines = ['Methods (--config.method.name):']
   width = max(map(len, METHODS))
@@ -77,4 +79,8 @@ def listing(configs_dir: str = 'configs') -> str:
       mark = '*' if cfg.to_dict() == default else ''
       doc = one_line(fn.__doc__)
       lines.append(f'    {preset + mark:<{width}}  {describe(cfg)}' + (f'. {doc}' if doc else ''))
+  lines += ['', 'Names of the other named fields (--config.<field>=<name>; method.aux_losses: the keys):']
+  tables = {field: table for field, table in {**named_fields(), **named_key_fields()}.items() if field != 'method.name'}
+  width = max(map(len, tables))
+  lines += [f'  {field:<{width}}  {", ".join(table)}' for field, table in tables.items()]
   return '\n'.join(lines)

@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 
 from incremental_jax import faults, parallel
-from incremental_jax.errors import ConfigError
+from incremental_jax.errors import ConfigError  # noqa: F401  (raised by SELECTIONS.lookup, as UnknownName)
+from incremental_jax.registry import Registry
 
-SELECTIONS = ('herding', 'herding_loop', 'random')
 HERDING_LOOP_ITERATIONS = 1000   # the iteration cap of the LUCIR / PODNet loop
 
 
@@ -122,16 +122,24 @@ class Memory:
     return cls({c: arr[c][arr[c] >= 0].astype(np.int64) for c in range(len(arr)) if (arr[c] >= 0).any()})
 
 
+def random_order(features: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
+  """`m` positions of `features` drawn without replacement by a generator seeded with `seed` (the random
+  baseline of exemplar selection)."""
+  return np.random.default_rng(seed).permutation(len(features))[:m]
+
+
+# memory.selection -> positions(features, m, seed) of one class's exemplars, in selection order.
+SELECTIONS: Registry[Callable[[np.ndarray, int, int], np.ndarray]] = Registry('an exemplar selection', {
+    'herding': lambda features, m, seed: herding_order(features, m),
+    'herding_loop': lambda features, m, seed: herding_loop_order(features, m),
+    'random': random_order,
+})
+
+
 def select_exemplars(features: np.ndarray, m: int, method: str = 'herding', seed: int = 0) -> np.ndarray:
-  """Positions (into `features`) of the m exemplars of one class, by `memory.selection`: 'herding' (greedy,
-  `herding_order`), 'herding_loop' (LUCIR/PODNet code, `herding_loop_order`) or 'random'."""
-  if method == 'herding':
-    return herding_order(features, m)
-  if method == 'herding_loop':
-    return herding_loop_order(features, m)
-  if method == 'random':
-    return np.random.default_rng(seed).permutation(len(features))[:m]
-  raise ConfigError(f'memory.selection={method!r} is unknown; valid: {list(SELECTIONS)}.')
+  """Positions (into `features`) of the m exemplars of one class, by `memory.selection` (`SELECTIONS`):
+  'herding' (greedy, `herding_order`), 'herding_loop' (LUCIR/PODNet code, `herding_loop_order`) or 'random'."""
+  return SELECTIONS.lookup(method, 'memory.selection')(features, m, seed)
 
 
 def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int,

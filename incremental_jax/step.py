@@ -5,6 +5,23 @@ Nothing here loops or knows a method by name: a method passes its losses and `te
 with a step of their own (IE-DML) build it from `augmented_batch`, `learning_rate` and `advanced`. The learning
 rate is computed inside the step from the phase's `TaskInfo` (base lr, epochs, steps per epoch), so tasks of
 different sizes reuse the same compiled step.
+
+The optimiser is composed from optax as far as that keeps the numbers and one compile per phase: the update
+direction is an `optax.chain` (`clip`, `add_decayed_weights`, `trace`: `make_optimizer`), the learning rate is
+the schedule evaluated at the traced epoch (`learning_rate`, `SCHEDULES`), the masked, scaled increments
+(`masked_descent`) are added by `optax.apply_updates`. Three optax pieces are not used, on purpose:
+- `optax.sgd` / `scale_by_learning_rate` with a schedule: an optax schedule is a function of the optimiser's
+  step count alone, while the rate here also depends on `TaskInfo.lr`, `.epochs` and `.steps_per_epoch`, which
+  are traced step arguments (a Python-side schedule would recompile the step for every task size).
+- `optax.inject_hyperparams`: it could hold that rate, but only by overwriting it in the optimiser state every
+  step, and it adds a count and a hyperparameter dict to `opt_state`; the state's structure is what checkpoints
+  are restored against (`train.init_opt_state`, IE-KD's `_abstract_state`), so checkpoints written before would
+  no longer restore, for no change in a number.
+- `optax.masked`: it takes one static boolean per leaf and passes the leaves outside the mask through
+  unchanged; the update mask here zeroes class rows of the head leaves by `TaskInfo.trainable`, a traced array
+  that changes from task to task. So the mask multiplies the increments, as the code before the composition
+  did: p + (-(lr * m) * u) equals p - lr * m * u bit for bit (negation is exact), and the digits presets'
+  results.json are unchanged (`benchmarks/compare_checkouts.py`).
 """
 from __future__ import annotations
 
@@ -17,6 +34,7 @@ import optax
 
 from incremental_jax import parallel
 from incremental_jax.models import Model
+from incremental_jax.registry import Registry
 from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
@@ -30,27 +48,45 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
   return optax.chain(optax.clip(clip), *sgd) if clip > 0 else optax.chain(*sgd)
 
 
+def multistep_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
+  """`gamma` to the number of `milestones` reached at `epoch` (PyTorch's MultiStepLR)."""
+  del task
+  passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
+  return jnp.power(float(optim_cfg.gamma), passed)
+
+
+def cosine_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
+  """A half cosine from 1 at epoch 0 to 0 at `task.epochs` (PyTorch's CosineAnnealingLR with eta_min 0)."""
+  del optim_cfg
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(epoch / task.epochs, 1.0)))
+
+
+def constant_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
+  """1 at every epoch."""
+  del optim_cfg, epoch, task
+  return jnp.ones(())
+
+
+# optim.schedule -> factor(optim_cfg, epoch, task) of the base learning rate, traced (epoch and task are arrays).
+SCHEDULES: Registry[Callable[..., jax.Array]] = Registry('a learning-rate schedule', {
+    'multistep': multistep_factor,
+    'cosine': cosine_factor,
+    'constant': constant_factor,
+})
+
+
 def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array:
   """The learning rate at `phase_step`: task.lr times the schedule factor at the current epoch.
 
-  Schedules (`optim.schedule`): 'multistep' (times `gamma` at each epoch of `milestones`), 'cosine' (half
-  cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
+  Schedules (`optim.schedule`, `SCHEDULES`): 'multistep' (times `gamma` at each epoch of `milestones`), 'cosine'
+  (half cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
   `schedule_unit='epoch'` (default) the factor changes once per epoch like PyTorch's epoch-stepped schedulers;
   'step' makes it continuous.
   """
   epoch = phase_step.astype(jnp.float32) / task.steps_per_epoch
   if optim_cfg.schedule_unit == 'epoch':
     epoch = jnp.floor(epoch)
-  kind = optim_cfg.schedule
-  if kind == 'multistep':
-    passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
-    factor = jnp.power(float(optim_cfg.gamma), passed)
-  elif kind == 'cosine':
-    factor = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(epoch / task.epochs, 1.0)))
-  elif kind == 'constant':
-    factor = jnp.ones(())
-  else:
-    raise ValueError(f"optim.schedule must be 'multistep', 'cosine' or 'constant'; got {kind!r}.")
+  factor = SCHEDULES.lookup(optim_cfg.schedule, 'optim.schedule')(optim_cfg, epoch, task)
   warmup = float(optim_cfg.warmup_epochs or 0)
   if warmup > 0:
     continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
@@ -97,11 +133,18 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
     lr = learning_rate(phase.optim, task, state.phase_step)
     mask = head_update_mask(model, state.params, task.trainable, backbone=phase.train_backbone,
                             frozen=tuple(phase.frozen_params))
-    params = jax.tree.map(lambda p, u, m: p - lr * m * u, state.params, updates, mask)
+    params = optax.apply_updates(state.params, masked_descent(updates, lr, mask))
     metrics = {**metrics, 'loss': loss, 'lr': lr}
     return advanced(state, params, new_stats, opt_state), metrics
 
   return train_step
+
+
+def masked_descent(updates, lr: jax.Array, mask) -> Any:
+  """The increments of an SGD step: `-(lr * mask) * update` per element, for `optax.apply_updates` (which adds
+  them: p + (-(lr * m) * u) is p - lr * m * u to the last bit, as PyTorch's `p.add_(d_p, alpha=-lr)`).
+  `mask` is `head_update_mask`'s tree of multipliers (0/1, whole leaves or class rows)."""
+  return jax.tree.map(lambda u, m: (-lr * m) * u, updates, mask)
 
 
 def head_update_mask(model: Model, params: dict, class_mask: jax.Array, backbone: bool = True,

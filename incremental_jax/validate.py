@@ -1,5 +1,6 @@
 """Checks of a run's config, made before any data is loaded or any step compiled, so that a typo costs
-seconds and the message says what to change."""
+seconds and the message says what to change. A named choice is checked by its table's `Registry.lookup`, so
+its message (field, value, valid names, close matches) is the one the code reading the field would give."""
 from __future__ import annotations
 
 import math
@@ -9,12 +10,25 @@ import jax
 from incremental_jax.data import image_folder, pipeline, sources
 from incremental_jax.data.augment import BRIGHTNESS_MODES
 from incremental_jax.errors import ConfigError
-from incremental_jax.losses.auxiliary import AUX_LOSSES
 from incremental_jax.evaluate import VIEWS
+from incremental_jax.losses.auxiliary import AUX_LOSSES
 from incremental_jax.memory import SELECTIONS
 from incremental_jax.method_store import require_network
-from incremental_jax.methods import method_class
+from incremental_jax.methods import METHODS
 from incremental_jax.models import BACKBONES, COMPUTE_DTYPES, HEADS
+from incremental_jax.step import SCHEDULES
+
+
+def named_fields() -> dict:
+  """{config field: the registry of its valid names}, for every field that names one entry of a table."""
+  return {'method.name': METHODS, 'data.name': sources.SOURCES, 'data.sampler': pipeline.SAMPLERS,
+          'model.backbone': BACKBONES, 'model.head': HEADS, 'model.dtype': COMPUTE_DTYPES,
+          'optim.schedule': SCHEDULES, 'memory.selection': SELECTIONS, 'memory.nme_view': VIEWS}
+
+
+def named_key_fields() -> dict:
+  """{config field: the registry of its valid keys}, for every dict field whose keys name table entries."""
+  return {'method.aux_losses': AUX_LOSSES}
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -22,28 +36,23 @@ def _require(cond: bool, msg: str) -> None:
     raise ConfigError(msg)
 
 
+def _field(config, field: str):
+  section, name = field.split('.')
+  return config[section][name]
+
+
 def validate_config(config) -> None:
   """Field-level checks that need no data."""
-  method_class(config.method.name)
-  for name in dict(config.method.aux_losses or {}):
-    _require(name in AUX_LOSSES, f'method.aux_losses names {name!r}, not an auxiliary loss; valid names: '
-             f'{sorted(AUX_LOSSES)}.')
-  _require(config.data.name in sources.SOURCES,
-           f'data.name={config.data.name!r} is not a data set; valid names: {sorted(sources.SOURCES)}.')
-  _require(config.model.dtype in COMPUTE_DTYPES,
-           f"model.dtype={config.model.dtype!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.")
-  _require(config.model.backbone in BACKBONES,
-           f'model.backbone={config.model.backbone!r} is unknown; valid names: {sorted(BACKBONES)}.')
-  _require(config.model.head in HEADS, f'model.head={config.model.head!r} is unknown; valid names: {sorted(HEADS)}.')
-  sampler = config.data.sampler
-  _require(sampler in pipeline.SAMPLERS, f'data.sampler={sampler!r} is unknown; valid names: {sorted(pipeline.SAMPLERS)}.')
+  for field, table in named_fields().items():
+    table.lookup(_field(config, field), field)
+  for field, table in named_key_fields().items():
+    for name in dict(_field(config, field) or {}):
+      table.lookup(name, field)
   _require(pipeline.on_device_setting(config.data.on_device) is not None,
            f"data.on_device={config.data.on_device!r}; valid: 'auto', True, False.")
   _require(int(config.data.chunk_steps or 0) >= 0, f'data.chunk_steps must be >= 0; got {config.data.chunk_steps}.')
   _validate_inputs(config.data)
   optim = config.optim
-  _require(optim.schedule in ('multistep', 'cosine', 'constant'),
-           f"optim.schedule={optim.schedule!r}; valid: 'multistep', 'cosine', 'constant'.")
   _require(int(optim.epochs) >= 1, f'optim.epochs must be >= 1; got {optim.epochs}.')
   for name in ('lr', 'first_task_lr'):
     value = float(optim[name] or 0)
@@ -60,8 +69,6 @@ def validate_config(config) -> None:
   _require(not (int(mem.per_class) > 0 and int(mem.total or 0) > 0),
            f'memory.per_class={mem.per_class} and memory.total={mem.total} are both set; the budget is one of '
            'them: set the other to 0.')
-  _require(mem.nme_view in VIEWS, f'memory.nme_view={mem.nme_view!r}; valid: {sorted(VIEWS)}.')
-  _require(mem.selection in SELECTIONS, f'memory.selection={mem.selection!r}; valid: {list(SELECTIONS)}.')
   for name in ('max_to_keep', 'every_epochs'):
     value = config.checkpoint[name] or 0
     _require(int(value) >= 0, f'checkpoint.{name} must be >= 0; got {value}.')
@@ -74,7 +81,7 @@ def validate_config(config) -> None:
 
 def validate_against_data(config, dataset, scenario) -> None:
   """Checks that need the data set's size (memory budgets)."""
-  if not method_class(config.method.name).uses_memory:
+  if not METHODS.lookup(config.method.name, 'method.name').uses_memory:
     return
   total = int(config.memory.total or 0)
   _require(total == 0 or total >= scenario.num_classes,

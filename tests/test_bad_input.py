@@ -86,7 +86,7 @@ def test_bad_input_is_one_clear_error_before_training(tmp_path, monkeypatch, cas
                                                       pattern):
   c = icarl.get_config('test')
   if source is not None:
-    monkeypatch.setitem(sources.SOURCES, 'digits', source)
+    monkeypatch.setattr(sources, 'SOURCES', sources.SOURCES.with_entries(digits=source))
   if devices is not None:
     monkeypatch.setattr(jax, 'device_count', lambda *a: devices)
 

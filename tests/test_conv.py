@@ -103,7 +103,8 @@ def test_each_backend_gets_its_lowering_and_the_materialized_resnet_equals_xla()
   assert layers_of(cfglib.base_config().model, 'gpu').conv_lowering == 'xla'
   assert layers_of(cfglib.base_config().model, 'tpu').conv_lowering == 'xla'
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 1)), jnp.float32)
-  with mock.patch.dict(conv_lib.LOWERINGS, materialized_large=conv_lib.materialized_conv):   # at every size
+  at_every_size = conv_lib.LOWERINGS.with_entries(materialized_large=conv_lib.materialized_conv)
+  with mock.patch.object(conv_lib, 'LOWERINGS', at_every_size):
     mat = _model('cpu')
     v_mat, _, g_mat = _loss_and_grads(mat, x, 'embedding')
   xla = _model('gpu')

@@ -263,7 +263,7 @@ def test_presets():
   assert im.optim.weight_decay == 1e-4 and not im.model.last_relu and not im.memory.nme_flip
   d = lucir_config.get_config('digits')
   assert (d.data.name, d.data.initial_classes, d.data.increment, d.memory.per_class) == ('digits', 2, 2, 5)
-  with pytest.raises(ValueError, match='valid presets'):
+  with pytest.raises(ValueError, match="preset='cifar100_b0_s10' is not a preset; valid names"):
     lucir_config.get_config('cifar100_b0_s10')
 
 

@@ -3,10 +3,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from ml_collections import ConfigDict
 
-from incremental_jax import parallel, train
+from incremental_jax import parallel, step as step_lib, train
 from incremental_jax.data import augment
 from incremental_jax.data.scenario import Scenario
 from incremental_jax.methods.base import Phase
@@ -102,6 +103,16 @@ def test_sgd_matches_pytorch_formula():
   buf = jax.tree.map(lambda b, g, p: 0.9 * b + g + 0.01 * p, buf, g1, p1)
   p2 = jax.tree.map(lambda p, b: p - 0.05 * b, p1, buf)  # epoch 1 (1 step per epoch): lr 0.05
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), states[2].params, p2)
+
+
+def test_masked_descent_applied_by_optax_is_the_masked_sgd_step_to_the_bit():
+  rng = np.random.default_rng(0)
+  p, u = (jnp.asarray(rng.normal(size=(5, 7)), jnp.float32) for _ in range(2))
+  m, lr = jnp.asarray(rng.random((1, 7)) > 0.4, jnp.float32), jnp.float32(0.0137)
+  step = jax.jit(lambda p, u, m, lr: optax.apply_updates(p, step_lib.masked_descent(u, lr, m)))
+  new = np.asarray(step({'w': p}, {'w': u}, {'w': m}, lr)['w'])
+  np.testing.assert_array_equal(new.view(np.int32), np.asarray(p - lr * m * u).view(np.int32))
+  np.testing.assert_array_equal(new[:, m[0] == 0], np.asarray(p)[:, m[0] == 0])   # masked columns unmoved
 
 
 def test_frozen_classes_and_head_only_phase():

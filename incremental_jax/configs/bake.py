@@ -101,7 +101,7 @@ def on_method(config_module: str, preset: str, same_class_per_anchor: int = 1):
   return build
 
 
-PRESETS = {
+PRESETS = cfglib.preset_table({
     'cifar100': cifar100,
     'imagenet': imagenet,
     'digits': digits,
@@ -110,7 +110,7 @@ PRESETS = {
     'lucir_digits': on_method('lucir', 'digits'),
     'lucir_cifar100_b50_s10': on_method('lucir', 'cifar100_b50_s10'),
     'icarl_digits': on_method('icarl', 'digits'),
-}
+})
 
 
 def get_config(arg=None):

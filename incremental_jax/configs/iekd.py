@@ -125,7 +125,7 @@ def dml(data_preset, backbone: str, depth: int, epochs: int, milestones: tuple, 
   return preset
 
 
-PRESETS = {
+PRESETS = cfglib.preset_table({
     'cifar10_resnet56_resnet20': cifar10_resnet56_resnet20,
     'cifar10_release': cifar10_release,
     'cifar100_resnet56_resnet20': pair(train_cfg.cifar('cifar100'), 'cifar_resnet', 56, 20),
@@ -137,7 +137,7 @@ PRESETS = {
     # IE-DML: two ResNet-32 peers, the release's DML recipe (config/DML/cifar100/resnet32.yaml)
     'cifar100_dml_resnet32': dml(train_cfg.cifar('cifar100'), 'cifar_resnet', 32, 200, (60, 120, 180), 64),
     'digits_dml': dml(train_cfg.digits, 'cifar_resnet', 8, 30, (20, 25), 32),
-}
+})
 
 
 def get_config(arg=None):

@@ -60,12 +60,12 @@ def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
-PRESETS = {
+PRESETS = cfglib.preset_table({
     'digits': lucir_digits,
     'test': cfglib.test_preset,
     **{name: lucir_cifar(p) for name, p in cfglib.CIFAR100_B50_PRESETS.items()},
     'imagenet100_b50_s10': imagenet100_b50_s10,
-}
+})
 
 
 def get_config(arg=None):

@@ -53,12 +53,13 @@ def with_method(data_preset, exemplars: bool):
   return preset
 
 
-PRESETS = {}
-for _per_step in (5, 10, 20):
-  for _mem in (False, True):
-    PRESETS[f'cifar100_c{_per_step}' + ('_mem' if _mem else '')] = with_method(cfglib.cifar100(0, _per_step), _mem)
-PRESETS.update(digits=with_method(cfglib.digits, False), digits_mem=with_method(cfglib.digits, True),
-               test=with_method(cfglib.test_preset, False))
+PRESETS = cfglib.preset_table({
+    **{f'cifar100_c{per_step}' + ('_mem' if mem else ''): with_method(cfglib.cifar100(0, per_step), mem)
+       for per_step in (5, 10, 20) for mem in (False, True)},
+    'digits': with_method(cfglib.digits, False),
+    'digits_mem': with_method(cfglib.digits, True),
+    'test': with_method(cfglib.test_preset, False),
+})
 
 
 def get_config(arg=None):

@@ -79,13 +79,13 @@ def podnet_test(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-PRESETS = {
+PRESETS = cfglib.preset_table({
     'digits': podnet_digits,
     'test': podnet_test,
     **{name: podnet_cifar(p) for name, p in cfglib.CIFAR100_B50_PRESETS.items()},
     'cifar100_b50_s10_pixel': cifar100_b50_s10_pixel,
     'imagenet100_b50_s10': imagenet100_b50_s10,
-}
+})
 
 
 def get_config(arg=None):

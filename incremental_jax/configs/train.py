@@ -69,7 +69,7 @@ def _digits_resnet8(c):
   return with_network(digits, 'cifar_resnet', 8)(c)
 
 
-PRESETS = {
+PRESETS = cfglib.preset_table({
     **{f'{d}_resnet{n}': with_network(cifar(d), 'cifar_resnet', n) for d in ('cifar10', 'cifar100')
        for n in (20, 32, 56, 110)},
     'imagenet_resnet18': with_network(imagenet, 'resnet', 18, 64),
@@ -77,7 +77,7 @@ PRESETS = {
     'digits': digits,
     'digits_resnet8': _digits_resnet8,
     'test': test,
-}
+})
 
 
 def get_config(arg=None):

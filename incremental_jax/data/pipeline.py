@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from incremental_jax import parallel
+from incremental_jax.registry import Registry
 
 
 def shuffle_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
@@ -68,13 +69,12 @@ def intra_class_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int
   return np.asarray(indices)[rows].reshape(len(anchors), batch_size)
 
 
-SAMPLERS: dict[str, Callable[..., np.ndarray]] = {'shuffle': shuffle_sampler, 'intra_class': intra_class_sampler}
+SAMPLERS: Registry[Callable[..., np.ndarray]] = Registry('a sampler', {'shuffle': shuffle_sampler,
+                                                                      'intra_class': intra_class_sampler})
 
 
 def get_sampler(name: str) -> Callable[..., np.ndarray]:
-  if name not in SAMPLERS:
-    raise ValueError(f'Unknown sampler {name!r}; valid names: {sorted(SAMPLERS)}.')
-  return SAMPLERS[name]
+  return SAMPLERS.lookup(name, 'data.sampler')
 
 
 def gather(images, labels: np.ndarray, idx: np.ndarray) -> dict:

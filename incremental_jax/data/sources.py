@@ -17,6 +17,7 @@ import numpy as np
 
 
 from incremental_jax.errors import DataError  # noqa: F401  (raised here)
+from incremental_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +120,12 @@ def _lazy(module: str, attr: str) -> Callable:
   return load
 
 
-SOURCES: dict[str, Callable[[Any], Dataset]] = {
+SOURCES: Registry[Callable[[Any], Dataset]] = Registry('a data set', {
     'digits': load_digits,
     'cifar10': _lazy('cifar', 'load_cifar10'),
     'cifar100': _lazy('cifar', 'load_cifar100'),
     'image_folder': _lazy('image_folder', 'load_image_folder'),
-}
+})
 
 
 def with_normalisation(ds: Dataset, cfg) -> Dataset:
@@ -141,6 +142,4 @@ def with_normalisation(ds: Dataset, cfg) -> Dataset:
 
 def load_dataset(cfg) -> Dataset:
   """Loads the data set named `cfg.name` (see SOURCES), checks it and applies `data.mean` / `data.std`."""
-  if cfg.name not in SOURCES:
-    raise DataError(f'Unknown data set {cfg.name!r}; valid names: {sorted(SOURCES)}.')
-  return with_normalisation(check_dataset(SOURCES[cfg.name](cfg)), cfg)
+  return with_normalisation(check_dataset(SOURCES.lookup(cfg.name, 'data.name')(cfg)), cfg)

@@ -12,20 +12,20 @@ from __future__ import annotations
 from typing import Callable
 
 from incremental_jax.losses import bake, m2kd
+from incremental_jax.registry import Registry
 
-AUX_LOSSES: dict[str, Callable] = {
+AUX_LOSSES: Registry[Callable] = Registry('an auxiliary loss', {
     'bake': bake.bake_term,
     'feature_kd': m2kd.feature_kd_term,
-}
+})
 
 
 def parse_aux_losses(aux_cfg) -> list[tuple[str, float, dict]]:
   """(name, weight, kwargs) of each term in an `aux_losses` config section (None or empty: no terms). An unknown
-  name raises a ValueError that lists the valid ones."""
+  name raises `UnknownName` (a ConfigError) that lists the valid ones."""
   terms = []
   for name, spec in sorted(dict(aux_cfg or {}).items()):
-    if name not in AUX_LOSSES:
-      raise ValueError(f'method.aux_losses names an unknown term {name!r}; valid names: {sorted(AUX_LOSSES)}.')
+    AUX_LOSSES.lookup(name, 'method.aux_losses')
     kwargs = dict(spec or {})
     weight = float(kwargs.pop('weight', 1.0))
     terms.append((name, weight, kwargs))

@@ -6,7 +6,6 @@ A method defined outside the package (a user's module or notebook) joins the reg
 """
 from __future__ import annotations
 
-from incremental_jax.errors import ConfigError
 from incremental_jax.methods.base import Method, Phase, TaskContext, TaskInfo, snapshot  # noqa: F401
 from incremental_jax.methods.baselines import Finetune, ICaRL, Joint, LwF
 from incremental_jax.methods.lucir import Lucir
@@ -14,8 +13,9 @@ from incremental_jax.methods.podnet import PODNet
 from incremental_jax.methods.bake import BAKE
 from incremental_jax.methods.iekd import IEDML, IEKD, KD
 from incremental_jax.methods.m2kd import M2KD, M2KDExemplars
+from incremental_jax.registry import Registry
 
-METHODS: dict[str, type] = {
+METHODS: Registry[type] = Registry('a method', {
     'finetune': Finetune,
     'joint': Joint,
     'lwf': LwF,
@@ -28,7 +28,7 @@ METHODS: dict[str, type] = {
     'iekd_dml': IEDML,
     'm2kd': M2KD,
     'm2kd_exemplars': M2KDExemplars,
-}
+}, hint=' (a method of your own joins them with incremental_jax.register_method)')
 
 
 def register_method(name: str, cls: type, *, replace: bool = False) -> type:
@@ -37,21 +37,12 @@ def register_method(name: str, cls: type, *, replace: bool = False) -> type:
   Returns `cls`, so it can decorate: `@functools.partial(register_method, 'my_method')`."""
   if not (isinstance(cls, type) and issubclass(cls, Method)):
     raise TypeError(f'register_method({name!r}, ...) needs a subclass of incremental_jax.methods.Method; got {cls!r}.')
-  if not name or not isinstance(name, str):
-    raise ValueError(f'a method name must be a non-empty string; got {name!r}.')
-  if name in METHODS and METHODS[name] is not cls and not replace:
-    raise ValueError(f'method {name!r} is already registered ({METHODS[name].__module__}.{METHODS[name].__name__}); '
-                     'pass replace=True to replace it.')
-  METHODS[name] = cls
-  return cls
+  return METHODS.register(name, cls, replace=replace)
 
 
 def method_class(name: str) -> type:
-  """The registered class of `method.name`; ConfigError listing the valid names otherwise."""
-  if name not in METHODS:
-    raise ConfigError(f'method.name={name!r} is not a method; valid names: {sorted(METHODS)} (a method of your own '
-                      'joins them with incremental_jax.register_method).')
-  return METHODS[name]
+  """The registered class of `method.name`; `UnknownName` listing the valid names otherwise."""
+  return METHODS.lookup(name, 'method.name')
 
 
 def build_method(config, num_classes: int, image_shape: tuple[int, int, int]) -> Method:

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from incremental_jax.registry import Registry
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -90,5 +92,6 @@ def _dilated(d) -> bool:
 # preset 32 K).
 LARGE = 2**18
 
-LOWERINGS: dict[str, Callable] = {'xla': lax.conv_general_dilated, 'materialized': materialized_conv,
-                                  'materialized_large': functools.partial(materialized_conv, min_size=LARGE)}
+LOWERINGS: Registry[Callable] = Registry('a conv lowering', {
+    'xla': lax.conv_general_dilated, 'materialized': materialized_conv,
+    'materialized_large': functools.partial(materialized_conv, min_size=LARGE)})

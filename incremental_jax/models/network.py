@@ -14,31 +14,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from incremental_jax import backend_tuning
-from incremental_jax.errors import ConfigError
 from incremental_jax.models import cosine as cosine_lib
 from incremental_jax.models import lsc as lsc_lib
 from incremental_jax.models import heads as heads_lib
 from incremental_jax.models import rebuffi
 from incremental_jax.models import resnet
+from incremental_jax.registry import Registry
 
-BACKBONES: dict[str, Callable[..., nnx.Module]] = {
+BACKBONES: Registry[Callable[..., nnx.Module]] = Registry('a backbone', {
     'cifar_resnet': resnet.cifar_resnet,
     'resnet': resnet.imagenet_resnet,
     'rebuffi': rebuffi.rebuffi_resnet,   # PODNet's CIFAR ResNet-32 (four POD maps, no post-addition ReLU)
-}
+})
 
 
-HEADS: dict[str, Any] = {
+HEADS: Registry[Any] = Registry('a head', {
     'linear': heads_lib.LinearHead,
     'cosine': cosine_lib.CosineHead,
     'lsc': lsc_lib.LocalSimilarityHead,
-}
-
-
-def _head_class(name: str):
-  if name not in HEADS:
-    raise ConfigError(f'model.head={name!r} is unknown; valid names: {sorted(HEADS)}.')
-  return HEADS[name]
+})
 
 
 class Classifier(nnx.Module):
@@ -107,23 +101,19 @@ def functional_model(construct: Callable[[], nnx.Module], head_class_axes: dict,
                num_classes=num_classes, embedding_dim=embedding_dim, initializer=jax.jit(initialize))
 
 
-COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+COMPUTE_DTYPES: Registry[Any] = Registry('a compute dtype', {'float32': None, 'bfloat16': jnp.bfloat16})
 
 
 def layers_of(model_cfg, backend: Optional[str] = None) -> resnet.Layers:
   """The backbone's `Layers`: `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch
   statistics, heads and losses stay float32) and the convolution lowering `backend_tuning` gives the backend
   (default: JAX's default backend)."""
-  dtype = str(model_cfg.dtype)
-  if dtype not in COMPUTE_DTYPES:
-    raise ConfigError(f'model.dtype={dtype!r} is unknown; valid names: {sorted(COMPUTE_DTYPES)}.')
+  dtype = COMPUTE_DTYPES.lookup(str(model_cfg.dtype), 'model.dtype')
   lowering = backend_tuning.conv_lowering(backend or jax.default_backend())
-  return resnet.Layers(conv_lowering=lowering, dtype=COMPUTE_DTYPES[dtype])
+  return resnet.Layers(conv_lowering=lowering, dtype=dtype)
 
 
 def _backbone_kwargs(model_cfg) -> dict:
-  if model_cfg.backbone not in BACKBONES:
-    raise ConfigError(f'model.backbone={model_cfg.backbone!r} is unknown; valid names: {sorted(BACKBONES)}.')
   kw = dict(depth=int(model_cfg.depth), width=int(model_cfg.width), last_relu=bool(model_cfg.last_relu),
             shortcut=str(model_cfg.shortcut), layers=layers_of(model_cfg))
   if model_cfg.backbone == 'resnet':
@@ -134,9 +124,10 @@ def _backbone_kwargs(model_cfg) -> dict:
 def make_classifier(model_cfg, num_classes: int, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> Classifier:
   """The `Classifier` (backbone + head) of `model_cfg`, created eagerly with `rngs` (call it inside a
   `functional_model` constructor, e.g. to build several networks into one module)."""
-  backbone = BACKBONES[model_cfg.backbone](image_shape[-1], rngs=rngs, **_backbone_kwargs(model_cfg))
-  head = _head_class(model_cfg.head)(backbone.embedding_dim, num_classes, rngs=rngs,
-                                     **dict(model_cfg.head_kwargs or {}))
+  backbone_fn = BACKBONES.lookup(model_cfg.backbone, 'model.backbone')
+  backbone = backbone_fn(image_shape[-1], rngs=rngs, **_backbone_kwargs(model_cfg))
+  head = HEADS.lookup(model_cfg.head, 'model.head')(backbone.embedding_dim, num_classes, rngs=rngs,
+                                                    **dict(model_cfg.head_kwargs or {}))
   return Classifier(backbone, head)
 
 
@@ -149,8 +140,9 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
   trained (the classifier's `backbone` and `head` plus extra trainable modules, e.g. IE-KD's encoders); its
   `__call__(x, train)` must return the classifier's outputs (and may add its own).
   """
+  backbone_fn = BACKBONES.lookup(model_cfg.backbone, 'model.backbone')
   kw = _backbone_kwargs(model_cfg)
-  head_cls = _head_class(model_cfg.head)
+  head_cls = HEADS.lookup(model_cfg.head, 'model.head')
 
   def construct():
     # The 'rbg' generator compiles ~8x faster than threefry on CPU; initialisation runs once, replicated.
@@ -158,6 +150,5 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
     classifier = make_classifier(model_cfg, num_classes, image_shape, rngs)
     return classifier if extend is None else extend(classifier, rngs)
 
-  backbone_fn = BACKBONES[model_cfg.backbone]
   embedding_dim = nnx.eval_shape(lambda: backbone_fn(image_shape[-1], rngs=nnx.Rngs(0), **kw)).embedding_dim
   return functional_model(construct, dict(head_cls.class_axes), num_classes, embedding_dim)

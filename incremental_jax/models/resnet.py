@@ -33,7 +33,7 @@ class Layers:
   def conv(self, cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
                     use_bias=False, kernel_init=_CONV_INIT, dtype=self.dtype,
-                    conv_general_dilated=conv_lib.LOWERINGS[self.conv_lowering], rngs=rngs)
+                    conv_general_dilated=conv_lib.LOWERINGS.lookup(self.conv_lowering, 'conv_lowering'), rngs=rngs)
 
   def bn(self, c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) in Flax's convention.
