@@ -58,8 +58,8 @@ class RunData:
   test_labels: np.ndarray
 
 
-def prepare_data(config) -> RunData:
-  dataset = sources.load_dataset(config.data)
+def prepare_data(config, dataset: Optional[sources.Dataset] = None) -> RunData:
+  dataset = sources.load_dataset(config.data) if dataset is None else dataset
   scenario = scenario_lib.make_scenario(dataset.num_classes, config.data)
   return RunData(dataset, scenario, scenario.remap(dataset.train_labels), scenario.remap(dataset.test_labels))
 
@@ -105,19 +105,25 @@ def make_embed_fn(predict, images):
   return embed
 
 
-def build_run_spec(config, workdir: str, mesh) -> RunSpec:
+def load_images(config, mesh) -> tuple:
+  """(dataset, train_images, test_images): the data set of `config` and its splits placed by `data.on_device`
+  (`pipeline.place_dataset`: one budget and one device copy for both). The runs of a group share them: they
+  differ in seed and class order only (`runs.run_configs`), their images do not."""
+  ds = sources.load_dataset(config.data)
+  return (ds, *pipeline.place_dataset([ds.train_images, ds.test_images], mesh, config.data.on_device))
+
+
+def build_run_spec(config, workdir: str, mesh, images: Optional[tuple] = None) -> RunSpec:
   """Loads the data of `config` (checked field by field by `validate.validate_config`), checks it against the
   data set and scenario, and builds the method with its networks: everything a run needs that never changes
-  while it trains."""
-  data = prepare_data(config)
-  ds = data.dataset
+  while it trains. `images`: `load_images(config, mesh)`, shared with other runs (default: loaded here)."""
+  ds, train_images, test_images = load_images(config, mesh) if images is None else images
+  data = prepare_data(config, ds)
   validate.validate_against_data(config, ds, data.scenario)
   method = build_method(config, data.scenario.num_classes, ds.image_shape)
   augment_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
   preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
   predict = eval_lib.make_predict_fn(method.model, mesh, preprocess, int(config.eval.batch_size))
-  train_images = pipeline.place_images(ds.train_images, mesh, config.data.on_device)
-  test_images = pipeline.place_images(ds.test_images, mesh, config.data.on_device)
   return RunSpec(config=config, workdir=workdir, data=data, method=method, augment_fn=augment_fn, predict=predict,
                  embed=make_embed_fn(predict, train_images), mesh=mesh,
                  config_dict=json.loads(config.to_json_best_effort()), train_images=train_images,
@@ -460,9 +466,10 @@ def use_compilation_cache(setting: str) -> None:
   compilation_cache.reset_cache()
 
 
-def open_run(config, workdir: str, mesh, show_progress: bool) -> _Run:
-  """Builds a run's spec, opens its workdir and restores its latest checkpoint, if any."""
-  spec = build_run_spec(config, workdir, mesh)
+def open_run(config, workdir: str, mesh, show_progress: bool, images: Optional[tuple] = None) -> _Run:
+  """Builds a run's spec (with `images`, see `build_run_spec`), opens its workdir and restores its latest
+  checkpoint, if any."""
+  spec = build_run_spec(config, workdir, mesh, images)
   store = RunStore(spec)
   state, resume = store.restore(initial_state(spec))
   if resume.start_task or resume.mid:
@@ -493,7 +500,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   group = len(configs) > 1
   workdirs = [os.path.join(workdir, f'run_{k}') for k in range(len(configs))] if group else [workdir]
   mesh = parallel.make_mesh()
-  runs = [open_run(c, w, mesh, show_progress and not group) for c, w in zip(configs, workdirs)]
+  images = load_images(configs[0], mesh)   # one placed copy of the data set for every run
+  runs = [open_run(c, w, mesh, show_progress and not group, images) for c, w in zip(configs, workdirs)]
   if show_progress and jax.process_index() == 0:
     print(startup.session_summary(runs, workdir, config), flush=True)
   lead = runs[0].spec
