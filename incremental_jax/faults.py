@@ -21,7 +21,8 @@ skips the call per step, so injection costs nothing in normal runs.
 makes `perturbed(decision, value)` return a different value in this process: a host-computed decision that
 every process must agree on (see `parallel.agree`) computed differently on one host, as a different BLAS or
 library version could. Decisions: herding (exemplar indices), podnet_imprint (k-means imprinted weights),
-prune_masks (M2KD's pruning masks), epoch_plan (the sampler's batches).
+lucir_imprint (LUCIR's imprinted weights), prune_masks (M2KD's pruning masks), epoch_plan (the sampler's
+batches), on_device (whether the images fit the device under data.on_device='auto').
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ SIGNALS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM}
 PERTURB_VAR = 'INCREMENTAL_JAX_PERTURB'
 # the host decisions `parallel` checks or broadcasts across processes -> what each is, for messages
 DECISIONS = {'herding': 'the herding exemplar indices', 'podnet_imprint': "PODNet's k-means imprinted proxies",
-             'prune_masks': "M2KD's pruning mask", 'epoch_plan': "the sampler's epoch plan"}
+             'lucir_imprint': "LUCIR's imprinted class weights", 'prune_masks': "M2KD's pruning mask",
+             'epoch_plan': "the sampler's epoch plan",
+             'on_device': "the images' placement (data.on_device='auto': whether they fit the device)"}
 
 _plan: dict[str, tuple[int, int]] = {}   # point -> (occurrence, signal)
 _perturb: frozenset = frozenset()

@@ -27,14 +27,15 @@ from incremental_jax import task_stages
 from incremental_jax import train as train_lib
 from incremental_jax import validate
 from incremental_jax.environment import use_compilation_cache
-from incremental_jax.run_spec import build_run_spec, initial_state
+from incremental_jax.run_spec import build_run_spec, initial_state, load_images
 from incremental_jax.store import RunStore
 
 
-def open_run(config, workdir: str, mesh) -> tuple:
-  """(spec, store, state) of the run of `config` in `workdir`: its data and method, its workdir, and the state
-  of its latest checkpoint (the initial state of a new run)."""
-  spec = build_run_spec(config, workdir, mesh)
+def open_run(config, workdir: str, mesh, images: Optional[tuple] = None) -> tuple:
+  """(spec, store, state) of the run of `config` in `workdir`: its data (`images`, shared with other runs, see
+  `run_spec.build_run_spec`) and method, its workdir, and the state of its latest checkpoint (the initial state
+  of a new run)."""
+  spec = build_run_spec(config, workdir, mesh, images)
   store = RunStore(spec)
   return spec, store, store.restore(initial_state(spec))
 
@@ -58,7 +59,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   group = len(configs) > 1
   workdirs = [os.path.join(workdir, f'run_{k}') for k in range(len(configs))] if group else [workdir]
   mesh = parallel.make_mesh()
-  specs, stores, states = map(list, zip(*(open_run(c, w, mesh) for c, w in zip(configs, workdirs))))
+  images = load_images(configs[0], mesh)   # one placed copy of the data set for every run
+  specs, stores, states = map(list, zip(*(open_run(c, w, mesh, images) for c, w in zip(configs, workdirs))))
   talk = show_progress and jax.process_index() == 0
   if talk and not group:
     _print_resume(specs[0], stores[0], states[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -27,8 +27,8 @@ class RunData:
   test_labels: np.ndarray
 
 
-def prepare_data(config) -> RunData:
-  dataset = sources.load_dataset(config.data)
+def prepare_data(config, dataset: Optional[sources.Dataset] = None) -> RunData:
+  dataset = sources.load_dataset(config.data) if dataset is None else dataset
   scenario = scenario_lib.make_scenario(dataset.num_classes, config.data)
   return RunData(dataset, scenario, scenario.remap(dataset.train_labels), scenario.remap(dataset.test_labels))
 
@@ -64,19 +64,25 @@ def make_embed_fn(predict, images):
   return embed
 
 
-def build_run_spec(config, workdir: str, mesh) -> RunSpec:
+def load_images(config, mesh) -> tuple:
+  """(dataset, train_images, test_images): the data set of `config` and its splits placed by `data.on_device`
+  (`pipeline.place_dataset`: one budget and one device copy for both). The runs of a group share them: they
+  differ in seed and class order only (`runs.run_configs`), their images do not."""
+  ds = sources.load_dataset(config.data)
+  return (ds, *pipeline.place_dataset([ds.train_images, ds.test_images], mesh, config.data.on_device))
+
+
+def build_run_spec(config, workdir: str, mesh, images: Optional[tuple] = None) -> RunSpec:
   """Loads the data of `config` (checked field by field by `validate.validate_config`), checks it against the
   data set and scenario, and builds the method with its networks: everything a run needs that never changes
-  while it trains."""
-  data = prepare_data(config)
-  ds = data.dataset
+  while it trains. `images`: `load_images(config, mesh)`, shared with other runs (default: loaded here)."""
+  ds, train_images, test_images = load_images(config, mesh) if images is None else images
+  data = prepare_data(config, ds)
   validate.validate_against_data(config, ds, data.scenario)
   method = build_method(config, data.scenario.num_classes, ds.image_shape)
   augment_fn = augment.make_augment_fn(config.data.augment, ds.mean, ds.std)
   preprocess = lambda images: augment.normalize(images, ds.mean, ds.std)
   predict = eval_lib.make_predict_fn(method.model, mesh, preprocess, int(config.eval.batch_size))
-  train_images = pipeline.place_images(ds.train_images, mesh, config.data.on_device)
-  test_images = pipeline.place_images(ds.test_images, mesh, config.data.on_device)
   return RunSpec(config=config, workdir=workdir, data=data, method=method, augment_fn=augment_fn, predict=predict,
                  embed=make_embed_fn(predict, train_images), mesh=mesh,
                  config_dict=json.loads(config.to_json_best_effort()), train_images=train_images,

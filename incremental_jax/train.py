@@ -133,7 +133,9 @@ class Trainer:
     """Train steps per compiled chunk: `data.chunk_steps`, or when 0: on CPU 1 (XLA:CPU runs a train step
     inside a loop body 2-3x slower than alone, measured on the digits model), on accelerators 64 with the images
     on the device (an epoch of up to 64 steps is one dispatch) and 4 with host images (a chunk's batches are
-    loaded and sent together)."""
+    loaded and sent together). The same on every process, as the program it shapes must be: the config, the
+    platform of the mesh's first device (one device for all) and `on_device`, the placement that
+    `pipeline.place_dataset` agrees across processes, are all it reads."""
     k = int(self.method.config.data.chunk_steps or 0)
     if k > 0:
       return k

@@ -120,8 +120,9 @@ class DeviceImages:
 
 
 def device_budget_bytes() -> int:
-  """How many bytes of images `data.on_device='auto'` places on a device: a quarter of its memory as the
-  runtime reports it (GPU, TPU), or 2 GiB where it reports none (CPU: host memory, copied once)."""
+  """How many bytes of images `data.on_device='auto'` places on a device, for a data set's train and test images
+  together: a quarter of its memory as this host's runtime reports it (GPU, TPU), or 2 GiB where it reports none
+  (CPU: host memory, copied once). Host-local: `fits_device` makes process 0's answer everyone's."""
   try:
     stats = jax.local_devices()[0].memory_stats() or {}
   except Exception:  # noqa: BLE001 - backends without memory statistics
@@ -139,16 +140,30 @@ def on_device_setting(value):
   return ON_DEVICE.get(value.lower() if isinstance(value, str) else value)
 
 
-def place_images(images, mesh, setting, budget: Optional[int] = None):
-  """`images` as `DeviceImages` when `setting` (`data.on_device`) says so: True, or 'auto' when they are an
-  in-memory array whose bytes fit `budget` (default `device_budget_bytes`); else `images` unchanged (lazy image
-  folders always stay on the host)."""
+def fits_device(nbytes: int, budget: Optional[int] = None) -> bool:
+  """Whether `nbytes` of images fit `budget` (default `device_budget_bytes`), as process 0 answers it, on every
+  process (`parallel.broadcast_decision`, decision 'on_device'): the placement decides which programs compile,
+  and hosts whose memory statistics differ must compile the same ones. The answer travels as a one-hot over
+  (device, host)."""
+  fits = nbytes <= (device_budget_bytes() if budget is None else budget)
+  return bool(parallel.broadcast_decision(np.array([fits, not fits]), 'on_device', 'for the data set')[0])
+
+
+def place_dataset(splits: Sequence, mesh, setting, budget: Optional[int] = None) -> list:
+  """A data set's `splits` (its train and test images) as `DeviceImages` when `setting` (`data.on_device`) says
+  so: True, or 'auto' when the in-memory ones fit `budget` together (`fits_device`: one budget for the data set,
+  agreed by every process); else unchanged. Lazy image folders always stay on the host. Each split becomes one
+  copy (placed at first use), which every run of the data set shares."""
   setting = on_device_setting(setting)
-  if setting is False or not isinstance(images, np.ndarray):
-    return images
-  if setting == 'auto' and images.nbytes > (device_budget_bytes() if budget is None else budget):
-    return images
-  return DeviceImages(images, mesh)
+  in_memory = [isinstance(s, np.ndarray) for s in splits]
+  if setting == 'auto':
+    setting = fits_device(sum(s.nbytes for s, m in zip(splits, in_memory) if m), budget)
+  return [DeviceImages(s, mesh) if setting and m else s for s, m in zip(splits, in_memory)]
+
+
+def place_images(images, mesh, setting, budget: Optional[int] = None):
+  """One image array placed as `place_dataset` places a data set's splits."""
+  return place_dataset([images], mesh, setting, budget)[0]
 
 
 def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], mesh, prefetch: int = 2) -> Iterator[dict]:

@@ -212,15 +212,18 @@ def first_task_optim(optim, task: int):
   return optim
 
 
-def with_imprinted_head(ctx: TaskContext, imprint: Callable) -> TaskContext:
+def with_imprinted_head(ctx: TaskContext, imprint: Callable, decision: str) -> TaskContext:
   """`ctx` with the head's class kernel of the current task's classes imprinted (LUCIR, PODNet): `imprint(kernel,
   features, labels, new_classes, old_classes) -> kernel` receives the head kernel and the inference-mode
-  embeddings of the new classes' training images, computed with the current (previous task's) model."""
+  embeddings of the new classes' training images, computed with the current (previous task's) model. The kernel
+  is NumPy computed on every host, whose BLAS or k-means may round differently: every process uses process 0's
+  (`parallel.broadcast_decision` under `decision`, a `faults.DECISIONS` name)."""
   params, stats = ctx.state.params, ctx.state.batch_stats
   idx = ctx.new_class_indices()
   features = ctx.embed(params, stats, idx)
   lo, hi = ctx.class_range()
   kernel = imprint(np.asarray(jax.device_get(params['head']['kernel'])), features, ctx.train_labels[idx],
                    np.arange(lo, hi), np.arange(0, lo))
+  kernel = parallel.broadcast_decision(kernel, decision, f'in task {ctx.task}')
   head = {**params['head'], 'kernel': parallel.replicate(kernel, ctx.mesh)}
   return ctx.replace(state=ctx.state.replace(params={**params, 'head': head}))

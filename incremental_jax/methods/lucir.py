@@ -88,7 +88,7 @@ class Lucir(Method):
   def before_task(self, ctx: TaskContext) -> TaskContext:
     if ctx.task == 0 or not self.mcfg.imprint:
       return ctx
-    return with_imprinted_head(ctx, imprinted_weights)
+    return with_imprinted_head(ctx, imprinted_weights, 'lucir_imprint')
 
   def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
     if ctx.task == 0 or not self.mcfg.cb_finetune:

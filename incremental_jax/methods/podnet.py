@@ -28,7 +28,6 @@ import dataclasses
 import numpy as np
 
 from incremental_jax import memory as memory_lib
-from incremental_jax import parallel
 from incremental_jax.losses.lucir import less_forget
 from incremental_jax.losses.podnet import (POOLINGS, adaptive_factor, nca, nca_official, perceptual_features,
                                            pod_spatial)
@@ -116,8 +115,7 @@ class PODNet(Method):
   def before_task(self, ctx: TaskContext) -> TaskContext:
     if ctx.task == 0 or not self.mcfg.imprint:
       return ctx
-    return with_imprinted_head(ctx, lambda *args: parallel.broadcast_decision(  # k-means: the same on every host
-        imprinted_proxies(*args, seed=int(ctx.config.seed)), 'podnet_imprint', f'in task {ctx.task}'))
+    return with_imprinted_head(ctx, lambda *args: imprinted_proxies(*args, seed=int(ctx.config.seed)), 'podnet_imprint')
 
   def balancing_phases(self, ctx: TaskContext) -> list[Phase]:
     """Class-balanced finetuning of every seen class's proxies on the (balanced) exemplar memory, with NCA at
