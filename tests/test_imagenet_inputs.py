@@ -104,3 +104,15 @@ def test_bad_input_settings_are_config_errors(field, value, message):
   c.data.name, c.data.classes = 'image_folder', 'no_such_list'
   with pytest.raises(ConfigError, match='imagenet100_lucir'):
     validate.validate_config(c)
+
+
+def test_crop_padding_with_random_resized_crop_is_a_config_error():
+  from configs import finetune
+  from incremental_jax import validate
+  from incremental_jax.errors import ConfigError
+  c = finetune.get_config('digits')
+  c.data.name, c.data.augment.random_resized_crop, c.data.augment.crop_padding = 'image_folder', True, 0
+  validate.validate_config(c)
+  c.data.augment.crop_padding = 4   # would be silently ignored: the host cuts the crop
+  with pytest.raises(ConfigError, match='crop_padding=4'):
+    validate.validate_config(c)
