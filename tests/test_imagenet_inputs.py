@@ -66,6 +66,7 @@ def test_kill_mid_epoch_and_resume_gives_the_uninterrupted_results(tmp_path):
       open(tmp_path / 'resumed' / 'results.json'))['steps']
   resumed = _run(data, str(tmp_path / 'resumed'), 1)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'leaked' not in resumed.stderr, resumed.stderr[-3000:]   # the loader's workers stopped cleanly
   assert _results(str(tmp_path / 'resumed')) == _results(str(tmp_path / 'full'))
 
 

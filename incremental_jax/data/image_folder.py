@@ -8,9 +8,9 @@ ImageNet-100 subsets are distributed, define the images and labels instead of th
 Images are never all loaded: the splits are `LazyImages`, which decode the requested indices on demand with PIL
 (RGB, shorter side resized to `resize`, centre crop `image_size`: the test view, as torchvision's `Resize(resize)` +
 `CenterCrop(image_size)`) in a thread pool. Train batches come from a Grain loader instead (`LazyImages.train_batches`,
-`grain.MapDataset` over the epoch's index rows, decoded in `data.workers` worker processes): with
-`data.augment.random_resized_crop` each train image is a RandomResizedCrop of the full decoded image
-(`host_transforms`), else the test view.
+`grain.MapDataset` over the epochs' index rows, decoded in `data.workers` worker processes that serve every epoch,
+`grain_stream`): with `data.augment.random_resized_crop` each train image is a RandomResizedCrop of the full
+decoded image (`host_transforms`), else the test view.
 
 `data.classes` restricts a class-folder tree to a list of class folders: a packaged list of `class_lists/` by name
 (`imagenet100_podnet`, `imagenet100_lucir`) or a file, so ImageNet-100 runs from an ImageNet-1k tree.
