@@ -77,9 +77,10 @@ def rates(batches_per_epoch: int, batch: int, times: list) -> dict:
           'later_first_batch_s': float(np.mean([f - s for s, f, _ in times[1:]])) if len(times) > 1 else float('nan')}
 
 
-def ours(root: str, workers: int, batch: int, epochs: int, seed: int = 0) -> dict:
-  """`rates` of `epochs` epochs through one Grain loader (its workers persist from epoch to epoch) and the jitted
-  device augmentation (flip, multiplicative brightness, normalisation)."""
+def ours(root: str, workers: int, batch: int, epochs: int, device_aug: bool = True, seed: int = 0) -> dict:
+  """`rates` of `epochs` epochs through one Grain loader (its workers persist from epoch to epoch) and, with
+  `device_aug`, the jitted device augmentation (flip, multiplicative brightness, normalisation), here on the
+  CPU beside the workers; without it, the host's share of a run whose accelerator augments."""
   import jax
   from incremental_jax.data import augment, image_folder
   cfg = _data_config(root, workers)
@@ -92,7 +93,8 @@ def ours(root: str, workers: int, batch: int, epochs: int, seed: int = 0) -> dic
     rows = epoch_rows(len(ds.train_labels), batch, seed + e)
     first = None
     for step, images in enumerate(ds.train_images.train_batches(rows)):
-      aug(jax.random.fold_in(jax.random.key(seed), e * len(rows) + step), images).block_until_ready()
+      if device_aug:
+        aug(jax.random.fold_in(jax.random.key(seed), e * len(rows) + step), images).block_until_ready()
       if first is None:
         first = time.perf_counter()
     end = time.perf_counter()
@@ -164,7 +166,7 @@ def torchvision_rate(root: str, workers: int, batch: int, epochs: int, persisten
 
 def step_wait(root: str, workers: int, batch: int, model: str, width: int, steps: int, seed: int = 0) -> dict:
   """A train step fed by the Grain loader: mean seconds per step spent waiting for the next batch, and the mean
-  step time, after the first (compiling) step. `model`: 'resnet18' (ResNet-18 of width `width`, ImageNet stem,
+  step time, over the second half of `steps` steps (the first compiles, while the workers fill their buffers). `model`: 'resnet18' (ResNet-18 of width `width`, ImageNet stem,
   224 x 224 RandomResizedCrops) or 'digits' (the model and image size of the `digits` preset, `configs/lucir.py`:
   a CIFAR-style ResNet-8 with a cosine head on 8 x 8 RandomResizedCrops: a step far cheaper than the decoding)."""
   import jax
@@ -218,7 +220,8 @@ def step_wait(root: str, workers: int, batch: int, model: str, width: int, steps
       waits.append(t1 - t0)
       times.append(t2 - t1)
   ds.train_images.close()
-  return {'wait_s': float(np.mean(waits)), 'step_s': float(np.mean(times))}
+  half = len(waits) // 2
+  return {'wait_s': float(np.mean(waits[half:])), 'step_s': float(np.mean(times[half:]))}
 
 
 def _cell(a: dict, b: dict | None, key: str) -> str:
@@ -237,7 +240,8 @@ def main() -> int:
                       help="torchvision's DataLoader with persistent_workers=True (default: False, as the official "
                            "code of PODNet, LUCIR and PyCIL)")
   parser.add_argument('--width', type=int, default=8, help='ResNet-18 width of the step-wait measurement')
-  parser.add_argument('--steps', type=int, default=6, help='steps of the step-wait measurement')
+  parser.add_argument('--steps', type=int, default=6, help='ResNet-18 steps of the step-wait measurement')
+  parser.add_argument('--digits_steps', type=int, default=64, help='digits steps of the step-wait measurement')
   args = parser.parse_args()
   cores = os.cpu_count() or 1
   counts = [int(w) for w in args.workers.split(',')] if args.workers else list(range(1, cores + 1))
@@ -247,17 +251,21 @@ def main() -> int:
   print('images/s, incremental_jax (Grain) / torchvision DataLoader = ratio')
   print('workers | after the first batch     | epoch 1, start-up included | all epochs, start-up included | '
         'first batch ours / tv: epoch 1, later')
+  print('(a row per worker count with the flip / jitter / normalisation jitted on this CPU, then one "-" with them '
+        'left to the accelerator: the loader alone)')
   for w in counts:
-    a = ours(root, w, args.batch, args.epochs)
     b = torchvision_rate(root, w, args.batch, args.epochs, args.tv_persistent, args.torch_python)
-    first = (f'{a["first_batch_s"]:.2f}s / {b["first_batch_s"]:.2f}s, {a["later_first_batch_s"]:.2f}s / '
-             f'{b["later_first_batch_s"]:.2f}s' if b else f'{a["first_batch_s"]:.2f}s, {a["later_first_batch_s"]:.2f}s')
-    print(f'{w:7d} | {_cell(a, b, "images_per_s"):>25} | {_cell(a, b, "epoch_images_per_s"):>26} | '
-          f'{_cell(a, b, "run_images_per_s"):>29} | {first}', flush=True)
+    for device_aug in (True, False):
+      a = ours(root, w, args.batch, args.epochs, device_aug)
+      first = (f'{a["first_batch_s"]:.2f}s / {b["first_batch_s"]:.2f}s, {a["later_first_batch_s"]:.2f}s / '
+               f'{b["later_first_batch_s"]:.2f}s' if b else f'{a["first_batch_s"]:.2f}s, {a["later_first_batch_s"]:.2f}s')
+      label = f'{w:7d}' if device_aug else f'{"-":>7}'
+      print(f'{label} | {_cell(a, b, "images_per_s"):>25} | {_cell(a, b, "epoch_images_per_s"):>26} | '
+            f'{_cell(a, b, "run_images_per_s"):>29} | {first}', flush=True)
   w = counts[-1]
-  for model, label in (('digits', 'digits step (CIFAR ResNet-8, 8x8 crops)'),
-                       ('resnet18', f'ResNet-18 width {args.width} (224x224)')):
-    r = step_wait(root, w, args.batch, model, args.width, args.steps)
+  for model, label, steps in (('digits', 'digits step (CIFAR ResNet-8, 8x8 crops)', args.digits_steps),
+                              ('resnet18', f'ResNet-18 width {args.width} (224x224)', args.steps)):
+    r = step_wait(root, w, args.batch, model, args.width, steps)
     print(f'{label}, batch {args.batch}, {w} workers: step {r["step_s"]:.3f}s, waiting for its batch '
           f'{r["wait_s"]:.3f}s per step ({100 * r["wait_s"] / (r["wait_s"] + r["step_s"]):.0f}% of the time)',
           flush=True)
