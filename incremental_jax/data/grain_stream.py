@@ -8,7 +8,10 @@ of `width` items. Element b of the pipeline is row b of the stream; a worker ask
 published waits for it (`_RowTable.__getitem__`). Grain's `mp_prefetch` gives worker k the batches k, k + W, ...
 and interleaves them back in order, so the stream's batches are the rows' batches in order, whatever the number
 of workers (`grain/_src/python/dataset/transformations/process_prefetch.py::multiprocess_prefetch`). A row's
-slot is rewritten only after its batch came back, so the ring never overtakes a worker.
+slot is rewritten only after its batch came back, so the ring never overtakes a worker. Batches come back through
+the workers' pipes, not Grain's shared memory (see `GrainStream.__init__`). `close` (also at exit, and when the
+owning `LazyImages` is collected) raises the closed flag so waiting workers stop at once; a worker whose training
+process died (SIGKILL) removes the table and exits.
 """
 from __future__ import annotations
 
