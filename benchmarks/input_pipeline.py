@@ -2,10 +2,12 @@
 horizontal flip + ColorJitter(brightness=63/255) + batching, incremental_jax's Grain loader (decode and crop in
 worker processes, flip / jitter / normalisation as the device augmentation, jitted, here on the CPU) against a
 torchvision DataLoader with the same transforms (RandomResizedCrop, RandomHorizontalFlip, ColorJitter, ToTensor,
-Normalize) and the same number of worker processes; then how long a ResNet-18 train step (width --width) waits
-for its batch when the Grain loader feeds it. Prints figures; asserts nothing.
+Normalize) and the same number of worker processes, over --epochs epochs of one loader each (our workers start
+once; torchvision's once per epoch unless --tv_persistent); then how long a train step waits for its batch when
+the Grain loader feeds it: the digits preset's step (CIFAR-style ResNet-8, 8x8 crops) and a ResNet-18 step (width
+--width, 224x224). Prints figures; asserts nothing.
 
-    python benchmarks/input_pipeline.py                     # workers 1 .. all cores, 1024 images, batch 64
+    python benchmarks/input_pipeline.py                     # workers 1 .. all cores, 1024 images, batch 64, 3 epochs
     python benchmarks/input_pipeline.py --images=2048 --workers=1,2,4,8 --batch=128
 
 torchvision is needed only for the comparison (`pip install torch==2.13.0 --index-url
@@ -55,29 +57,51 @@ def epoch_rows(n: int, batch: int, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).permutation(n)[:n // batch * batch].reshape(-1, batch)
 
 
-def ours(root: str, workers: int, batch: int, seed: int = 0) -> dict:
-  """images/s of one epoch through the Grain loader and the jitted device augmentation (flip, multiplicative
-  brightness, normalisation); the first batch (worker start-up) is timed apart."""
-  import jax
+def _data_config(root: str, workers: int, image_size: int = 224, resize: int = 256):
   from incremental_jax.config import base_config
-  from incremental_jax.data import augment, image_folder
   cfg = base_config().data
-  cfg.name, cfg.data_dir, cfg.image_size, cfg.resize, cfg.workers = 'image_folder', root, 224, 256, workers
-  cfg.augment.random_resized_crop, cfg.augment.brightness, cfg.verify_images = True, BRIGHTNESS, False
+  cfg.name, cfg.data_dir, cfg.image_size, cfg.resize, cfg.workers = 'image_folder', root, image_size, resize, workers
+  cfg.augment.random_resized_crop, cfg.augment.crop_padding = True, 0
+  cfg.augment.brightness, cfg.verify_images = BRIGHTNESS, False
+  return cfg
+
+
+def rates(batches_per_epoch: int, batch: int, times: list) -> dict:
+  """Figures of `times` [epochs] of (start, first batch, end) wall-clock seconds: images/s after the first batch
+  of epoch 1, over epoch 1 (worker start-up included), and over all epochs (start-up included once or per
+  epoch, as the loader pays it)."""
+  (start, first, end), n = times[0], batches_per_epoch * batch
+  return {'images_per_s': (batches_per_epoch - 1) * batch / (end - first), 'first_batch_s': first - start,
+          'epoch_images_per_s': n / (end - start),
+          'run_images_per_s': len(times) * n / (times[-1][2] - start),
+          'later_first_batch_s': float(np.mean([f - s for s, f, _ in times[1:]])) if len(times) > 1 else float('nan')}
+
+
+def ours(root: str, workers: int, batch: int, epochs: int, device_aug: bool = True, seed: int = 0) -> dict:
+  """`rates` of `epochs` epochs through one Grain loader (its workers persist from epoch to epoch) and, with
+  `device_aug`, the jitted device augmentation (flip, multiplicative brightness, normalisation), here on the
+  CPU beside the workers; without it, the host's share of a run whose accelerator augments."""
+  import jax
+  from incremental_jax.data import augment, image_folder
+  cfg = _data_config(root, workers)
   ds = image_folder.load_image_folder(cfg)
   aug = jax.jit(augment.make_augment_fn(cfg.augment, MEAN, STD))
   aug(jax.random.key(0), np.zeros((batch, 224, 224, 3), np.uint8)).block_until_ready()   # compiled before timing
-  rows = epoch_rows(len(ds.train_labels), batch, seed)
+  times = []
   start = time.perf_counter()
-  first = None
-  for step, images in enumerate(ds.train_images.train_batches(rows)):
-    aug(jax.random.fold_in(jax.random.key(seed), step), images).block_until_ready()
-    if first is None:
-      first = time.perf_counter()
-  end = time.perf_counter()
-  steady = (len(rows) - 1) * batch / (end - first) if len(rows) > 1 else float('nan')
-  return {'images_per_s': steady, 'first_batch_s': first - start, 'epoch_s': end - start,
-          'epoch_images_per_s': len(rows) * batch / (end - start)}
+  for e in range(epochs):
+    rows = epoch_rows(len(ds.train_labels), batch, seed + e)
+    first = None
+    for step, images in enumerate(ds.train_images.train_batches(rows)):
+      if device_aug:
+        aug(jax.random.fold_in(jax.random.key(seed), e * len(rows) + step), images).block_until_ready()
+      if first is None:
+        first = time.perf_counter()
+    end = time.perf_counter()
+    times.append((start, first, end))
+    start = end
+  ds.train_images.close()
+  return rates(len(rows), batch, times)
 
 
 TORCH_CHILD = r'''
@@ -104,7 +128,7 @@ torch.library.register_fake, torch.library.register_autograd = _tolerant(_regist
 import torchvision
 from torchvision import datasets, transforms
 torch.library.register_fake, torch.library.register_autograd = _register_fake, _register_autograd
-root, workers, batch, seed, brightness, mean, std = json.loads(sys.argv[1])
+root, workers, batch, epochs, persistent, seed, brightness, mean, std = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                          transforms.ColorJitter(brightness=brightness), transforms.ToTensor(),
@@ -112,47 +136,56 @@ tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHor
 ds = datasets.ImageFolder(root + '/train', tf)
 g = torch.Generator(); g.manual_seed(seed)
 loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                     generator=g, persistent_workers=False, prefetch_factor=2 if workers else None)
-start = time.perf_counter(); first = None; n = 0
-for x, y in loader:
-  n += 1
-  if first is None:
-    first = time.perf_counter()
-end = time.perf_counter()
-print(json.dumps({'images_per_s': (n - 1) * batch / (end - first), 'first_batch_s': first - start,
-                  'epoch_s': end - start, 'epoch_images_per_s': n * batch / (end - start),
-                  'torchvision': torchvision.__version__}))
+                                     generator=g, persistent_workers=persistent and workers > 0,
+                                     prefetch_factor=2 if workers else None)
+times = []
+start = time.perf_counter()
+for e in range(epochs):
+  first = None; n = 0
+  for x, y in loader:
+    n += 1
+    if first is None:
+      first = time.perf_counter()
+  end = time.perf_counter()
+  times.append((start, first, end))
+  start = end
+print(json.dumps({'times': times, 'batches': n, 'torchvision': torchvision.__version__}))
 '''
 
 
-def torchvision_rate(root: str, workers: int, batch: int, python: str, seed: int = 0) -> dict | None:
-  args = json.dumps([root, workers, batch, seed, BRIGHTNESS, MEAN, STD])
+def torchvision_rate(root: str, workers: int, batch: int, epochs: int, persistent: bool, python: str,
+                     seed: int = 0) -> dict | None:
+  args = json.dumps([root, workers, batch, epochs, persistent, seed, BRIGHTNESS, MEAN, STD])
   proc = subprocess.run([python, '-c', TORCH_CHILD, args], capture_output=True, text=True)
   if proc.returncode:
     print(f'  (torchvision run failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode})')
     return None
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  return rates(out['batches'], batch, out['times'])
 
 
-def step_wait(root: str, workers: int, batch: int, width: int, steps: int, seed: int = 0) -> dict:
-  """A ResNet-18 (width `width`, ImageNet stem) SGD step fed by the Grain loader: mean seconds per step spent
-  waiting for the next batch, and the mean step time, after the first (compiling) step."""
+def step_wait(root: str, workers: int, batch: int, model: str, width: int, steps: int, seed: int = 0) -> dict:
+  """A train step fed by the Grain loader: mean seconds per step spent waiting for the next batch, and the mean
+  step time, over the second half of `steps` steps (the first compiles, while the workers fill their buffers). `model`: 'resnet18' (ResNet-18 of width `width`, ImageNet stem,
+  224 x 224 RandomResizedCrops) or 'digits' (the model and image size of the `digits` preset, `configs/lucir.py`:
+  a CIFAR-style ResNet-8 with a cosine head on 8 x 8 RandomResizedCrops: a step far cheaper than the decoding)."""
   import jax
   import jax.numpy as jnp
   import ml_collections
   import optax
   from incremental_jax.config import base_config
+  from incremental_jax.configs import lucir
   from incremental_jax.data import augment, image_folder
   from incremental_jax.models.network import build_model
-  cfg = base_config()
-  dcfg = cfg.data
-  dcfg.name, dcfg.data_dir, dcfg.image_size, dcfg.resize, dcfg.workers = 'image_folder', root, 224, 256, workers
-  dcfg.augment.random_resized_crop, dcfg.augment.brightness, dcfg.verify_images = True, BRIGHTNESS, False
+  if model == 'digits':
+    mcfg, size = ml_collections.ConfigDict(lucir.get_config('digits').model.to_dict()), 8
+  else:
+    mcfg, size = ml_collections.ConfigDict(base_config().model.to_dict()), 224
+    mcfg.backbone, mcfg.depth, mcfg.width, mcfg.stem = 'resnet', 18, width, 'imagenet'
+  dcfg = _data_config(root, workers, size, max(size, 256 * size // 224))
   ds = image_folder.load_image_folder(dcfg)
-  mcfg = ml_collections.ConfigDict(cfg.model.to_dict())
-  mcfg.backbone, mcfg.depth, mcfg.width, mcfg.stem = 'resnet', 18, width, 'imagenet'
-  model = build_model(mcfg, ds.num_classes, (224, 224, 3))
-  params, stats = model.init_variables()
+  net = build_model(mcfg, ds.num_classes, (size, size, 3))
+  params, stats = net.init_variables()
   opt = optax.sgd(0.01, momentum=0.9)
   aug = augment.make_augment_fn(dcfg.augment, MEAN, STD)
 
@@ -161,7 +194,7 @@ def step_wait(root: str, workers: int, batch: int, width: int, steps: int, seed:
     x = aug(jax.random.fold_in(jax.random.key(seed), step), images)
 
     def loss_fn(p):
-      out, new_stats = model.apply(p, stats, x, train=True)
+      out, new_stats = net.apply(p, stats, x, train=True)
       return optax.softmax_cross_entropy_with_integer_labels(out['logits'], labels).mean(), new_stats
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -186,7 +219,13 @@ def step_wait(root: str, workers: int, batch: int, width: int, steps: int, seed:
     if step:
       waits.append(t1 - t0)
       times.append(t2 - t1)
-  return {'wait_s': float(np.mean(waits)), 'step_s': float(np.mean(times))}
+  ds.train_images.close()
+  half = len(waits) // 2
+  return {'wait_s': float(np.mean(waits[half:])), 'step_s': float(np.mean(times[half:]))}
+
+
+def _cell(a: dict, b: dict | None, key: str) -> str:
+  return f'{a[key]:.1f} / {b[key]:.1f} = {a[key] / b[key]:.2f}x' if b else f'{a[key]:.1f} / n/a'
 
 
 def main() -> int:
@@ -194,30 +233,42 @@ def main() -> int:
   parser.add_argument('--root', default='/tmp/incremental_jax_input_bench')
   parser.add_argument('--images', type=int, default=1024)
   parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--epochs', type=int, default=3, help='epochs per loader (its workers start once)')
   parser.add_argument('--workers', default='', help='comma-separated worker counts (default 1 .. all cores)')
   parser.add_argument('--torch_python', default=sys.executable, help='the interpreter with torch/torchvision')
+  parser.add_argument('--tv_persistent', action='store_true',
+                      help="torchvision's DataLoader with persistent_workers=True (default: False, as the official "
+                           "code of PODNet, LUCIR and PyCIL)")
   parser.add_argument('--width', type=int, default=8, help='ResNet-18 width of the step-wait measurement')
-  parser.add_argument('--steps', type=int, default=6, help='steps of the step-wait measurement')
+  parser.add_argument('--steps', type=int, default=6, help='ResNet-18 steps of the step-wait measurement')
+  parser.add_argument('--digits_steps', type=int, default=64, help='digits steps of the step-wait measurement')
   args = parser.parse_args()
   cores = os.cpu_count() or 1
   counts = [int(w) for w in args.workers.split(',')] if args.workers else list(range(1, cores + 1))
   root = make_folder(args.root, args.images)
-  print(f'{args.images} JPEGs (300-500 x 250-500) in {root}; batch {args.batch}; {cores} cores')
-  print('images/s after the first batch (and over the whole epoch, worker start-up included)')
-  print('workers | incremental_jax (Grain) | torchvision DataLoader | ratio (epoch ratio) | first batch ours / tv')
+  print(f'{args.images} JPEGs (300-500 x 250-500) in {root}; batch {args.batch}; {args.epochs} epochs; {cores} cores; '
+        f'torchvision persistent_workers={args.tv_persistent}')
+  print('images/s, incremental_jax (Grain) / torchvision DataLoader = ratio')
+  print('workers | after the first batch     | epoch 1, start-up included | all epochs, start-up included | '
+        'first batch ours / tv: epoch 1, later')
+  print('(a row per worker count with the flip / jitter / normalisation jitted on this CPU, then one "-" with them '
+        'left to the accelerator: the loader alone)')
   for w in counts:
-    a = ours(root, w, args.batch)
-    b = torchvision_rate(root, w, args.batch, args.torch_python)
-    mine = f'{a["images_per_s"]:.1f} ({a["epoch_images_per_s"]:.1f})'
-    tv = f'{b["images_per_s"]:.1f} ({b["epoch_images_per_s"]:.1f})' if b else 'n/a'
-    ratio = (f'{a["images_per_s"] / b["images_per_s"]:.2f}x ({a["epoch_images_per_s"] / b["epoch_images_per_s"]:.2f}x)'
-             if b else 'n/a')
-    first = f'{a["first_batch_s"]:.2f}s / {b["first_batch_s"]:.2f}s' if b else f'{a["first_batch_s"]:.2f}s'
-    print(f'{w:7d} | {mine:>23} | {tv:>22} | {ratio:>19} | {first}', flush=True)
+    b = torchvision_rate(root, w, args.batch, args.epochs, args.tv_persistent, args.torch_python)
+    for device_aug in (True, False):
+      a = ours(root, w, args.batch, args.epochs, device_aug)
+      first = (f'{a["first_batch_s"]:.2f}s / {b["first_batch_s"]:.2f}s, {a["later_first_batch_s"]:.2f}s / '
+               f'{b["later_first_batch_s"]:.2f}s' if b else f'{a["first_batch_s"]:.2f}s, {a["later_first_batch_s"]:.2f}s')
+      label = f'{w:7d}' if device_aug else f'{"-":>7}'
+      print(f'{label} | {_cell(a, b, "images_per_s"):>25} | {_cell(a, b, "epoch_images_per_s"):>26} | '
+            f'{_cell(a, b, "run_images_per_s"):>29} | {first}', flush=True)
   w = counts[-1]
-  r = step_wait(root, w, args.batch, args.width, args.steps)
-  print(f'ResNet-18 width {args.width}, batch {args.batch}, {w} workers: step {r["step_s"]:.3f}s, waiting for '
-        f'its batch {r["wait_s"]:.3f}s per step ({100 * r["wait_s"] / (r["wait_s"] + r["step_s"]):.0f}% of the time)')
+  for model, label, steps in (('digits', 'digits step (CIFAR ResNet-8, 8x8 crops)', args.digits_steps),
+                              ('resnet18', f'ResNet-18 width {args.width} (224x224)', args.steps)):
+    r = step_wait(root, w, args.batch, model, args.width, steps)
+    print(f'{label}, batch {args.batch}, {w} workers: step {r["step_s"]:.3f}s, waiting for its batch '
+          f'{r["wait_s"]:.3f}s per step ({100 * r["wait_s"] / (r["wait_s"] + r["step_s"]):.0f}% of the time)',
+          flush=True)
   return 0
 
 

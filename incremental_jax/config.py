@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment.brightness_mode = 'multiply'  # 'multiply' (torchvision ColorJitter: factor in [1-b, 1+b], clipped)
                                         # or 'add' (offset in [-b, b] on [0, 1] pixels, tf.image.random_brightness)
   c.data.augment.random_resized_crop = False   # image folders: RandomResizedCrop(image_size) of each decoded train
-                                        # image on the host (Grain loader); crop_padding is then not used
+                                        # image on the host (Grain loader); needs crop_padding=0
   c.data.augment.crop_scale = (0.08, 1.0)      # its area fraction range (torchvision's default)
   c.data.augment.crop_ratio = (3 / 4, 4 / 3)   # its aspect-ratio range (torchvision's default)
   c.data.verify_images = True     # image folders: open every image once before training (False skips the check)

@@ -110,6 +110,8 @@ def _validate_inputs(data) -> None:
   if aug.random_resized_crop:
     _require(data.name == 'image_folder', f'data.augment.random_resized_crop crops the decoded images of an image '
              f'folder on the host; data.name={data.name!r} holds decoded arrays: use data.augment.crop_padding.')
+    _require(int(aug.crop_padding) == 0, f'data.augment.crop_padding={aug.crop_padding} does nothing with '
+             f'data.augment.random_resized_crop (the crop is cut on the host): set crop_padding=0.')
   if data.classes:
     _require(data.name == 'image_folder', f'data.classes selects class folders of an image folder; '
              f'data.name={data.name!r} has none.')

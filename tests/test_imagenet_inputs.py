@@ -66,6 +66,7 @@ def test_kill_mid_epoch_and_resume_gives_the_uninterrupted_results(tmp_path):
       open(tmp_path / 'resumed' / 'results.json'))['steps']
   resumed = _run(data, str(tmp_path / 'resumed'), 1)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'leaked' not in resumed.stderr, resumed.stderr[-3000:]   # the loader's workers stopped cleanly
   assert _results(str(tmp_path / 'resumed')) == _results(str(tmp_path / 'full'))
 
 
@@ -103,4 +104,16 @@ def test_bad_input_settings_are_config_errors(field, value, message):
   c = finetune.get_config('digits')
   c.data.name, c.data.classes = 'image_folder', 'no_such_list'
   with pytest.raises(ConfigError, match='imagenet100_lucir'):
+    validate.validate_config(c)
+
+
+def test_crop_padding_with_random_resized_crop_is_a_config_error():
+  from configs import finetune
+  from incremental_jax import validate
+  from incremental_jax.errors import ConfigError
+  c = finetune.get_config('digits')
+  c.data.name, c.data.augment.random_resized_crop, c.data.augment.crop_padding = 'image_folder', True, 0
+  validate.validate_config(c)
+  c.data.augment.crop_padding = 4   # would be silently ignored: the host cuts the crop
+  with pytest.raises(ConfigError, match='crop_padding=4'):
     validate.validate_config(c)

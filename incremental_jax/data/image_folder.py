@@ -8,9 +8,9 @@ ImageNet-100 subsets are distributed, define the images and labels instead of th
 Images are never all loaded: the splits are `LazyImages`, which decode the requested indices on demand with PIL
 (RGB, shorter side resized to `resize`, centre crop `image_size`: the test view, as torchvision's `Resize(resize)` +
 `CenterCrop(image_size)`) in a thread pool. Train batches come from a Grain loader instead (`LazyImages.train_batches`,
-`grain.MapDataset` over the epoch's index rows, decoded in `data.workers` worker processes): with
-`data.augment.random_resized_crop` each train image is a RandomResizedCrop of the full decoded image
-(`host_transforms`), else the test view.
+`grain.MapDataset` over the epochs' index rows, decoded in `data.workers` worker processes that serve every epoch,
+`grain_stream`): with `data.augment.random_resized_crop` each train image is a RandomResizedCrop of the full
+decoded image (`host_transforms`), else the test view.
 
 `data.classes` restricts a class-folder tree to a list of class folders: a packaged list of `class_lists/` by name
 (`imagenet100_podnet`, `imagenet100_lucir`) or a file, so ImageNet-100 runs from an ImageNet-1k tree.
@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from incremental_jax import paths as paths_lib
-from incremental_jax.data import host_transforms
+from incremental_jax.data import grain_stream, host_transforms
 from incremental_jax.data.host_transforms import row_keys
 from incremental_jax.data.sources import DataError, Dataset
 
@@ -138,36 +139,50 @@ class LazyImages:
     self.prefetch = max(1, int(prefetch))
     self._pool = None
     self._lock = threading.Lock()
+    self._streams = [None, None]   # the train loader's GrainStream and its finalizer
 
   def train_batches(self, rows: np.ndarray, columns: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
     """uint8 [len(columns), S, S, 3] train batches, one per index row of `rows` [n, B] (columns `columns` of each
-    row: this process's share, default all), made by a Grain loader in `self.workers` worker processes (0: in this
-    process, in threads) with `self.train_transform`. Each image's randomness is keyed by its row's digest and
-    its column (`host_transforms.row_keys`), so the batches depend on the rows only."""
+    row: this process's share, default all), made with `self.train_transform` by a Grain loader: in
+    `self.workers` worker processes that persist from call to call (`grain_stream.GrainStream`, kept until this
+    object is collected, `close`d or the process exits; a call with another width, or one after a call left
+    unfinished, starts new ones), or with 0 workers in this process, in threads. Each image's randomness is keyed
+    by its row's digest and its column (`host_transforms.row_keys`), so the batches depend on the rows only."""
     import grain
     from absl import flags
     if not flags.FLAGS.is_parsed():   # Grain reads its absl flags; a notebook or test has parsed none
       flags.FLAGS.mark_as_parsed()
-    rows = np.asarray(rows, np.int64).reshape(len(rows), -1)
-    columns = np.arange(rows.shape[1]) if columns is None else np.asarray(columns, np.int64)
-    keys = row_keys(rows)
-    items = np.empty((len(rows), len(columns), 4), np.uint64)
-    items[..., 0] = rows[:, columns]
-    items[..., 1], items[..., 2] = keys[:, None, 0], keys[:, None, 1]
-    items[..., 3] = columns[None]
-    ds = grain.MapDataset.source(_Items(items.reshape(-1, 4))).map(self.train_transform).batch(len(columns))
-    threads = 1 if self.workers > 0 else self.num_workers
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads * self.prefetch))
+    items = train_items(rows, columns)
     if self.workers > 0:
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=min(self.workers, len(rows)),
-                                                       per_worker_buffer_size=self.prefetch))
+      yield from self._stream(items.shape[1]).batches(items)
+      return
+    ds = grain.MapDataset.source(_Items(items.reshape(-1, 4))).map(self.train_transform).batch(items.shape[1])
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_workers,
+                                              prefetch_buffer_size=self.num_workers * self.prefetch))
     iterator = iter(it)
     try:
       yield from iterator
     finally:
-      close = getattr(iterator, 'close', None)
-      if close is not None:
-        close()
+      iterator.close()
+
+  def _stream(self, width: int) -> grain_stream.GrainStream:
+    """The open worker stream for batches of `width` items (a new one when there is none for them, or the one
+    there is serves another call)."""
+    stream = self._streams[0]
+    if stream is None or stream.closed or stream.busy or stream.width != width or stream.workers != self.workers:
+      self.close()
+      stream = grain_stream.GrainStream(self.train_transform, width, self.workers, self.prefetch)
+      self._streams[:] = [stream, weakref.finalize(self, stream.close)]
+    return stream
+
+  def close(self) -> None:
+    """Stops the train loader's worker processes, if any (they start again when needed)."""
+    stream, finalizer = self._streams
+    if finalizer is not None:
+      finalizer.detach()
+    if stream is not None:
+      stream.close()
+    self._streams[:] = [None, None]
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
@@ -220,12 +235,25 @@ class LazyImages:
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state['_pool'], state['_lock'] = None, None
+    state['_pool'], state['_lock'], state['_streams'] = None, None, [None, None]
     return state
 
   def __setstate__(self, state):
     self.__dict__.update(state)
     self._lock = threading.Lock()
+
+
+def train_items(rows: np.ndarray, columns: Optional[np.ndarray] = None) -> np.ndarray:
+  """uint64 [n, len(columns), 4]: the loader items (image index, row key 0, row key 1, column) of columns
+  `columns` (default all) of each index row of `rows` [n, B]."""
+  rows = np.asarray(rows, np.int64).reshape(len(rows), -1)
+  columns = np.arange(rows.shape[1]) if columns is None else np.asarray(columns, np.int64)
+  keys = row_keys(rows)
+  items = np.empty((len(rows), len(columns), 4), np.uint64)
+  items[..., 0] = rows[:, columns]
+  items[..., 1], items[..., 2] = keys[:, None, 0], keys[:, None, 1]
+  items[..., 3] = columns[None]
+  return items
 
 
 class _Items:
