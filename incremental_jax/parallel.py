@@ -72,7 +72,7 @@ def process_rows(global_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
 
 def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh, global_size: int, batch_axis: int = 0) -> dict:
   """This process's part of a batch (numpy) -> global arrays sharded over the 'data' axis along `batch_axis`
-  (1 for batches with a leading run axis, see `train.run_phase_group`)."""
+  (1 for batches with a leading run axis, see `train.phase_epochs`)."""
   sharding = NamedSharding(mesh, P(*([None] * batch_axis), 'data'))
 
   def global_array(v):
