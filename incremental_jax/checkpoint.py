@@ -10,7 +10,8 @@ A task-end checkpoint holds three items:
   extra: {'frozen': teacher pytree, 'method_state': ..., 'memory': int [C, M] exemplar indices}, restored
     against the shapes recorded in the checkpoint (so its structure may change from task to task);
   meta: JSON (position in the run, per-step results so far, class order, the run's config).
-A mid-task checkpoint (`checkpoint.every_epochs`) holds `train` (the state inside a phase) and `meta`, whose
+A mid-task checkpoint (`checkpoint.every_epochs`, or a stop request) holds `train` (the state inside a phase),
+`meta` and, once the task updated its memory, `extra` {'memory'}; its meta's
 `mid_task` entry says where in the task it was taken and which task-end checkpoint the task started from;
 that task-end checkpoint is kept as long as a later mid-task checkpoint needs it.
 
@@ -35,8 +36,13 @@ from incremental_jax.errors import CheckpointError
 FORMAT_VERSION = 1
 
 # Config fields that may differ between a run and its resumption (they do not change what is computed).
-RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'eval.batch_size', 'checkpoint', 'progress', 'workdir',
-                  'compilation_cache', 'data.on_device', 'data.chunk_steps')
+RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'data.workers', 'data.prefetch', 'eval.batch_size', 'checkpoint',
+                  'progress', 'workdir', 'compilation_cache', 'data.on_device', 'data.chunk_steps')
+# Fields added with a default that changes results: a checkpoint written before them ran with this value (a
+# resume under today's default is a config difference, not a silent change of protocol).
+LEGACY_DEFAULTS = {'data.augment.brightness_mode': 'add'}
+# Fields that change nothing while another field is 0 (no jitter, no jitter mode).
+USED_ONLY_WITH = {'data.augment.brightness_mode': 'data.augment.brightness'}
 # Config fields removed from the library that did not change results (kernel choices): a checkpoint whose config
 # still sets them resumes, with one line saying they are ignored.
 REMOVED_FIELDS = ('model.bn_impl', 'model.conv_impl')
@@ -75,13 +81,15 @@ def flatten_config(d: dict, prefix: str = '') -> dict:
 
 def config_differences(saved: dict, current: dict, defaults: Optional[dict] = None) -> list[str]:
   """Fields (dotted) whose values differ between two config dicts, ignoring RUNTIME_FIELDS and REMOVED_FIELDS. A
-  field absent
-  from `saved` (written before the field was declared) whose current value is its default in `defaults`
-  ({'section.field': value}) is no difference."""
+  field absent from `saved` (written before the field was declared) has its LEGACY_DEFAULTS value, or else is no
+  difference when its current value is its default in `defaults` ({'section.field': value}); a USED_ONLY_WITH
+  field is no difference while its other field is 0 in both."""
   a, b = flatten_config(saved), flatten_config(json.loads(json.dumps(current)))
+  a = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in b}, **a}
   defaults = json.loads(json.dumps(defaults or {}))
   skip = lambda k: (any(k == f or k.startswith(f + '.') for f in RUNTIME_FIELDS + REMOVED_FIELDS)
-                    or (k not in a and k in defaults and b.get(k) == defaults[k]))
+                    or (k not in a and k in defaults and b.get(k) == defaults[k])
+                    or (k in USED_ONLY_WITH and not a.get(USED_ONLY_WITH[k]) and not b.get(USED_ONLY_WITH[k])))
   return [f'{k}: checkpoint has {a.get(k, "<absent>")!r}, config has {b.get(k, "<absent>")!r}'
           for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
 
@@ -221,19 +229,18 @@ class RunCheckpointer:
     repl = parallel.replicated(mesh)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), template)
 
-  def restore_train(self, step: int, train_template, mesh):
-    """The train state of checkpoint `step` (task-end or mid-task), replicated over `mesh`."""
-    try:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          train=ocp.args.StandardRestore(self._abstract(train_template, mesh))))['train']
-    except Exception as e:  # noqa: BLE001
-      raise self._unreadable(step, 'restore', e) from e
-
   def saved_train_structure(self, step: int):
     """The structure (shapes and dtypes) of checkpoint `step`'s train state as it was saved, to restore it
     whatever optimiser wrote it."""
     try:
       return self.manager.item_metadata(step)['train']
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, 'read the metadata of', e) from e
+
+  def saved_extra_structure(self, step: int):
+    """The structure of task-end checkpoint `step`'s `extra` item ({'frozen', 'method_state', 'memory'})."""
+    try:
+      return self.manager.item_metadata(step)['extra']
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, 'read the metadata of', e) from e
 

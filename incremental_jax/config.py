@@ -40,12 +40,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.resize = 0               # image folders: shorter side before cropping (0 = image_size)
   c.data.train_list = ''          # image folders: optional split list files ('path label' per line)
   c.data.test_list = ''
-  c.data.num_workers = 0          # image folders: decoding threads of evaluation, herding and checks (0 = all cores)
+  c.data.num_workers = 0          # image folders: decoding threads of evaluation, herding, checks and of the train
+                                  # batches when data.workers is 0 (0 = all cores)
   c.data.workers = -1             # image folders: Grain worker processes that decode and crop the train batches
                                   # (-1 = one per core, 0 = in the training process); batches do not depend on it
   c.data.prefetch = 2             # image folders: train batches each Grain worker prepares ahead
   c.data.classes = ''             # image folders: only these class folders, sorted ('' = all): a packaged list
-                                  # ('imagenet100', data/class_lists/) or a file with one folder name per line
+                                  # ('imagenet100_podnet', 'imagenet100_lucir': data/class_lists/) or a file with
+                                  # one folder name per line
   c.data.test_fraction = 0.2      # digits: held-out fraction per class
   c.data.split_seed = 0           # digits: seed of the train/test split
   c.data.class_order = ()         # explicit permutation of class ids; () = seeded shuffle
@@ -165,7 +167,8 @@ def cifar100(initial: int, increment: int) -> Callable:
 
 
 def imagenet_subset(initial: int, increment: int, num_classes: int = 100) -> Callable:
-  """An ImageNet subset (ImageNet-100 by default) from a class-folder tree with split lists: ResNet-18 at 224."""
+  """An ImageNet subset (ImageNet-100 by default) from a class-folder tree (its classes from `data.classes`, or
+  split lists when given): ResNet-18 at 224."""
 
   def preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.name = 'image_folder'

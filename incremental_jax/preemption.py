@@ -2,7 +2,7 @@
 makes the run save a checkpoint at its next epoch boundary and stop, on every process together.
 
 `install()` (called by `main.py`, after `jax.distributed.initialize`) makes SIGTERM set a flag of this process;
-the run asks `requested()` at each epoch end of a task's main phases and after each task, on every process.
+the run asks `requested()` at each epoch end of every training loop and after each task, on every process.
 
 - One process: `requested()` is the flag.
 - Several processes (`jax.distributed`): `requested()` gathers every process's flag
@@ -34,8 +34,8 @@ class Preempted(Exception):
 
 
 class StopRequested(Exception):
-  """Raised by a loop below the run (a sub-network's training) that honoured a stop request at an epoch end; the
-  message says where. The run saves what can be resumed and raises `Preempted`."""
+  """Raised where a stop request was honoured (an epoch end of any training loop, a task end); the message says
+  where. The run waits for the checkpoints it saved and raises `Preempted`."""
 
 
 class _State:

@@ -69,6 +69,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: Optional[bool] = 
   num_tasks = specs[0].scenario.num_tasks
   if all(s.cursor.task >= num_tasks for s in states):
     return _finished(specs, stores, states, workdir, show_progress and not group)
+  for store, state in zip(stores, states):
+    store.log_restored(state)
   trainer = train_lib.Trainer(specs[0].model, specs[0].method, mesh, specs[0].augment_fn, show_progress=show_progress)
   subnetworks = train_lib.SubnetworkTrainer(mesh, show_progress=bool(config.progress))
   try:
@@ -130,13 +132,13 @@ def finish(spec, store: RunStore, state, compilations: dict, show_progress: bool
 
 def _finished(specs: list, stores: list, states: list, workdir: str, show_progress: bool) -> dict:
   """A rerun of a finished workdir: its results as they were written (written now, without compilation
-  counts, only where results.json is missing)."""
+  counts, only where results.json is missing or behind its checkpoints)."""
   results = []
   for store, state in zip(stores, states):
     store.close()
     written = store.existing_results()
-    if written is None:
-      written = store.results(state.records)
+    if written is None or len(written.get('steps', ())) != len(state.records):   # a process that died before its
+      written = store.results(state.records)                                    # final write left it behind
       store.write_results(written, plots=True)
     results.append(written)
   if show_progress and jax.process_index() == 0:
@@ -158,6 +160,7 @@ def _print_resume(spec, store: RunStore, state) -> None:
   if not cursor.task and cursor.in_task is None:
     return
   in_task, n = cursor.in_task, spec.scenario.num_tasks
-  where = (f"in step {cursor.task} (phase {in_task.phase_name!r}, epoch {in_task.epoch})" if in_task else
+  where = (f'in step {cursor.task} (every phase done)' if in_task and in_task.stage == task_stages.AFTER else
+           f"in step {cursor.task} (phase {in_task.phase_name!r}, epoch {in_task.epoch})" if in_task else
            f'after step {cursor.task - 1}')
   print(f'resuming {spec.workdir} {where} of steps 0-{n - 1} (checkpoint step {store.latest_step()})', flush=True)

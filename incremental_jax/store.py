@@ -53,9 +53,9 @@ class RunStore:
       _refuse_orphan_results(spec.workdir)
       return initial
     meta = checkpointer.restore_meta(latest)
-    self._check_compatible(meta, latest)
     mid = meta.get(ckpt_lib.MID_TASK)
     task_start_step = mid['start_step'] if mid else latest
+    self._check_compatible(meta, latest, task_start_step)
     state = initial.replace(records=tuple(meta['steps']))
     if task_start_step is not None:
       if task_start_step not in checkpointer.all_steps():
@@ -73,13 +73,12 @@ class RunStore:
                        losses=tuple((k, tuple(v)) for k, v in mid['epoch_losses'].items()),
                        phase_losses=tuple(mid['phase_losses']),
                        memory=None if memory is None else Memory.from_array(memory))
-    if self.tb is not None:
-      self.tb.log_tasks(state.records)
     return state.replace(cursor=Cursor(task=int(meta['task']) + 1, task_start_step=task_start_step, in_task=in_task))
 
-  def _check_compatible(self, meta: dict, step: int) -> None:
+  def _check_compatible(self, meta: dict, step: int, task_start_step: Optional[int]) -> None:
     """Refuses a checkpoint of another config (fields removed since it was written are ignored, with one line)
-    or with method state of another format."""
+    or with method state of another format (a checkpoint written before formats were recorded: the method tells
+    its format from the structure of the task-end checkpoint's `extra`)."""
     spec = self.spec
     removed = ckpt_lib.removed_fields(meta['config'])
     if removed and jax.process_index() == 0:
@@ -90,7 +89,11 @@ class RunStore:
       raise CheckpointError(
           f'{spec.workdir} holds a run with a different config; refusing to resume over it. Differences:\n  '
           + '\n  '.join(diffs[:20]) + '\nUse a new --workdir for a different run.')
-    saved, current = int(meta.get('method_state_format', 1)), int(spec.method.state_format)
+    saved, current = meta.get('method_state_format'), int(spec.method.state_format)
+    if saved is None:
+      saved = (current if task_start_step is None else   # nothing of the method's is checkpointed before task 0 ends
+               spec.method.unversioned_state_format(self.checkpointer.saved_extra_structure(task_start_step)))
+    saved = int(saved)
     if saved != current:
       raise CheckpointError(
           f'checkpoint {step} in {self.checkpointer.directory} holds {spec.config.method.name} method state of '
@@ -122,8 +125,11 @@ class RunStore:
                                     {**self._meta(state), ckpt_lib.MID_TASK: mid}, memory)
     return state
 
-  def wait(self) -> None:
-    self.checkpointer.wait()
+  def log_restored(self, state: RunState) -> None:
+    """Logs the evaluations of the tasks `state` restored again (the same values at the same steps), so that a
+    process killed after a checkpoint but before its events reached the disk leaves no hole in the curves."""
+    if self.tb is not None:
+      self.tb.log_tasks(state.records)
 
   def latest_step(self) -> Optional[int]:
     return self.checkpointer.latest_step()
@@ -144,10 +150,12 @@ class RunStore:
     if jax.process_index() == 0:
       metrics_lib.write_results(self.spec.workdir, results, plots=plots and bool(self.spec.config.plots))
 
-  def publish(self, pending: Optional[Pending], wait: bool = False) -> Optional[Pending]:
-    """Writes the results of `pending` if its checkpoint is complete in storage (without waiting for a save in
-    progress unless `wait`); returns what is still pending (None once written, or when its write failed)."""
-    if pending is None or (not wait and self.checkpointer.saving()):
+  def publish(self, pending: Optional[Pending], just_saved: bool = False) -> Optional[Pending]:
+    """Writes the results of `pending` if its checkpoint is complete in storage; returns what is still pending
+    (None once written, or when its write failed). Without `just_saved` it asks without waiting and leaves them
+    pending while a save is in progress; with it (right after this store started a save, which Orbax starts only
+    once the one before is complete), the pending checkpoint is done, written or failed."""
+    if pending is None or (not just_saved and self.checkpointer.saving()):
       return pending
     if pending.step in self.checkpointer.complete_steps():
       self.write_results(self.results(pending.records))
@@ -164,6 +172,8 @@ class RunStore:
       ends = [s for s in self.checkpointer.complete_steps() if not self.checkpointer.is_mid_task(s)]
       if ends:
         self.write_results(self.results(self.checkpointer.restore_meta(ends[-1])['steps']))
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint: the error already raised is the one reported
+      pass
     finally:
       try:
         self.close()

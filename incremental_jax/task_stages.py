@@ -59,20 +59,20 @@ class TaskRun:
     return in_task is not None and STAGES.index(in_task.stage) >= STAGES.index(stage)
 
 
-def context(spec: RunSpec, state: RunState, t: int, trainer) -> TaskContext:
+def context(spec: RunSpec, state: RunState, t: int, subnetworks) -> TaskContext:
   """The hooks' view of task t, from the task-start state."""
   return TaskContext(config=spec.config, task=t, scenario=spec.scenario, train_images=spec.train_images,
                      train_labels=spec.data.train_labels, model=spec.model, state=state.train, frozen=state.frozen,
                      method_state=state.method_state, memory=state.memory, embed=spec.embed, predict=spec.predict,
-                     mesh=spec.mesh, augment_fn=spec.augment_fn, store=MethodStore(spec.workdir), trainer=trainer)
+                     mesh=spec.mesh, augment_fn=spec.augment_fn, store=MethodStore(spec.workdir), trainer=subnetworks)
 
 
-def begin_task(spec: RunSpec, store: RunStore, state: RunState, t: int, trainer,
+def begin_task(spec: RunSpec, store: RunStore, state: RunState, t: int, subnetworks,
                pending: Optional[Pending]) -> TaskRun:
   """Task t's `TaskRun` after the `before_task` hook; a resumed task starts from the losses its checkpoint kept."""
   in_task = state.cursor.in_task
   started = time.time()
-  ctx = spec.method.before_task(context(spec, state, t, trainer))
+  ctx = spec.method.before_task(context(spec, state, t, subnetworks))
   return TaskRun(spec=spec, store=store, state=state, ctx=ctx, losses=in_task.losses if in_task else (),
                  pending=pending, started=started)
 
@@ -129,15 +129,16 @@ def train_stage(trainer: train_lib.Trainer, runs: list, stage: str, phase_lists:
     # its updates are discarded, and the others' numbers stay those of the uninterrupted group.
     desc = f'step {t}/{num_tasks - 1} {name}' + (f' ({len(runs)} runs)' if len(runs) > 1 else '')
     start_steps = [int(jax.device_get(part.state.step)) for part in parts]
-    states, histories = [part.state for part in parts], [part.history for part in parts]
+    last = None
     with contextlib.closing(train_lib.phase_epochs(trainer, parts, runs[0].ctx.train_images, desc)) as ends:
       for end in ends:
-        states, histories = end.states(), end.histories
+        last, histories = end, end.histories
         stop = preemption.requested()
         # A phase's end is no resume point (the next checkpoint supersedes it): a stop requested there is honoured
         # at the next boundary.
         if end.epoch + 1 >= epochs or not (stop or (every and (end.epoch + 1) % every == 0)):
           continue
+        states = end.states()
         for k, run in enumerate(runs):
           if end.live[k]:
             check_finite(states[k], desc)
@@ -146,9 +147,11 @@ def train_stage(trainer: train_lib.Trainer, runs: list, stage: str, phase_lists:
                              memory=None if stage == MAIN else run.ctx.memory)
             run.store.save(run.state.replace(cursor=dataclasses.replace(run.state.cursor, in_task=in_task)))
         # Orbax's save waited for the one before: the results pending on it can go out.
-        runs = [run.replace(pending=run.store.publish(run.pending, wait=True)) for run in runs]
+        runs = [run.replace(pending=run.store.publish(run.pending, just_saved=True)) if end.live[k] else run
+                for k, run in enumerate(runs)]
         if stop:
           raise preemption.StopRequested(f'in step {t} (phase {name!r}, epoch {end.epoch + 1})')
+    states = last.states()   # after the last epoch: no step donates them any more
     runs = [run.replace(pending=run.store.publish(run.pending)) for run in runs]
     for k in todo:
       run = runs[k]
@@ -186,7 +189,7 @@ def after_stage(runs: list) -> list:
   try:
     return [run.replace(ctx=run.spec.method.after_task(run.ctx)) for run in runs]
   except preemption.StopRequested:
-    for run in runs:
+    for run in (r for r in runs if not r.resumed_at(AFTER)):   # (a resumed one has this checkpoint already)
       in_task = InTask(stage=AFTER, phase=0, phase_name='', epoch=0, train=run.ctx.state, losses=run.losses,
                        memory=run.ctx.memory)
       run.store.save(run.state.replace(cursor=dataclasses.replace(run.state.cursor, in_task=in_task)))
@@ -211,7 +214,7 @@ def end_task(run: TaskRun, show_progress: bool) -> tuple[RunState, Optional[Pend
   state = RunState(train=ctx.state, frozen=ctx.frozen, method_state=ctx.method_state, memory=ctx.memory,
                    records=run.state.records + (record,), cursor=Cursor(task=t + 1))
   state = run.store.save(state)
-  run.store.publish(run.pending, wait=True)   # the save just started waited for the one before
+  run.store.publish(run.pending, just_saved=True)
   if run.store.tb is not None:
     run.store.tb.log_task(list(state.records))
   if show_progress and jax.process_index() == 0:

@@ -1,6 +1,7 @@
 """The official ImageNet inputs: RandomResizedCrop's box sampling and resize (against PIL and hand-worked boxes),
 torchvision's multiplicative brightness (against NumPy and PIL), the Grain train loader (deterministic, independent
 of the worker count) and ImageNet-100's class lists."""
+import hashlib
 import multiprocessing
 import os
 import subprocess
@@ -177,7 +178,7 @@ def test_loader_batches_are_the_keyed_crops(folder):
 @pytest.mark.slow
 def test_loader_batches_do_not_depend_on_the_worker_count(folder):
   ds = image_folder.load_image_folder(_data_cfg(folder, random_resized_crop=True))
-  rows = np.random.default_rng(1).integers(0, 15, (6, 4))
+  rows = np.random.default_rng(1).integers(0, 15, (44, 4))   # more rows than a 2-worker stream's ring (40): it wraps
   batches = []
   for workers in (0, 1, 2):
     ds.train_images.workers = workers
@@ -241,7 +242,10 @@ def test_packaged_imagenet100_lists():
   for names in (podnet, lucir):
     assert len(names) == 100 == len(set(names)) and all(n.startswith('n') and len(n) == 9 for n in names)
   assert podnet[0] == 'n01440764' and podnet[-1] == 'n01855672'   # PODNet's labels 0 and 99 (val_100.txt)
-  assert lucir != podnet
+  # LUCIR's gen_imagenet_subset.py: np.random.seed(1993); np.random.choice(sorted 1000 synsets, 100, replace=False)
+  # (checked by hand against the 1000 synsets of PODNet's val_1000.txt); kept sorted, as ImageFolder reads them
+  assert lucir[:3] == ['n01514668', 'n01531178', 'n01537544'] and lucir != podnet
+  assert hashlib.sha256('\n'.join(lucir).encode()).hexdigest()[:16] == 'fce943fa2f5b5888'
 
 
 def test_data_classes_selects_class_folders(folder, tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -29,8 +30,10 @@ def _folder(root):
   return root
 
 
-def _run(data_dir, workdir, workers, fault=None, *extra):
+def _run(data_dir, workdir, workers, fault=None, *extra, tmpdir=None):
   env = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
+  if tmpdir:
+    env['TMPDIR'] = tmpdir   # where the loader's row table lives
   if fault:
     env[faults.ENV_VAR] = fault
   cmd = [sys.executable, 'main.py', '--config=configs/finetune.py:digits', f'--workdir={workdir}',
@@ -60,8 +63,16 @@ def test_kill_mid_epoch_and_resume_gives_the_uninterrupted_results(tmp_path):
   full = _run(data, str(tmp_path / 'full'), 0)
   assert full.returncode == 0, full.stderr[-3000:]
   # task 0: 12 images, batch 4 -> 3 steps per epoch; the 5th step is in epoch 2, after epoch 1's checkpoint
-  killed = _run(data, str(tmp_path / 'resumed'), 1, 'train_step:5')
+  loader_tmp = tmp_path / 'loader_tmp'
+  loader_tmp.mkdir()
+  killed = _run(data, str(tmp_path / 'resumed'), 1, 'train_step:5', tmpdir=str(loader_tmp))
   assert killed.returncode == -9, killed.stderr[-3000:]
+  tables = lambda: [n for n in os.listdir(loader_tmp) if n.startswith('incremental_jax_rows_')]
+  for _ in range(100):   # the killed run's workers notice, remove their row table and exit
+    if not tables():
+      break
+    time.sleep(0.1)
+  assert tables() == []
   assert not os.path.exists(tmp_path / 'resumed' / 'results.json') or not json.load(
       open(tmp_path / 'resumed' / 'results.json'))['steps']
   resumed = _run(data, str(tmp_path / 'resumed'), 1)

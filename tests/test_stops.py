@@ -122,12 +122,35 @@ def _edit_latest_meta(workdir, edit) -> int:
   return steps[-1]
 
 
+def _tree(workdir) -> dict:
+  return {os.path.relpath(os.path.join(r, f), workdir): os.path.getsize(os.path.join(r, f))
+          for r, _, fs in os.walk(workdir) for f in fs}
+
+
 def test_a_finished_workdir_is_not_rewritten(finished):
   workdir, results = finished
-  before = open(os.path.join(workdir, 'results.json')).read()
+  before, files = open(os.path.join(workdir, 'results.json')).read(), _tree(workdir)
   again = incremental_jax.train_and_evaluate(lucir.get_config('test'), workdir)
   assert open(os.path.join(workdir, 'results.json')).read() == before
+  assert _tree(workdir) == files   # no new TensorBoard events file either
   assert again['compilations'] == results['compilations'] > 0
+
+
+def test_a_finished_workdir_whose_final_write_was_lost_gets_it(finished, tmp_path):
+  """A process that died after the last checkpoint but before the final results.json left it one task behind:
+  the same command writes the results of every task the checkpoints hold."""
+  import shutil
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished[0], workdir)
+  path = os.path.join(workdir, 'results.json')
+  with open(path) as f:
+    stale = json.load(f)
+  stale.update(steps=stale['steps'][:-1], complete=False)
+  with open(path, 'w') as f:
+    json.dump(stale, f)
+  again = incremental_jax.train_and_evaluate(lucir.get_config('test'), workdir)
+  assert again['complete'] and again['steps'] == finished[1]['steps']
+  assert json.load(open(path))['steps'] == finished[1]['steps']
 
 
 def test_removed_config_fields_are_ignored_with_one_line(finished, tmp_path, capsys):
@@ -156,9 +179,53 @@ def test_an_older_method_state_format_is_refused_in_one_line(finished, tmp_path)
       'version reads format 1. Resume it with the incremental_jax version that wrote it, or use a new --workdir.')
 
 
-def test_m2kd_checkpoints_without_a_format_are_the_old_snapshot_stack():
-  """M2KD's fixed snapshot stack is format 2; a checkpoint that names none was written before it (format 1)."""
+def test_checkpoints_without_a_format_are_told_apart_by_their_structure():
+  """M2KD's fixed snapshot stack (with its `valid` mask) is format 2; a checkpoint that names no format is 2 when
+  its stack has the mask (written between that change and the format field) and 1 without it (a growing stack)."""
   from incremental_jax.methods.base import Method
   from incremental_jax.methods.m2kd import M2KD
   assert (Method.state_format, M2KD.state_format) == (1, 2)
+  assert M2KD.unversioned_state_format({'frozen': {'tree': {'groups': 0, 'valid': 0, 'params': 0}}}) == 2
+  assert M2KD.unversioned_state_format({'frozen': {'tree': {'params': 0, 'batch_stats': 0}}}) == 1
+  assert Method.unversioned_state_format({'frozen': {}}) == 1
   assert ckpt_lib.removed_fields({'model': {'bn_impl': 'flax', 'depth': 8}}) == ['model.bn_impl']
+
+
+@pytest.mark.slow
+def test_an_m2kd_workdir_from_before_the_format_field_resumes(tmp_path):
+  """An M2KD run stopped in its last task, its checkpoints' metadata stripped of the format field (as written
+  before it existed): the same command resumes it instead of refusing it."""
+  workdir = str(tmp_path / 'run')
+  with _sigterm_at('epoch_end', 5), pytest.raises(preemption.Preempted):
+    incremental_jax.train_and_evaluate(m2kd.get_config('test'), workdir)
+  for step in os.listdir(os.path.join(workdir, 'checkpoints')):
+    path = os.path.join(workdir, 'checkpoints', step, 'meta', 'metadata')
+    with open(path) as f:
+      meta = json.load(f)
+    del meta['method_state_format']
+    with open(path, 'w') as f:
+      json.dump(meta, f)
+  assert len(incremental_jax.train_and_evaluate(m2kd.get_config('test'), workdir)['steps']) == 3
+
+
+def test_config_fields_added_since_a_checkpoint():
+  """A checkpoint written before `data.augment.brightness_mode` jittered additively: resuming it under today's
+  multiplicative default is a difference (refused in one line), unless the run has no jitter; the loader's
+  worker count and prefetch may change on resume."""
+  from configs import finetune, podnet
+  from incremental_jax import config as cfglib
+
+  def old_and_new(c):
+    new = json.loads(c.to_json_best_effort())
+    old = json.loads(c.to_json_best_effort())
+    del old['data']['augment']['brightness_mode']
+    return old, new
+
+  old, new = old_and_new(podnet.get_config('cifar100_b50_s10'))
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == [
+      "data.augment.brightness_mode: checkpoint has 'add', config has 'multiply'"]
+  new['data']['augment']['brightness_mode'] = 'add'
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []
+  old, new = old_and_new(finetune.get_config('digits'))   # no jitter
+  new['data'].update(workers=4, prefetch=8)
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []

@@ -13,7 +13,7 @@ from incremental_jax import config as cfglib
 def pycil_cifar100(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """PyCIL's CIFAR-100 data protocol (`utils/data.py::iCIFAR100`, `convs/cifar_resnet.py::resnet32`): brightness
   jitter 63/255, its normalisation constants, option-A shortcuts with the last ReLU, no flipped NME view. PyCIL's
-  ColorJitter is multiplicative; the project's brightness jitter is additive (docs/protocols.md)."""
+  ColorJitter is multiplicative, as `data.augment.brightness_mode='multiply'` (docs/protocols.md)."""
   c.data.augment.brightness = 63 / 255
   c.data.mean, c.data.std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
   c.model.shortcut = 'pad'

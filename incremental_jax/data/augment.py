@@ -58,7 +58,7 @@ BRIGHTNESS_MODES = ('multiply', 'add')
 
 def augment_batch(key: jax.Array, images: jax.Array, *, mean: Sequence[float], std: Sequence[float],
                   crop_padding: int = 0, flip: bool = False, brightness: float = 0.0,
-                  brightness_mode: str = 'add') -> jax.Array:
+                  brightness_mode: str = 'multiply') -> jax.Array:
   """uint8 batch -> augmented, normalised float32 batch: crop, flip, brightness, then normalisation.
 
   `brightness_mode`: 'multiply' (torchvision's ColorJitter, `multiply_brightness`) or 'add' (`random_brightness`).
@@ -85,4 +85,4 @@ def make_augment_fn(aug_cfg, mean, std) -> Callable[[jax.Array, jax.Array], jax.
   return functools.partial(augment_batch, mean=tuple(mean), std=tuple(std),
                            crop_padding=crop_padding, flip=bool(aug_cfg.flip),
                            brightness=float(aug_cfg.brightness),
-                           brightness_mode=str(aug_cfg.get('brightness_mode', 'add')))
+                           brightness_mode=str(aug_cfg.brightness_mode))

@@ -19,6 +19,7 @@ import atexit
 import multiprocessing.util  # noqa: F401  (imported first: its exit handler must run after `_close_all`)
 import os
 import tempfile
+import threading
 import time
 import weakref
 from typing import Callable, Iterator
@@ -29,6 +30,7 @@ _HEADER = 2                 # uint64 words: rows published, closed flag
 _ITEMS = 1 << 50            # the source's length: more items than any run asks for
 _NO_SHM = 1 << 62           # bytes: arrays at least this large would go through shared memory
 _MAX_WAIT_S = 0.02          # a waiting worker polls the table at most this far apart
+_PARENT_POLL_S = 0.5        # a worker checks this often that the training process is alive
 
 
 class StreamClosed(RuntimeError):
@@ -53,6 +55,8 @@ class _RowTable:
     row, column = divmod(int(j), self.width)
     if self._table is None:
       self._table, self._parent = np.memmap(self.path, np.uint64, 'r'), os.getppid()
+      # A worker whose buffers are full never comes back here: a thread watches for the training process's death.
+      threading.Thread(target=_exit_with_parent, args=(self.path, self._parent), daemon=True).start()
     table, wait = self._table, 1e-4
     while int(table[0]) <= row:
       if table[1]:
@@ -64,6 +68,14 @@ class _RowTable:
       wait = min(2 * wait, _MAX_WAIT_S)
     start = _HEADER + ((row % self.capacity) * self.width + column) * 4
     return np.array(table[start:start + 4])
+
+
+def _exit_with_parent(path: str, parent: int) -> None:
+  """In a worker: once the training process `parent` is gone (SIGKILL), removes the table and exits."""
+  while os.getppid() == parent:
+    time.sleep(_PARENT_POLL_S)
+  _remove(path)
+  os._exit(1)
 
 
 _OPEN: 'weakref.WeakSet[GrainStream]' = weakref.WeakSet()
@@ -94,14 +106,19 @@ class GrainStream:
     self.published = self.consumed = 0
     self.owner = None
     self.closed = False
-    ds = grain.MapDataset.source(_RowTable(self.path, self.capacity, self.width)).map(transform).batch(self.width)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=int(prefetch)))
-    # Batches come back through the workers' queues, not shared memory: Grain's parent side keeps the last
-    # elements in reference cycles, whose shared memory blocks then outlive the process ("leaked shared_memory
-    # objects" warnings); a pipe carries a batch in milliseconds, small beside decoding it.
-    ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=_NO_SHM))
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=int(prefetch)))
-    self._iterator = iter(ds)
+    try:
+      ds = grain.MapDataset.source(_RowTable(self.path, self.capacity, self.width)).map(transform).batch(self.width)
+      ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=int(prefetch)))
+      # Batches come back through the workers' queues, not shared memory: Grain's parent side keeps the last
+      # elements in reference cycles, whose shared memory blocks then outlive the process ("leaked shared_memory
+      # objects" warnings); a pipe carries a batch in milliseconds, small beside decoding it.
+      ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=_NO_SHM))
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                       per_worker_buffer_size=int(prefetch)))
+      self._iterator = iter(ds)
+    except BaseException:
+      _remove(self.path)
+      raise
     _OPEN.add(self)
 
   @property

@@ -152,6 +152,13 @@ class Method:
     self.networks = self.build_networks(self.num_classes, self.image_shape)
     self.model = self.networks['model']
 
+  @classmethod
+  def unversioned_state_format(cls, extra_structure) -> int:
+    """The `state_format` of a checkpoint written before formats were recorded, from the structure of its
+    `extra` item ({'frozen': {'tree': ...} or {}, 'method_state': ..., 'memory': ...}). Default: 1."""
+    del extra_structure
+    return 1
+
   def check_config(self) -> None:
     """Raises ConfigError for invalid `method.*` values. Called at construction, which needs the problem's number
     of classes and image shape: a run builds its method once the data set is loaded, so this runs after the data

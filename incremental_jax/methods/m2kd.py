@@ -138,6 +138,12 @@ class M2KD(Method):
   teacher = 'all'
   state_format = 2   # 2: the snapshots as a fixed stack of slots with a `valid` mask (1: a growing stack)
 
+  @classmethod
+  def unversioned_state_format(cls, extra_structure) -> int:
+    """Checkpoints from before formats were recorded: 2 when their snapshot stack has its `valid` mask."""
+    frozen = extra_structure.get('frozen') or {}
+    return 2 if 'valid' in (frozen.get('tree') or {}) else 1
+
   def __init__(self, config, num_classes, image_shape):
     super().__init__(config, num_classes, image_shape)
     self.pruned_snapshot_training = PrunedSnapshotTraining(config, self.model)
