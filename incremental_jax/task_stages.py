@@ -53,6 +53,10 @@ class TaskRun:
   def replace(self, **changes) -> 'TaskRun':
     return dataclasses.replace(self, **changes)
 
+  def save_in_task(self, in_task: InTask) -> None:
+    """Writes a mid-task checkpoint: the task-start state with how far the task went."""
+    self.store.save(self.state.replace(cursor=dataclasses.replace(self.state.cursor, in_task=in_task)))
+
   def resumed_at(self, stage: str) -> bool:
     """Whether the task resumed at `stage` or a later one."""
     in_task = self.state.cursor.in_task
@@ -142,10 +146,9 @@ def train_stage(trainer: train_lib.Trainer, runs: list, stage: str, phase_lists:
         for k, run in enumerate(runs):
           if end.live[k]:
             check_finite(states[k], desc)
-            in_task = InTask(stage=stage, phase=p_idx, phase_name=name, epoch=end.epoch + 1, train=states[k],
-                             losses=run.losses, phase_losses=tuple(round(m['loss'], 6) for m in histories[k]),
-                             memory=None if stage == MAIN else run.ctx.memory)
-            run.store.save(run.state.replace(cursor=dataclasses.replace(run.state.cursor, in_task=in_task)))
+            run.save_in_task(InTask(stage=stage, phase=p_idx, phase_name=name, epoch=end.epoch + 1, train=states[k],
+                                    losses=run.losses, phase_losses=_epoch_losses(histories[k]),
+                                    memory=None if stage == MAIN else run.ctx.memory))
         # Orbax's save waited for the one before: the results pending on it can go out.
         runs = [run.replace(pending=run.store.publish(run.pending, just_saved=True)) if end.live[k] else run
                 for k, run in enumerate(runs)]
@@ -161,8 +164,13 @@ def train_stage(trainer: train_lib.Trainer, runs: list, stage: str, phase_lists:
                                first_epoch=first)
       check_finite(states[k], f'run {k} {desc}' if len(runs) > 1 else desc)
       runs[k] = run.replace(ctx=run.ctx.replace(state=states[k]),
-                            losses=run.losses + ((name, tuple(round(m['loss'], 6) for m in histories[k])),))
+                            losses=run.losses + ((name, _epoch_losses(histories[k])),))
   return runs
+
+
+def _epoch_losses(history) -> tuple:
+  """The per-epoch mean losses of a phase's history, as results.json records them."""
+  return tuple(round(m['loss'], 6) for m in history)
 
 
 def memory_stage(run: TaskRun) -> TaskRun:
@@ -190,9 +198,8 @@ def after_stage(runs: list) -> list:
     return [run.replace(ctx=run.spec.method.after_task(run.ctx)) for run in runs]
   except preemption.StopRequested:
     for run in (r for r in runs if not r.resumed_at(AFTER)):   # (a resumed one has this checkpoint already)
-      in_task = InTask(stage=AFTER, phase=0, phase_name='', epoch=0, train=run.ctx.state, losses=run.losses,
-                       memory=run.ctx.memory)
-      run.store.save(run.state.replace(cursor=dataclasses.replace(run.state.cursor, in_task=in_task)))
+      run.save_in_task(InTask(stage=AFTER, phase=0, phase_name='', epoch=0, train=run.ctx.state, losses=run.losses,
+                              memory=run.ctx.memory))
     raise
 
 
