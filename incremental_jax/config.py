@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.gamma = 0.1
   c.optim.warmup_epochs = 0
   c.optim.schedule_unit = 'epoch'  # 'epoch' (PyTorch-style per-epoch steps) or 'step'
+  c.optim.schedule_offset = 0     # epoch e trains with the schedule's value at max(0, e + offset): 0 = step() after
+                                  # each epoch (PyCIL), -1 = step(epoch) after each epoch (PODNet), +1 = step() at
+                                  # the start of each epoch under PyTorch >= 1.1 (step.learning_rate)
   c.optim.clip_value = 0.0        # > 0: clamp each gradient element to [-clip_value, clip_value] (PODNet)
   c.optim.first_task_epochs = 0   # task 0 overrides (0/() = same as later tasks)
   c.optim.first_task_lr = 0.0

@@ -82,14 +82,22 @@ def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array
   (half cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
   `schedule_unit='epoch'` (default) the factor changes once per epoch like PyTorch's epoch-stepped schedulers;
   'step' makes it continuous.
+
+  `optim.schedule_offset` (k in {-1, 0, 1}) is where in its loop the official code steps the scheduler: epoch e
+  trains with the schedule's value at max(0, e + k) (in step units the continuous epoch is shifted alike).
+  0: `scheduler.step()` after each epoch (PyCIL) or the schedule set at the start of epoch e from e (pycls, the
+  IE-KD release), and PyTorch < 1.1's `step()` at the start of each epoch (LUCIR); -1: `scheduler.step(epoch)`
+  after each epoch (PODNet's `inclearn/models/icarl.py::_training_step`: epochs 0 and 1 both train at the base
+  lr) or the lr set after each epoch from that epoch (BAKE's `small_scale/train.py::adjust_learning_rate`);
+  +1: `step()` at the start of each epoch under PyTorch >= 1.1. The warm-up is not shifted: its factor
+  min(1, (phase_step + 1) / (warmup_epochs * steps_per_epoch)) multiplies the shifted schedule's.
   """
-  epoch = phase_step.astype(jnp.float32) / task.steps_per_epoch
-  if optim_cfg.schedule_unit == 'epoch':
-    epoch = jnp.floor(epoch)
+  continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
+  epoch = jnp.floor(continuous) if optim_cfg.schedule_unit == 'epoch' else continuous
+  epoch = jnp.maximum(epoch + float(optim_cfg.schedule_offset), 0.0)
   factor = SCHEDULES.lookup(optim_cfg.schedule, 'optim.schedule')(optim_cfg, epoch, task)
   warmup = float(optim_cfg.warmup_epochs or 0)
   if warmup > 0:
-    continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
     factor = factor * jnp.minimum(1.0, (continuous + 1.0 / task.steps_per_epoch) / warmup)
   return task.lr * factor
 
