@@ -120,7 +120,12 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
   loss, apply SGD with the scheduled learning rate, and mask updates (frozen classes, head-only phases).
 
   `model_input(images, teacher_outputs)`, when given, is what the trained model is applied to instead of the
-  augmented images (e.g. the frozen teacher's feature map, for an autoencoder trained on it)."""
+  augmented images (e.g. the frozen teacher's feature map, for an autoencoder trained on it).
+
+  A batch padded to its compiled size (the last partial batch of an epoch, `data.drop_last=False`) carries
+  `batch['weight']` [B] (1 real, 0 padding): BatchNorm's statistics come from the real examples
+  (`example_mask`), and the phase's loss reduces over them (`losses.masked_mean`); the frozen teacher runs in
+  inference mode and needs no mask."""
   tx = make_optimizer(phase.optim)
 
   def train_step(state: TrainState, frozen: Any, task: TaskInfo, batch: dict):
@@ -130,9 +135,10 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
       teacher_out = jax.lax.stop_gradient(method.teacher_forward(model, frozen, x))
 
     inputs = x if model_input is None else model_input(x, teacher_out)
+    mask = example_mask(batch)
 
     def loss_of(params):
-      outputs, new_stats = model.apply(params, state.batch_stats, inputs, train=phase.train_backbone)
+      outputs, new_stats = model.apply(params, state.batch_stats, inputs, train=phase.train_backbone, mask=mask)
       loss, metrics = phase.loss(outputs, batch, task, teacher_out, params)
       return loss, (metrics, new_stats)
 
@@ -146,6 +152,13 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
     return advanced(state, params, new_stats, opt_state), metrics
 
   return train_step
+
+
+def example_mask(batch: dict) -> Optional[jax.Array]:
+  """The real examples of a batch, bool [B] (`batch['weight'] > 0`), for BatchNorm in training mode
+  (`Model.apply(..., mask=)`); None for a batch without weights (every example real)."""
+  weight = batch.get('weight')
+  return None if weight is None else weight > 0
 
 
 def masked_descent(updates, lr: jax.Array, mask) -> Any:
