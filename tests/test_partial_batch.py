@@ -4,6 +4,7 @@ examples only. The invariant: a batch of n real examples padded to B with junk t
 of n examples alone (one compiled shape instead of two)."""
 import functools
 import importlib
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +214,147 @@ def test_weights_of_one_are_the_unweighted_batch():
   _assert_same(m_ones, m_real, 'metric')
   _assert_same(s_ones.params, s_real.params, 'params')
   _assert_same(s_ones.batch_stats, s_real.batch_stats, 'batch_stats')
+
+
+# ---- the epoch loop: padded last batches == batches of exactly the real examples ------------------------------
+@functools.lru_cache(maxsize=None)
+def _loop_setup(chunk_steps: int = 1):
+  from incremental_jax import config as cfglib
+  from incremental_jax.methods.baselines import Finetune
+  config = cfglib.test_preset(cfglib.base_config())
+  config.method.name = 'finetune'
+  config.data.augment.update(crop_padding=0)   # per-position random crops would differ between batch sizes
+  config.data.chunk_steps = chunk_steps
+  method = Finetune(config, 4, SHAPE)
+  mesh = parallel.make_mesh()
+  aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
+  trainer = train.Trainer(method.model, method, mesh, aug, show_progress=False)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (120,) + SHAPE).astype(np.uint8)
+  labels = [rng.integers(0, 4, 120), rng.integers(0, 4, 120)]
+  optim = ConfigDict(dict(config.optim, epochs=2, batch_size=16, lr=0.05))
+  # run 0: 45 examples = 2 full batches + 13; run 1: 70 = 4 full batches + 6
+  phases = [Phase('train', method.loss, np.arange(45), optim), Phase('train', method.loss, np.arange(40, 110), optim)]
+  task = train.make_task_info(type('S', (), {'class_masks': lambda self, t: {
+      'old': np.zeros(4, np.float32), 'new': np.ones(4, np.float32), 'seen': np.ones(4, np.float32)}})(), 0,
+      np.ones(4, np.float32))
+  return trainer, images, labels, phases, task
+
+
+def _run(k: int, seed: int):
+  trainer, _, labels, phases, task = _loop_setup()
+  state = train.init_train_state(trainer.model, trainer.mesh, train.make_optimizer(phases[k].optim))
+  return train.PhaseRun(state, None, task, phases[k], labels[k], (seed, 0, 0), seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(k: int, seed: int):
+  """Run k's epochs stepped by hand as PyTorch's DataLoader(drop_last=False) feeds them: each batch exactly its
+  real examples, the last one of an epoch smaller (a second compiled shape)."""
+  trainer, images, _, _, _ = _loop_setup()
+  run = _run(k, seed)
+  plan = trainer.epoch_plan(run.phase, run.labels, run.rng_seed)
+  task = parallel.replicate(train._phase_task(run.task, run.phase, len(plan[0]), run.seed), trainer.mesh)
+  state = trainer.phase_start(run.state, run.phase)
+  step = jax.jit(trainer.method.make_train_step(trainer.model, run.phase, trainer.augment_fn, False))
+  losses = []
+  for rows in plan:
+    assert (rows[-1] < 0).any() and (rows[:-1] >= 0).all()    # a padded last batch in every epoch
+    epoch = []
+    for row in rows:
+      real = row[row >= 0]
+      state, metrics = step(state, None, task, {'image': jnp.asarray(images[real]),
+                                                'label': jnp.asarray(run.labels[real].astype(np.int32))})
+      epoch.append(float(metrics['loss']))
+    losses.append(np.mean(epoch))
+  return state, losses
+
+
+def _assert_phase_is(result, reference, rtol: float = 1e-5):
+  state, losses = reference
+  assert int(result.state.step) == int(state.step)
+  for x, y in zip(jax.tree.leaves((result.state.params, result.state.batch_stats)),
+                  jax.tree.leaves((state.params, state.batch_stats))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol)
+  np.testing.assert_allclose([m['loss'] for m in result.epoch_metrics], losses, rtol=rtol)
+
+
+@pytest.mark.parametrize('on_device', [True, False])
+def test_epochs_with_a_partial_last_batch_equal_exact_size_batches(on_device):
+  """One step per dispatch, images on the device (gathered by index, padding clamped) or on the host (loaded
+  with their weights): the loop trains ceil(45 / 16) = 3 steps per epoch, as exact-size batches do."""
+  trainer, images, *_ = _loop_setup()
+  source = pipeline.DeviceImages(images, trainer.mesh) if on_device else images
+  (result,) = train.run_phase(trainer, [_run(0, 3)], source)
+  assert int(result.state.step) == 6
+  _assert_phase_is(result, _reference(0, 3))
+
+
+def test_chunked_loop_with_partial_batches_equals_step_by_step():
+  """chunk_steps=4 (a chunk of 3 steps and 1 skipped) on device images equals the exact-size reference up to the
+  chunk program's rounding."""
+  trainer, images, *_ = _loop_setup(4)
+  (result,) = train.run_phase(trainer, [_run(0, 3)], pipeline.DeviceImages(images, trainer.mesh))
+  assert trainer.compile_count == 1
+  _assert_phase_is(result, _reference(0, 3), rtol=2e-4)
+
+
+def test_group_of_runs_with_different_remainders_equals_each_run_alone():
+  """Runs of 45 (3 steps, last 13 real) and 70 examples (5 steps, last 6 real) trained as one vmapped group."""
+  trainer, images, *_ = _loop_setup()
+  group = train.run_phase(trainer, [_run(0, 3), _run(1, 7)], pipeline.DeviceImages(images, trainer.mesh))
+  for k, seed in enumerate((3, 7)):
+    _assert_phase_is(group[k], _reference(k, seed), rtol=1e-4)
+
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    from ml_collections import ConfigDict
+    from incremental_jax import parallel, train
+    from incremental_jax.configs import bake
+    from incremental_jax.data import augment, pipeline
+    from incremental_jax.methods import build_method
+    from incremental_jax.methods.base import Phase
+    assert jax.device_count() == 8
+
+    config = bake.get_config('test')      # intra-class batches of 4 anchors with 3 partners each
+    method = build_method(config, 4, (8, 8, 1))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 8, 8, 1)).astype(np.uint8)
+    labels = rng.integers(0, 4, 40)
+    optim = ConfigDict(dict(config.optim, epochs=1, batch_size=16, lr=0.05))
+    # 21 anchors: 6 steps, the last with 1 anchor group = 4 real examples of 16, not a multiple of 8 devices
+    phase = Phase('train', method.loss, np.arange(21), optim)
+    task = train.make_task_info(type('S', (), {'class_masks': lambda self, t: {
+        'old': np.zeros(4, np.float32), 'new': np.ones(4, np.float32), 'seen': np.ones(4, np.float32)}})(), 0,
+        np.ones(4, np.float32))
+
+    def run(devices, on_device):
+      mesh = parallel.make_mesh(devices)
+      trainer = train.Trainer(method.model, method, mesh, augment.make_augment_fn(config.data.augment, (0.5,), (0.25,)),
+                              show_progress=False)
+      state = train.init_train_state(method.model, mesh, train.make_optimizer(optim))
+      source = pipeline.DeviceImages(images, mesh) if on_device else images
+      (result,) = train.run_phase(trainer, [train.PhaseRun(state, None, task, phase, labels, (1, 0, 0), 1)], source)
+      return jax.device_get(result.state), [m['loss'] for m in result.epoch_metrics]
+
+    s1, l1 = run(jax.devices()[:1], True)
+    out = {'steps': int(s1.step), 'loss1': l1}
+    for name, on_device in (('device', True), ('host', False)):
+      s8, l8 = run(jax.devices(), on_device)
+      out[name] = {'loss8': l8, 'max_diff': max(jax.tree.leaves(jax.tree.map(
+          lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), (s1.params, s1.batch_stats),
+          (s8.params, s8.batch_stats))))}
+    print(json.dumps(out))
+""")
+
+
+def test_eight_devices_with_a_partial_batch_not_divisible_by_them_equal_one_device(eight_devices):
+  """BAKE (global masked affinity, BatchNorm statistics over the real examples of the global batch) on 8
+  simulated devices, images on the device and on the host, equals 1 device."""
+  r = eight_devices(EIGHT_DEVICES)
+  assert r['steps'] == 6
+  for name in ('device', 'host'):
+    np.testing.assert_allclose(r[name]['loss8'], r['loss1'], rtol=1e-5)
+    assert r[name]['max_diff'] <= 1e-5, r
