@@ -15,7 +15,7 @@ HAS_SWEEPS = importlib.util.find_spec('incremental_jax.sweeps') is not None
 
 
 def _outputs(nb, tag: str) -> list:
-  cells = [c for c in nb.cells if tag in c.metadata.get('tags', [])]
+  cells = [c for c in nb.cells if c.cell_type == 'code' and tag in c.metadata.get('tags', [])]
   assert len(cells) == 1, tag
   return cells[0].outputs
 
