@@ -1,7 +1,8 @@
 """Every error a user can cause (a bad config, data set, scenario or workdir). A leaf module: it imports
 nothing of the package, so every floor can raise these.
 
-`main.py` prints the message of any `USER_ERRORS` member alone, on one line of stderr, and exits with status 2.
+The command line (`incremental_jax.cli`) prints the message of any `USER_ERRORS` member alone, on one line of
+stderr, and exits with status 2.
 """
 from __future__ import annotations
 

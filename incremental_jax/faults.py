@@ -6,6 +6,8 @@ kills the process with SIGKILL (no cleanup, no `finally`, like an out-of-memory 
 n-th time (1-based, counted from the start of the process) that the named point is reached; with `:term` it
 sends SIGTERM instead (a preemption notice, see `incremental_jax.preemption`). Points:
 
+  distributed_init    right after the command line has joined the distributed runtime (`jax.distributed.initialize`;
+                      in a one-process run, where it would have), before it reads the config
   train_step          after a train step has been dispatched (inside a task's training)
   epoch_end           after an epoch's metrics are read back (before any mid-task checkpoint)
   checkpoint_write    right after a checkpoint has started being written (Orbax writes in the background)
@@ -31,7 +33,7 @@ import os
 import signal
 
 ENV_VAR = 'INCREMENTAL_JAX_FAULT'
-POINTS = ('train_step', 'epoch_end', 'checkpoint_write', 'exemplar_selection', 'task_end')
+POINTS = ('distributed_init', 'train_step', 'epoch_end', 'checkpoint_write', 'exemplar_selection', 'task_end')
 SIGNALS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM}
 PERTURB_VAR = 'INCREMENTAL_JAX_PERTURB'
 # the host decisions `parallel` checks or broadcasts across processes -> what each is, for messages

@@ -1,10 +1,11 @@
 """What can be run: every method and every preset of every config file, each with its one-line docstring, and
-the names every other named config field takes (`python main.py --list` prints `listing()`). Everything listed
-is read from the registries the run looks names up in (`incremental_jax.registry`).
+the names every other named config field takes (`incremental-jax --list`, `python main.py --list` print
+`listing()`). Everything listed is read from the registries the run looks names up in (`incremental_jax.registry`).
 
 A config file's presets are its module's `PRESETS` dict, or `config.COMMON_PRESETS` for the files built on
-the shared protocols alone. The files listed are the command-line ones (`configs/<name>.py`), each re-exporting
-the package's presets, `incremental_jax.configs.<name>`. A preset without a docstring is described by the config it builds.
+the shared protocols alone. The files listed are the package's preset modules, `incremental_jax.configs.<name>`
+(`--config=<name>:<preset>`; the repository's `configs/<name>.py` re-export them), or those of a folder of config
+files given to `listing()`. A preset without a docstring is described by the config it builds.
 """
 from __future__ import annotations
 
@@ -36,14 +37,27 @@ def method_line(cls) -> str:
   return line if len(line.split()) > 1 else one_line(sys.modules[cls.__module__].__doc__)
 
 
-def config_modules(configs_dir: str) -> dict:
-  """{file name: imported module} of the config files in `configs_dir` (imported as the `configs` package)."""
+def module_names(directory: str) -> list:
+  """The names of the Python modules in `directory` (without `__init__`), sorted."""
+  return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(directory, '*.py'))
+                if os.path.basename(p) != '__init__.py')
+
+
+def package_configs_dir() -> str:
+  """The folder of the package's preset modules, `incremental_jax/configs` (wherever the package is installed)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
+def config_modules(configs_dir: Optional[str] = None) -> dict:
+  """{file name: imported module} of the config files in `configs_dir` (imported as the `configs` package), or
+  by default the package's preset modules `incremental_jax.configs.<name>`."""
+  if configs_dir is None:
+    return {n: importlib.import_module(f'incremental_jax.configs.{n}') for n in module_names(package_configs_dir())}
   root = os.path.dirname(os.path.abspath(configs_dir))
   if root not in sys.path:
     sys.path.insert(0, root)
   package = os.path.basename(os.path.normpath(configs_dir))
-  names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(configs_dir, '*.py')))
-  return {n: importlib.import_module(f'{package}.{n}') for n in names if n != '__init__'}
+  return {n: importlib.import_module(f'{package}.{n}') for n in module_names(configs_dir)}
 
 
 def presets_of(module) -> Mapping[str, Callable]:
@@ -60,17 +74,22 @@ def describe(config) -> str:
   return f"{d.name}, {tasks}, {m.backbone}-{m.depth}, {o.epochs} epoch{'s' if int(o.epochs) != 1 else ''}"
 
 
-def listing(configs_dir: str = 'configs') -> str:
-  """The text of `python main.py --list`."""
+def listing(configs_dir: Optional[str] = None) -> str:
+  """The text of `--list`: the package's presets (`--config=<file>:<preset>`), or with `configs_dir` the config
+  files of that folder (`--config=<configs_dir>/<file>.py:<preset>`)."""
   from incremental_jax.methods import METHODS
   from incremental_jax.validate import named_fields, named_key_fields
-  shown = os.path.relpath(configs_dir)
   lines = ['Methods (--config.method.name):']
   width = max(map(len, METHODS))
   lines += [f'  {name:<{width}}  {method_line(cls)}' for name, cls in METHODS.items()]
-  lines += ['', f'Config files and their presets (--config={shown}/<file>.py:<preset>; * the default):']
+  if configs_dir is None:
+    lines += ['', 'Config files and their presets (--config=<file>:<preset>, or --config=configs/<file>.py:<preset> '
+                  'in the repository; * the default):']
+  else:
+    shown = os.path.relpath(configs_dir)
+    lines += ['', f'Config files and their presets (--config={shown}/<file>.py:<preset>; * the default):']
   for name, module in config_modules(configs_dir).items():
-    lines.append(f'  {shown}/{name}.py  {one_line(module.__doc__)}')
+    lines.append(f'  {name if configs_dir is None else f"{shown}/{name}.py"}  {one_line(module.__doc__)}')
     presets = presets_of(module)
     default = module.get_config().to_dict()
     width = max(map(len, presets)) + 2

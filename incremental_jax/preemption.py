@@ -1,30 +1,31 @@
 """Preemption: SIGTERM (what preemptible VMs, Cloud TPU maintenance events and SLURM send before they kill a job)
 makes the run save a checkpoint at its next epoch boundary and stop, on every process together.
 
-`install()` (called by `main.py`, after `jax.distributed.initialize`) makes SIGTERM set a flag of this process;
-the run asks `requested()` at each epoch end of every training loop and after each task, on every process.
+`install()` makes SIGTERM set a flag of this process. The command line (`incremental_jax.cli`) calls it first,
+before it imports anything heavy, parses flags or joins the distributed runtime, so that no SIGTERM is lost from
+the start of the process: one received before the run starts stops it at its first boundary. The run asks
+`requested()` at each epoch end of every training loop and after each task, on every process.
 
 - One process: `requested()` is the flag.
 - Several processes (`jax.distributed`): `requested()` gathers every process's flag
   (`multihost_utils.process_allgather`, one small collective per boundary) and answers True everywhere when any
   process has it, so all stop at the same boundary. JAX's own preemption service is not used: its sync point is
   the largest id any process passed to `reached_preemption_sync_point` plus one, and Orbax passes the train step
-  there on every save, so a counter of boundaries would never reach it after the first save. `install()` replaces
-  the SIGTERM handler that `jax.distributed.initialize` registers for that service.
+  there on every save, so a counter of boundaries would never reach it after the first save. The command line
+  turns that service off (`jax_enable_preemption_service`) before `jax.distributed.initialize`, whose service
+  would otherwise register its own SIGTERM handler in place of this one and swallow a SIGTERM (Orbax treats a
+  disabled service as no preemption).
 
 Once `requested()` has said True it keeps saying so (a boundary where no checkpoint can be written, e.g. after
 a phase's last epoch, passes the stop on to the next one) until `reset()`, which `train_and_evaluate` calls when
 it starts (a notebook's next run after a `Preempted`). The run raises `Preempted` after its checkpoint is
-complete; `main.py` prints its one-line message (where it stopped, how to resume) and exits with `EXIT_CODE`.
+complete; the command line prints its one-line message (where it stopped, how to resume) and exits with
+`EXIT_CODE`.
 Running the same command again resumes from that checkpoint to the results of an uninterrupted run.
 """
 from __future__ import annotations
 
 import signal
-
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 EXIT_CODE = 75   # EX_TEMPFAIL (sysexits.h): stopped on purpose, run the same command again to continue
 
@@ -52,16 +53,21 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def install() -> None:
-  """Makes SIGTERM a stop request of this process. With several processes, call it after
-  `jax.distributed.initialize`, whose preemption notifier also registers for SIGTERM: the last handler set wins."""
+  """Makes SIGTERM a stop request of this process (a SIGTERM already recorded is kept). Imports nothing, so an
+  entry point can call it first. `jax.distributed.initialize` with JAX's preemption service on registers its own
+  SIGTERM handler in place of this one: turn the service off first (`jax_enable_preemption_service`), as
+  `incremental_jax.cli` does."""
   signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _any_process(flag: bool) -> bool:
   """Whether `flag` is True on any process: the same answer on every process (a collective with several
   processes, so every process must call it at the same point)."""
+  import jax
   if jax.process_count() == 1:
     return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 

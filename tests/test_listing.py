@@ -1,4 +1,5 @@
-"""`python main.py --list`: every method and every preset of every config file, with its one-line docstring."""
+"""`--list` (`incremental-jax --list`, `python main.py --list`): every method and every preset of every config file,
+with its one-line docstring."""
 import ast
 import glob
 import os
@@ -30,18 +31,22 @@ def test_one_line():
   assert listing.one_line(None) == ''
 
 
-def test_listing_names_every_method_and_preset():
-  text = listing.listing(CONFIGS)
+@pytest.mark.parametrize('configs_dir', [None, CONFIGS], ids=['package', 'folder'])
+def test_listing_names_every_method_and_preset(configs_dir):
+  """The package's presets by module name (`--config=lucir:digits`), or a folder's config files by path."""
+  text = listing.listing(configs_dir)
   lines = text.splitlines()
   for name, cls in METHODS.items():
     assert f'  {name:<{max(map(len, METHODS))}}  {listing.method_line(cls)}' in lines
   assert '  lucir           LUCIR (Hou et al., "Learning a Unified Classifier Incrementally via Rebalancing", ' \
          'CVPR 2019), as its official…' in lines        # the class says only "LUCIR.": its module's sentence
-  modules = listing.config_modules(CONFIGS)
+  modules = listing.config_modules(configs_dir)
   assert sorted(modules) == sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, '*.py'))
                                    if not p.endswith('__init__.py'))
   for file, module in modules.items():
-    start = lines.index(f'  {os.path.relpath(CONFIGS)}/{file}.py  {listing.one_line(module.__doc__)}')
+    assert module.__name__ == (f'incremental_jax.configs.{file}' if configs_dir is None else f'configs.{file}')
+    shown = file if configs_dir is None else f'{os.path.relpath(CONFIGS)}/{file}.py'
+    start = lines.index(f'  {shown}  {listing.one_line(module.__doc__)}')
     block = []
     for line in lines[start + 1:]:
       if not line.startswith('    '):
@@ -64,6 +69,6 @@ def test_main_list_needs_no_config(monkeypatch):
   monkeypatch.setattr(methods, 'METHODS', Registry(methods.METHODS.kind, builtin, methods.METHODS.hint))
   out = subprocess.run([sys.executable, 'main.py', '--list'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip() == listing.listing(CONFIGS).strip()
+  assert out.stdout.strip() == listing.listing().strip()   # the package's presets (tests/test_cli.py: any command)
   missing = subprocess.run([sys.executable, 'main.py'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and '--config is required (or --list)' in missing.stderr

@@ -84,6 +84,19 @@ def test_sigterm_at_a_random_step_checkpoints_exits_and_resumes_identically(tmp_
   assert comparable(final) == comparable(reference), n
 
 
+def test_sigterm_while_the_command_starts_stops_the_run_at_its_first_boundary(tmp_path):
+  """SIGTERM during the command's start-up, where a multi-process run has just joined the distributed runtime
+  (`distributed_init`, before the config is read): the stop handler is installed first of all, so the run is not
+  killed but stops at its first boundary (task 0's first epoch end, checkpoint 17) with exit status 75."""
+  workdir = str(tmp_path / 'run')
+  out = run_main(workdir, fault='distributed_init:1:term')
+  assert out.returncode == preemption.EXIT_CODE, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"preempted (SIGTERM): stopped in step 0 (phase 'train', epoch 1) after saving checkpoint 17 in {workdir}; "
+      'run the same command again to resume from it.')
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['17']
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   """The uninterrupted iCaRL `test` run (one process), computed once for this module's comparisons."""
@@ -92,6 +105,7 @@ def reference(tmp_path_factory):
 
 STOPS = {   # fault of process 1, extra flags -> where both processes stop, checkpoint step (17 train steps per
             # epoch in task 0, 13 in task 1, 2 epochs each: task ends at 34 and 60, epoch 1 ends at 17 and 47)
+    'right_after_distributed_init': ('distributed_init:1:term', (), "in step 0 (phase 'train', epoch 1)", 17),
     'before_any_save': ('train_step:5:term', (), "in step 0 (phase 'train', epoch 1)", 17),
     'after_task_end_save': ('task_end:1:term', (), 'after step 0', 34),
     'every_epoch_saved': ('train_step:40:term', ('--config.checkpoint.every_epochs=1',),
@@ -104,10 +118,11 @@ STOPS = {   # fault of process 1, extra flags -> where both processes stop, chec
 @pytest.mark.parametrize('case', list(STOPS))
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_checkpoint(case, tmp_path, comparable, close,
                                                                            reference, two_processes):
-  """Two processes; process 1 alone gets SIGTERM: before any checkpoint, right after a task-end checkpoint, after
-  train step 40 when every epoch is saved (checkpoints 17 and 34 written before), or right after the third save
-  started (`checkpoint_write`, while process 0 finalizes it in the background; the next boundary ends the
-  phase, so the stop passes to the task end). Orbax drives JAX's preemption sync point with the train step on
+  """Two processes; process 1 alone gets SIGTERM: right after `jax.distributed.initialize` (whose preemption
+  service, were it on, would have replaced the stop handler and swallowed it), before any checkpoint, right after
+  a task-end checkpoint, after train step 40 when every epoch is saved (checkpoints 17 and 34 written before), or
+  right after the third save started (`checkpoint_write`, while process 0 finalizes it in the background; the
+  next boundary ends the phase, so the stop passes to the task end). Orbax drives JAX's preemption sync point with the train step on
   every save, so the stop must not depend on it: both processes save the same checkpoint, print the same line
   and exit with 75; one process then resumes from it to the uninterrupted results."""
   fault, args, where, saved = STOPS[case]
