@@ -229,3 +229,9 @@ def test_config_fields_added_since_a_checkpoint():
   old, new = old_and_new(finetune.get_config('digits'))   # no jitter
   new['data'].update(workers=4, prefetch=8)
   assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []
+  # before `data.drop_last`, every epoch dropped its last partial batch: today's default (keep it) differs
+  del old['data']['drop_last']
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == [
+      'data.drop_last: checkpoint has True, config has False']
+  new['data']['drop_last'] = True
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []
