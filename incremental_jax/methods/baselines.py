@@ -28,14 +28,15 @@ class LwF(Method):
   over the new classes' logits plus `kd_weight` times the temperature-`kd_temperature` distillation of the
   previous model's old-class logits (Eq. 2 of the paper, T = 2). No exemplars."""
   teacher = 'last'
+  hyperparameters = ('kd_temperature', 'kd_weight')
 
   def loss(self, outputs, batch, task, teacher, params):
     logits = outputs['logits']
     ce = cross_entropy(logits, batch['label'], task.new).mean()
     if teacher is None:
       return ce, {'ce': ce}
-    kd = kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old).mean()
-    return ce + self.mcfg.kd_weight * kd, {'ce': ce, 'kd': kd}
+    kd = kd_kl(logits, teacher['logits'], self.hp(task, 'kd_temperature'), task.old).mean()
+    return ce + self.hp(task, 'kd_weight') * kd, {'ce': ce, 'kd': kd}
 
 
 class ICaRL(Method):
@@ -50,6 +51,7 @@ class ICaRL(Method):
   """
   uses_memory = True
   teacher = 'last'
+  hyperparameters = ('kd_temperature', 'kd_weight')
 
   def loss(self, outputs, batch, task, teacher, params):
     logits = outputs['logits']
@@ -61,5 +63,5 @@ class ICaRL(Method):
     ce = cross_entropy(logits, batch['label'], task.seen).mean()
     if teacher is None:
       return ce, {'ce': ce}
-    kd = kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old).mean()
-    return ce + self.mcfg.kd_weight * kd, {'ce': ce, 'kd': kd}
+    kd = kd_kl(logits, teacher['logits'], self.hp(task, 'kd_temperature'), task.old).mean()
+    return ce + self.hp(task, 'kd_weight') * kd, {'ce': ce, 'kd': kd}

@@ -103,6 +103,7 @@ class KD(Method):
   CIFAR-100; T=20, alpha=0.95 for CIFAR-10 ResNet-56 -> ResNet-20). The teacher (`method.teacher_model`) may
   be another architecture than the student (`model`)."""
   teacher = 'pretrained'
+  hyperparameters = ('kd_temperature', 'kd_alpha')
 
   def build_networks(self, num_classes, image_shape):
     teacher = build_model(self.mcfg.teacher_model, num_classes, image_shape, seed=self.config.seed)
@@ -147,21 +148,25 @@ class KD(Method):
     ce = cross_entropy(outputs['logits'], batch['label'], task.seen).mean()
     if teacher is None:
       return ce, {'ce': ce}
-    t, alpha = float(self.mcfg.kd_temperature), float(self.mcfg.kd_alpha)
+    t, alpha = self.hp(task, 'kd_temperature'), self.hp(task, 'kd_alpha')
     kd = t * t * kd_kl(outputs['logits'], teacher['logits'], t, task.seen).mean()
     return (1.0 - alpha) * ce + alpha * kd, {'ce': ce, 'kd': kd}
 
 
 # ---- IE-KD -------------------------------------------------------------------------------------------
-def iekd_loss(mcfg, outputs: dict, labels: jax.Array, class_mask: jax.Array, teacher_factor) -> tuple:
+def iekd_loss(mcfg, outputs: dict, labels: jax.Array, class_mask: jax.Array, teacher_factor,
+              inherit_weight=None, explore_weight=None) -> tuple:
   """CE + inherit_weight * L_inh(F_inh, F_T) + explore_weight * L_exp(F_exp, F_T) (IE-KD, the student's total
-  loss; `losses.iekd`), with the measures `method.inherit_measure` / `method.explore_measure`."""
+  loss; `losses.iekd`), with the measures `method.inherit_measure` / `method.explore_measure`; the weights default
+  to the config's (a method passes its traced values, `Method.hp`)."""
   ce = cross_entropy(outputs['logits'], labels, class_mask).mean()
   if teacher_factor is None:
     return ce, {'ce': ce}
   inh = inheritance_loss(outputs['factor_inherit'], teacher_factor, mcfg.inherit_measure).mean()
   exp = exploration_loss(outputs['factor_explore'], teacher_factor, mcfg.explore_measure).mean()
-  loss = ce + float(mcfg.inherit_weight) * inh + float(mcfg.explore_weight) * exp
+  inherit_weight = float(mcfg.inherit_weight) if inherit_weight is None else inherit_weight
+  explore_weight = float(mcfg.explore_weight) if explore_weight is None else explore_weight
+  loss = ce + inherit_weight * inh + explore_weight * exp
   return loss, {'ce': ce, 'inherit': inh, 'explore': exp}
 
 
@@ -179,6 +184,7 @@ class IEKD(KD):
   its inheritance and exploration halves are encoded by two trainable encoders (part of the student's
   parameters) and trained with `iekd_loss` against the teacher's factor (inference mode, no gradient).
   """
+  hyperparameters = KD.hyperparameters + ('inherit_weight', 'explore_weight')
 
   def student_networks(self, num_classes, image_shape, teacher) -> dict:
     """The student with its two encoders (`model`) and the teacher's factor autoencoder (`autoencoder`)."""
@@ -213,7 +219,8 @@ class IEKD(KD):
     return {'logits': teacher['logits'], 'factor': factor}
 
   def loss(self, outputs, batch, task, teacher, params):
-    return iekd_loss(self.mcfg, outputs, batch['label'], task.seen, None if teacher is None else teacher['factor'])
+    return iekd_loss(self.mcfg, outputs, batch['label'], task.seen, None if teacher is None else teacher['factor'],
+                     self.hp(task, 'inherit_weight'), self.hp(task, 'explore_weight'))
 
 
 # ---- IE-DML ------------------------------------------------------------------------------------------
@@ -247,6 +254,7 @@ class IEDML(Method):
   rate schedule for all four parts). `method.dml_kl_weight` > 0 adds DML's KL(peer || student) at T=1 to
   steps 2 and 4 (0 by default: IE-KD replaces it). The run evaluates peer `method.eval_peer`.
   """
+  hyperparameters = ('inherit_weight', 'explore_weight', 'dml_kl_weight')
 
   def build_networks(self, num_classes, image_shape):
     m = self.mcfg
@@ -265,15 +273,15 @@ class IEDML(Method):
 
   def loss(self, outputs, batch, task, teacher, params):
     """One peer's objective; `teacher` holds the other peer's `factor` and `logits`."""
-    loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'])
-    kl_weight = float(self.mcfg.dml_kl_weight)
-    if kl_weight:
+    loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'],
+                              self.hp(task, 'inherit_weight'), self.hp(task, 'explore_weight'))
+    kl_weight = self.hp(task, 'dml_kl_weight')
+    if float(self.mcfg.dml_kl_weight):   # a weight of 0 skips the term (runs whose weight is 0 group apart)
       kl = kd_kl(outputs['logits'], teacher['logits'], 1.0, task.seen).mean()
       loss, metrics = loss + kl_weight * kl, {**metrics, 'kl': kl}
     return loss, metrics
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
-    tx = step_lib.make_optimizer(phase.optim)
     kind = self.mcfg.reconstruction
 
     def forward(params, stats, part, inputs, train):
@@ -281,7 +289,7 @@ class IEDML(Method):
       out = getattr(module, part)(inputs, train=train)
       return out, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
 
-    def sgd_on_part(params, stats, opt_state, part, objective, lr):
+    def sgd_on_part(params, stats, opt_state, part, objective, lr, tx):
       """One SGD step of params[part] (and of its optimiser state) on objective(params) -> (loss, (metrics,
       new_stats)); the other parts and their momentum buffers are untouched."""
       grad_fn = jax.value_and_grad(lambda p: objective({**params, part: p}), has_aux=True)
@@ -293,6 +301,7 @@ class IEDML(Method):
     def train_step(state, frozen, task, batch):
       x = step_lib.augmented_batch(augment_fn, task, state, batch['image'])
       lr = step_lib.learning_rate(phase.optim, task, state.phase_step)
+      tx = step_lib.make_optimizer(phase.optim, task.hparams)
       params, stats, opt_state, metrics = state.params, state.batch_stats, state.opt_state, {}
       for student, teacher in (('a', 'b'), ('b', 'a')):
         teacher_out, stats = forward(params, stats, f'peer_{teacher}', x, True)
@@ -304,7 +313,7 @@ class IEDML(Method):
           return rec, ({'reconstruction': rec}, new_stats)
 
         params, stats, opt_state, m_rec = sgd_on_part(params, stats, opt_state, f'autoencoder_{teacher}',
-                                                      reconstruct, lr)
+                                                      reconstruct, lr, tx)
         factor = forward(params, stats, f'autoencoder_{teacher}', feature, False)[0]['factor']
         given = jax.lax.stop_gradient({'factor': factor, 'logits': teacher_out['logits']})
 
@@ -313,7 +322,7 @@ class IEDML(Method):
           loss, m = phase.loss(out, batch, task, given, p)
           return loss, ({**m, 'loss': loss}, new_stats)
 
-        params, stats, opt_state, m_peer = sgd_on_part(params, stats, opt_state, f'peer_{student}', learn, lr)
+        params, stats, opt_state, m_peer = sgd_on_part(params, stats, opt_state, f'peer_{student}', learn, lr, tx)
         metrics.update({f'{k}_{student}': v for k, v in m_peer.items()})
         metrics[f'reconstruction_{teacher}'] = m_rec['reconstruction']
       metrics.update(loss=metrics['loss_a'] + metrics['loss_b'], lr=lr)

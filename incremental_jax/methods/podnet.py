@@ -73,6 +73,7 @@ class PODNet(Method):
   teacher = 'last'
   freeze_old_classes = True
   required_head = 'lsc'      # the local similarity classifier
+  hyperparameters = ('nca_margin', 'pixel_weight', 'spatial_weight', 'flat_weight', 'finetune_lr')
 
   def check_config(self) -> None:
     if self.mcfg.pooling not in POOLINGS + ('pixel',):
@@ -87,7 +88,7 @@ class PODNet(Method):
     if m.nca == 'official':
       value = nca_official(outputs['logits'], batch['label'], task.seen, outputs['eta']).mean()
     else:
-      value = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], float(m.nca_margin),
+      value = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], self.hp(task, 'nca_margin'),
                   bool(m.nca_exclude_positive), bool(m.nca_hinge)).mean()
     return value, {'nca': value}
 
@@ -99,11 +100,11 @@ class PODNet(Method):
     factor = adaptive_factor(1.0, task.seen, task.new)
     flat = less_forget(outputs['embedding'], teacher['embedding']).mean()
     if m.pooling == 'pixel':   # the official pixel ablation: its own factor, no adaptive weight
-      pixel = perceptual_features(teacher['stages'], outputs['stages'], float(m.pixel_weight))
-      total = total + factor * float(m.flat_weight) * flat + pixel
+      pixel = perceptual_features(teacher['stages'], outputs['stages'], self.hp(task, 'pixel_weight'))
+      total = total + factor * self.hp(task, 'flat_weight') * flat + pixel
       return total, {**metrics, 'pod_flat': flat, 'pixel': pixel, 'pod_factor': factor}
     spatial = pod_spatial(teacher['stages'], outputs['stages'], m.pooling)
-    total = total + factor * (float(m.flat_weight) * flat + float(m.spatial_weight) * spatial)
+    total = total + factor * (self.hp(task, 'flat_weight') * flat + self.hp(task, 'spatial_weight') * spatial)
     return total, {**metrics, 'pod_flat': flat, 'pod_spatial': spatial, 'pod_factor': factor}
 
   # ---- host-side hooks ----------------------------------------------------------------------------
