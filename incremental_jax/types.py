@@ -39,8 +39,8 @@ class TaskInfo:
       `fold_in(key(seed), s)`; traced, so that runs trained together (`num_runs`) differ only in data.
     hparams: the float hyperparameters the step reads, as float32 arrays so that runs trained together may differ
       in them (a sweep): the optimiser's ('optim.weight_decay', 'optim.momentum', 'optim.gamma',
-      'optim.milestones' [M]; `step.optim_hparams`) and the method's (`Method.hyperparameters`, by field name);
-      None or a missing name: the step reads the config's value as a constant.
+      'optim.milestones' [M]; `step.optim_hparams`) and the method's (`Method.hyperparameters`, by field name).
+      None (a run trained alone) or a missing name: the step reads the config's value as a constant.
   """
   index: jax.Array
   old: jax.Array

@@ -128,10 +128,11 @@ class Method:
     state_format: the version of the layout of `method_state` (and of `frozen`) in checkpoints; a method that
       changes it raises this number, and the run then refuses its older checkpoints with a one-line message.
     hyperparameters: the `method.*` float fields the traced loss reads through `hp` (loss weights, temperatures,
-      margins, the learning rates of the method's own phases): they travel as float32 values in
-      `TaskInfo.hparams`, so runs that differ only in them train as one vmapped group with one compilation (a
-      sweep, `incremental_jax.sweeps`). A field whose value is 0 in one run and not in another still splits the
-      group (a loss may skip a term whose weight is 0).
+      margins, the learning rates of the method's own phases): in runs trained together they travel as float32
+      values in `TaskInfo.hparams`, so runs that differ only in them train as one vmapped group with one
+      compilation (a sweep, `incremental_jax.sweeps`); a run trained alone reads them as constants. A field whose
+      value is 0 in one run and not in another still splits the group (a loss may skip a term whose weight is 0).
+      A method's own phase learning rates (set as `optim.lr` of its phases) are traced through `TaskInfo.lr`.
 
   Auxiliary loss terms named in `config.method.aux_losses` (e.g. BAKE, see `losses.auxiliary`) are added to
   `self.loss` when the method is built, so every phase that trains with the method's loss gets them; phases

@@ -289,9 +289,10 @@ class IEDML(Method):
       out = getattr(module, part)(inputs, train=train)
       return out, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
 
-    def sgd_on_part(params, stats, opt_state, part, objective, lr, tx):
+    def sgd_on_part(params, stats, opt_state, part, objective, lr, hparams):
       """One SGD step of params[part] (and of its optimiser state) on objective(params) -> (loss, (metrics,
       new_stats)); the other parts and their momentum buffers are untouched."""
+      tx = step_lib.make_optimizer(phase.optim, hparams)   # weight decay and momentum traced in a group
       grad_fn = jax.value_and_grad(lambda p: objective({**params, part: p}), has_aux=True)
       (_, (metrics, stats)), grads = grad_fn(params[part])
       updates, part_state = tx.update(grads, _part_of(opt_state, params, part), params[part])
@@ -301,7 +302,6 @@ class IEDML(Method):
     def train_step(state, frozen, task, batch):
       x = step_lib.augmented_batch(augment_fn, task, state, batch['image'])
       lr = step_lib.learning_rate(phase.optim, task, state.phase_step)
-      tx = step_lib.make_optimizer(phase.optim, task.hparams)
       params, stats, opt_state, metrics = state.params, state.batch_stats, state.opt_state, {}
       for student, teacher in (('a', 'b'), ('b', 'a')):
         teacher_out, stats = forward(params, stats, f'peer_{teacher}', x, True)
@@ -313,7 +313,7 @@ class IEDML(Method):
           return rec, ({'reconstruction': rec}, new_stats)
 
         params, stats, opt_state, m_rec = sgd_on_part(params, stats, opt_state, f'autoencoder_{teacher}',
-                                                      reconstruct, lr, tx)
+                                                      reconstruct, lr, task.hparams)
         factor = forward(params, stats, f'autoencoder_{teacher}', feature, False)[0]['factor']
         given = jax.lax.stop_gradient({'factor': factor, 'logits': teacher_out['logits']})
 
@@ -322,7 +322,8 @@ class IEDML(Method):
           loss, m = phase.loss(out, batch, task, given, p)
           return loss, ({**m, 'loss': loss}, new_stats)
 
-        params, stats, opt_state, m_peer = sgd_on_part(params, stats, opt_state, f'peer_{student}', learn, lr, tx)
+        params, stats, opt_state, m_peer = sgd_on_part(params, stats, opt_state, f'peer_{student}', learn, lr,
+                                                       task.hparams)
         metrics.update({f'{k}_{student}': v for k, v in m_peer.items()})
         metrics[f'reconstruction_{teacher}'] = m_rec['reconstruction']
       metrics.update(loss=metrics['loss_a'] + metrics['loss_b'], lr=lr)
