@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The issue-22 figures on an accelerator (GPU or TPU), in one run of under 8 minutes; nothing to install beyond
+# The issue-22 and issue-34 figures on an accelerator (GPU or TPU), in one run of under 12 minutes; nothing to install beyond
 # the project's requirements with jax[cuda12] (or jax[tpu]). PyTorch is used when it is importable.
 #
 #   bash benchmarks/accelerator.sh [OUT_FILE]        # default: $OUT/accelerator.txt, else ./accelerator.txt
 #
 # It writes, in order: the devices; the loop overhead (digits model and CIFAR ResNet-32, through the real loop
 # against the compiled step alone); the LUCIR train step against PyTorch in float32 and bfloat16; the digits
-# quick start cold and warm with its split. Each part has its own time limit, so one slow part cannot take the
+# quick start cold and warm with its split; an 8-run digits sweep as one command against 8 commands (10 epochs). Each part has its own time limit, so one slow part cannot take the
 # others' time.
 set -u
 cd "$(dirname "$0")/.."
@@ -34,4 +34,5 @@ else
   echo "## vs torch: PyTorch is not installed here; skipped" | tee -a "$out"
 fi
 part 150 'quick start (lucir.py:digits), cold and warm' python benchmarks/loop_overhead.py --quick_start
+part 240 'sweep: 8 digits runs as one command against 8 commands (10 epochs)' python benchmarks/sweep.py --epochs=10
 echo "figures written to $out"

@@ -37,7 +37,8 @@ FORMAT_VERSION = 1
 
 # Config fields that may differ between a run and its resumption (they do not change what is computed).
 RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'data.workers', 'data.prefetch', 'eval.batch_size', 'checkpoint',
-                  'progress', 'workdir', 'compilation_cache', 'data.on_device', 'data.chunk_steps')
+                  'progress', 'workdir', 'compilation_cache', 'data.on_device', 'data.chunk_steps', 'sweep',
+                  'reference_table')
 # Fields added with a default that changes results: a checkpoint written before them ran with this value (a
 # resume under today's default is a config difference, not a silent change of protocol).
 LEGACY_DEFAULTS = {'data.augment.brightness_mode': 'add', 'optim.schedule_offset': 0,

@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True            # TensorBoard scalars in <workdir>/tensorboard/ when tensorboardX is installed
   c.num_runs = 1                  # > 1: that many independent runs trained together (incremental_jax.runs)
   c.runs_vary = 'seed_and_order'  # run k: seed + k and/or data.class_order_seed + k ('seed', 'order')
+  c.sweep = ''                    # several runs in one workdir, e.g. 'optim.lr=0.05,0.1 * seed=0,1' (product '*',
+                                  # zip '+'; incremental_jax.sweeps); '' = one run
+  c.reference_table = ''          # the paper table a sweep reproduces, '<configs module>:<table>' (the module's
+                                  # TABLES; printed by incremental_jax.report); '' = none
   c.compilation_cache = 'auto'    # persistent XLA compilation cache directory (re-runs and resumes skip compiling):
                                   # 'auto' = $XDG_CACHE_HOME/incremental_jax/xla (~/.cache/...), '' = off;
                                   # JAX_COMPILATION_CACHE_DIR, when set, takes precedence

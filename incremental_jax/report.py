@@ -1,6 +1,7 @@
 """A comparison report over run workdirs: `python -m incremental_jax.report RUN_DIR... [--out DIR]`.
 
-Each RUN_DIR is a single run (its `results.json`) or a `num_runs` group (`summary.json` and `run_k/results.json`).
+Each RUN_DIR is a single run (its `results.json`), a `num_runs` group (`summary.json` and `run_k/results.json`) or
+a sweep (`summary.json` and one subfolder per run; each of its settings is a row, a group of its runs).
 Writes into `--out` (default: the current directory)
   report.md   a Markdown table: method, data set, protocol (base + increments), average incremental CNN / NME
               accuracy, last accuracy and average forgetting (a group: mean ± std over its runs, numpy's std with
@@ -9,7 +10,14 @@ Writes into `--out` (default: the current directory)
   report.png  accuracy on the seen classes against the number of classes (CNN, and NME where a run has it),
               every run a curve, a group its mean with a shaded ±std band;
 and prints the Markdown table. Runs of different protocols (data set or task sizes) share no curve: the report
-refuses them (one line on stderr, exit status 2) unless `--mix-protocols` is given.
+refuses them (one line on stderr, exit status 2) unless `--mix-protocols` is given (a sweep's settings may differ
+in protocol: they are its rows).
+
+A sweep that reproduces a paper's table (its summary.json names a `reference_table`, or `--table` names one) gets
+the paper's table instead (`paper_report`): one row per setting of the table, ours as mean ± std over the
+setting's runs (its class orders or seeds), the paper's number and the difference (ours - paper), CNN and NME, the
+citation under it; as paper.md, paper.csv and paper.png (accuracy against the number of classes, one panel per
+setting, mean ± std over the runs).
 """
 from __future__ import annotations
 
@@ -89,6 +97,17 @@ def _read_json(path: str) -> dict:
     return json.loads(paths.as_path(path).read_text())
   except (OSError, ValueError) as e:
     raise ReportError(f'cannot read {path}: {e}') from None
+
+
+def load_entries(path: str) -> list:
+  """A RUN_DIR's entries: one per setting of a sweep, else the one of `load_entry`."""
+  summary_file = paths.join(path, 'summary.json')
+  if paths.as_path(summary_file).exists():
+    summary = _read_json(summary_file)
+    if 'sweep' in summary:
+      return [Entry(paths.join(path, s['name']), [_read_json(paths.join(path, r, 'results.json')) for r in s['runs']],
+                    {**s, 'num_runs': len(s['runs'])}) for s in summary['settings']]
+  return [load_entry(path)]
 
 
 def load_entry(path: str) -> Entry:
@@ -224,14 +243,132 @@ def write_report(run_dirs: Sequence[str], out: str, mix_protocols: bool = False)
   path); returns the Markdown."""
   if not run_dirs:
     raise ReportError('no RUN_DIR given.')
-  entries = [load_entry(p) for p in run_dirs]
-  check_protocols(entries, mix_protocols)
+  entries = [e for p in run_dirs for e in load_entries(p)]
+  check_protocols(entries, mix_protocols or (len(run_dirs) == 1 and len(entries) > 1))
   table = rows(entries)
   text = markdown(table) + environment_note(entries)
   paths.atomic_write(paths.join(out, 'report.md'), text)
   paths.atomic_write(paths.join(out, 'report.csv'), csv_text(table))
   plot(entries, paths.join(out, 'report.png'))
   return text
+
+
+# ---- a paper's table ---------------------------------------------------------------------------------------
+def _same(a, b) -> bool:
+  return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def _row_runs(summary: dict, row) -> list:
+  """The names of the sweep's runs of a paper row: those whose overrides agree with every field of its setting."""
+  return [r['name'] for r in summary['runs'] if all(f in r['overrides'] and _same(r['overrides'][f], v)
+                                                   for f, v in row.setting.items())]
+
+
+def paper_rows(path: str, summary: dict, table) -> list:
+  """One dict per row of the paper table `table` (a `sweeps.PaperTable`): its label, how many runs of the sweep
+  at `path` it has, and per kind (cnn, nme) ours (mean, std over the runs, ddof=0), the paper's number and the
+  difference ours - paper; None where a side has no number. With `table.error`, ours is 100 - accuracy."""
+  out = []
+  for row in table.rows:
+    names = _row_runs(summary, row)
+    results = [_read_json(paths.join(path, n, 'results.json')) for n in names]
+    entry = {'setting': row.label, 'runs': len(results)}
+    for kind in KINDS:
+      vals = [r.get(table.metric, {}).get(kind) for r in results]
+      vals = None if not vals or any(v is None for v in vals) else [100.0 - v if table.error else v for v in vals]
+      mean, std = mean_std(vals)
+      if vals is not None and std is None:
+        std = 0.0
+      paper = row.values.get(kind)
+      entry[f'{kind}_mean'], entry[f'{kind}_std'], entry[f'{kind}_paper'] = mean, std, paper
+      entry[f'{kind}_diff'] = None if mean is None or paper is None else mean - paper
+    out.append(entry)
+  return out
+
+
+def _num(v: Optional[float], signed: bool = False) -> str:
+  return '–' if v is None else (f'{v:+.2f}' if signed else f'{v:.2f}')
+
+
+def paper_markdown(table, prows: Sequence[dict]) -> str:
+  """The paper's table as Markdown: a row per setting, ours (mean ± std, runs), paper, difference, CNN then NME
+  (NME only where ours or the paper has it); the citation and note under it."""
+  what = ('top-1 error' if table.error else 'accuracy') + f" ({table.metric.replace('_', ' ')})"
+  kinds = [k for k in KINDS if any(r[f'{k}_mean'] is not None or r[f'{k}_paper'] is not None for r in prows)] or ['cnn']
+  head = ['setting', 'runs'] + [c for k in kinds for c in (f'ours {k.upper()}', f'paper {k.upper()}', 'diff')]
+  lines = [f'### {table.title}', '', f'{what}, ours as mean ± std over the runs of each setting', '',
+           '| ' + ' | '.join(head) + ' |', '|---|---:|' + '---:|' * (len(head) - 2)]
+  for r in prows:
+    cells = [r['setting'], str(r['runs'])]
+    for k in kinds:
+      cells += [_cell(r[f'{k}_mean'], r[f'{k}_std']), _num(r[f'{k}_paper']), _num(r[f'{k}_diff'], signed=True)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += ['', f'Paper: {table.citation}.']
+  if table.note:
+    lines.append(f'Note: {table.note}.')
+  return '\n'.join(lines) + '\n'
+
+
+def paper_plot(path: str, summary: dict, table, out_file: str) -> None:
+  """Accuracy on the seen classes against the number of classes, one panel per row of the table: each kind's mean
+  over the row's runs with a shaded ±std band."""
+  from incremental_jax.metrics import _pyplot, save_figure
+  plt = _pyplot()
+  rows = [(row, _row_runs(summary, row)) for row in table.rows]
+  rows = [(row, names) for row, names in rows if names]
+  fig, axes = plt.subplots(1, max(len(rows), 1), figsize=(4.2 * max(len(rows), 1), 3.6), squeeze=False, sharey=True)
+  for ax, (row, names) in zip(axes[0], rows):
+    entry = Entry(row.label, [_read_json(paths.join(path, n, 'results.json')) for n in names])
+    for kind in KINDS:
+      curve = entry.curve(kind)
+      if curve is None:
+        continue
+      x, y = curve
+      mean, std = y.mean(axis=0), y.std(axis=0)
+      ax.plot(x, mean, marker='o', markersize=3, label=f'{kind.upper()} ({len(names)} runs)')
+      ax.fill_between(x, mean - std, mean + std, alpha=0.2, linewidth=0)
+    ax.set_title(row.label, fontsize=10)
+    ax.set_xlabel('number of classes')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel('accuracy on the seen classes (%)')
+  fig.suptitle(table.title, fontsize=10)
+  fig.tight_layout()
+  save_figure(fig, out_file, dpi=100)
+
+
+def paper_report(path: str, out: str, table_name: str = '') -> str:
+  """Writes paper.md, paper.csv and paper.png of the sweep at `path` against the paper table `table_name` (default:
+  the one its summary.json names) into `out`; returns the Markdown."""
+  from incremental_jax import sweeps
+  from incremental_jax.errors import ConfigError
+  summary_file = paths.join(path, 'summary.json')
+  summary = _read_json(summary_file) if paths.as_path(summary_file).exists() else {}
+  if 'sweep' not in summary:
+    raise ReportError(f'{path} is not a sweep (no summary.json with a sweep); a paper table needs one.')
+  name = table_name or summary.get('reference_table') or ''
+  if not name:
+    raise ReportError(f'{path}: its sweep names no reference_table; pass --table=<configs module>:<table>.')
+  try:
+    table = sweeps.find_table(name)
+  except ConfigError as e:
+    raise ReportError(str(e)) from None
+  prows = paper_rows(path, summary, table)
+  text = paper_markdown(table, prows)
+  paths.atomic_write(paths.join(out, 'paper.md'), text)
+  paths.atomic_write(paths.join(out, 'paper.csv'), csv_text(prows))
+  paper_plot(path, summary, table, paths.join(out, 'paper.png'))
+  return text
+
+
+def _names_table(run_dirs: Sequence[str]) -> bool:
+  """Whether the single RUN_DIR is a sweep whose summary names a paper table."""
+  if len(run_dirs) != 1:
+    return False
+  summary_file = paths.join(run_dirs[0], 'summary.json')
+  if not paths.as_path(summary_file).exists():
+    return False
+  return bool(_read_json(summary_file).get('reference_table'))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -241,14 +378,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--out', default='.', help='directory of report.md, report.csv and report.png (default: .)')
   parser.add_argument('--mix-protocols', action='store_true',
                       help='plot runs of different data sets or task sizes together')
+  parser.add_argument('--table', default='',
+                      help="a paper table '<configs module>:<table>' to compare a sweep with (default: the one its "
+                           'summary.json names)')
   args = parser.parse_args(argv)
   try:
-    text = write_report(args.run_dirs, args.out, args.mix_protocols)
+    if args.table or _names_table(args.run_dirs):
+      if len(args.run_dirs) != 1:
+        raise ReportError('a paper table compares one sweep: pass a single RUN_DIR with --table.')
+      text, first = paper_report(args.run_dirs[0], args.out, args.table), 'paper'
+    else:
+      text, first = write_report(args.run_dirs, args.out, args.mix_protocols), 'report'
   except ReportError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
   print(text, end='')
-  print(f"report written to {paths.join(args.out, 'report.md')}, report.csv and report.png", flush=True)
+  print(f"{first} written to {paths.join(args.out, first + '.md')}, {first}.csv and {first}.png", flush=True)
   return 0
 
 

@@ -38,21 +38,45 @@ from incremental_jax.registry import Registry
 from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
-def make_optimizer(optim_cfg) -> optax.GradientTransformation:
+# Optimiser fields the step reads as traced values (`TaskInfo.lr`, `.epochs` and `.hparams`): runs that differ only
+# in them share one compiled step. `milestones` is traced by value; its length stays part of the program.
+TRACED_OPTIM = ('lr', 'epochs', 'weight_decay', 'momentum', 'gamma', 'milestones')
+
+
+def optim_hparams(optim_cfg) -> dict:
+  """The optimiser's traced hyperparameters of `TaskInfo.hparams` (float32): weight decay, momentum, the multistep
+  schedule's gamma and milestones [M]."""
+  return {'optim.weight_decay': jnp.float32(optim_cfg.weight_decay), 'optim.momentum': jnp.float32(optim_cfg.momentum),
+          'optim.gamma': jnp.float32(optim_cfg.gamma),
+          'optim.milestones': jnp.asarray([float(m) for m in optim_cfg.milestones], jnp.float32)}
+
+
+def _hparam(hparams, name: str, default):
+  return hparams[name] if hparams and name in hparams else default
+
+
+def make_optimizer(optim_cfg, hparams: Optional[dict] = None) -> optax.GradientTransformation:
   """PyTorch `torch.optim.SGD` without its learning rate: weight decay added to the gradient (coupled L2),
   then heavy-ball (or Nesterov) momentum; with `optim.clip_value` > 0 each gradient element is first clamped to
-  [-clip_value, clip_value] (PODNet's gradient hook). The step multiplies the result by the scheduled learning rate."""
-  sgd = [optax.add_decayed_weights(float(optim_cfg.weight_decay)),
-         optax.trace(decay=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov))]
+  [-clip_value, clip_value] (PODNet's gradient hook). The step multiplies the result by the scheduled learning rate.
+  Weight decay and momentum are `hparams`' traced values when given (`TaskInfo.hparams`, inside the step), else the
+  config's; either way the optimiser state has one structure (checkpoints restore against it)."""
+  sgd = [optax.add_decayed_weights(_hparam(hparams, 'optim.weight_decay', float(optim_cfg.weight_decay))),
+         optax.trace(decay=_hparam(hparams, 'optim.momentum', float(optim_cfg.momentum)),
+                     nesterov=bool(optim_cfg.nesterov))]
   clip = float(optim_cfg.clip_value or 0.0)
   return optax.chain(optax.clip(clip), *sgd) if clip > 0 else optax.chain(*sgd)
 
 
 def multistep_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
-  """`gamma` to the number of `milestones` reached at `epoch` (PyTorch's MultiStepLR)."""
-  del task
-  passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
-  return jnp.power(float(optim_cfg.gamma), passed)
+  """`gamma` to the number of `milestones` reached at `epoch` (PyTorch's MultiStepLR); both traced values of
+  `task.hparams` when it has them."""
+  milestones = _hparam(task.hparams, 'optim.milestones', None)
+  if milestones is not None:
+    passed = jnp.sum((epoch >= milestones).astype(jnp.float32))
+  else:
+    passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
+  return jnp.power(_hparam(task.hparams, 'optim.gamma', float(optim_cfg.gamma)), passed)
 
 
 def cosine_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
@@ -126,9 +150,9 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
   `batch['weight']` [B] (1 real, 0 padding): BatchNorm's statistics come from the real examples
   (`example_mask`), and the phase's loss reduces over them (`losses.masked_mean`); the frozen teacher runs in
   inference mode and needs no mask."""
-  tx = make_optimizer(phase.optim)
 
   def train_step(state: TrainState, frozen: Any, task: TaskInfo, batch: dict):
+    tx = make_optimizer(phase.optim, task.hparams)
     x = augmented_batch(augment_fn, task, state, batch['image'])
     teacher_out = None
     if has_teacher and phase.use_teacher:

@@ -83,12 +83,12 @@ def begin_task(spec: RunSpec, store: RunStore, state: RunState, t: int, subnetwo
 
 def phase_task_info(method, ctx: TaskContext, phase):
   """The `TaskInfo` of `phase` in task `ctx.task`: its trainable classes, by default the new ones when the
-  method freezes old classes, else every seen one."""
+  method freezes old classes, else every seen one, and the method's traced hyperparameters."""
   trainable = phase.trainable_classes
   if trainable is None:
     masks = ctx.scenario.class_masks(ctx.task)
     trainable = masks['new'] if method.freeze_old_classes else masks['seen']
-  return make_task_info(ctx.scenario, ctx.task, trainable)
+  return make_task_info(ctx.scenario, ctx.task, trainable).replace(hparams=method.hyperparameter_values())
 
 
 def phase_run(run: TaskRun, phase, stage: str, p_idx: int) -> train_lib.PhaseRun:

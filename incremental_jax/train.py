@@ -23,7 +23,7 @@ from incremental_jax import faults, parallel, preemption
 from incremental_jax.data import pipeline
 from incremental_jax.step import (advanced, augmented_batch, check_finite, head_update_mask,  # noqa: F401
                                   init_train_state, learning_rate, make_optimizer, make_task_info,
-                                  make_train_step)
+                                  make_train_step, optim_hparams, TRACED_OPTIM)
 from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
@@ -83,21 +83,25 @@ class Trainer:
     self.compile_count = 0
 
   @staticmethod
-  def _step_key(phase: Phase, has_teacher: bool) -> tuple:
-    # lr and epochs are traced (TaskInfo); every other optimiser field is baked into the compiled step.
-    static_optim = tuple(sorted((k, str(v)) for k, v in phase.optim.items() if k not in ('lr', 'epochs')))
+  def _step_key(phase: Phase, has_teacher: bool, group: bool = False) -> tuple:
+    # lr and epochs are traced (TaskInfo); in a group also weight decay, momentum, gamma and the milestones' values
+    # (TaskInfo.hparams, `_phase_task`), of which the number of milestones stays in the program; every other
+    # optimiser field is baked into the compiled step.
+    traced = TRACED_OPTIM if group else ('lr', 'epochs')
+    static_optim = tuple(sorted((k, str(len(v)) if k == 'milestones' and k in traced else str(v))
+                                for k, v in phase.optim.items() if k not in traced or k == 'milestones'))
     return (phase.name, has_teacher, phase.train_backbone, phase.use_teacher, tuple(phase.frozen_params), static_optim)
 
   def compiled_step(self, phase: Phase, has_teacher: bool, group: bool = False):
     """The jitted step of `phase`; with `group`, the vmapped step over a leading run axis `(states, frozens,
     tasks, batches, valid [R]) -> (states, metrics)` in which runs whose `valid` is 0 keep their state."""
-    return self._compiled(('group' if group else 'solo', self._step_key(phase, has_teacher)),
+    return self._compiled(('group' if group else 'solo', self._step_key(phase, has_teacher, group)),
                           lambda: self._step(phase, has_teacher, group))
 
   def compiled_chunk(self, phase: Phase, has_teacher: bool, group: bool, on_device: bool):
     """The jitted chunk of `phase` (`make_chunk` over its step, vmapped and masked with `group`):
     `(state, frozen, task, source, xs, valid) -> (state, metrics)`, the state donated."""
-    return self._compiled(('chunk', group, on_device, self._step_key(phase, has_teacher)),
+    return self._compiled(('chunk', group, on_device, self._step_key(phase, has_teacher, group)),
                           lambda: make_chunk(self._step(phase, has_teacher, group), group, on_device, self.mesh))
 
   def _step(self, phase: Phase, has_teacher: bool, group: bool) -> Callable:
@@ -175,9 +179,13 @@ def _masked_group_step(step: Callable) -> Callable:
   return group_step
 
 
-def _phase_task(task: TaskInfo, phase: Phase, steps_per_epoch: int, seed: int) -> TaskInfo:
+def _phase_task(task: TaskInfo, phase: Phase, steps_per_epoch: int, seed: int, traced: bool = False) -> TaskInfo:
+  """The run's `TaskInfo` of its `phase`: its schedule and seed; with `traced` (runs trained together), its
+  optimiser's hyperparameters added to the method's (`step.optim_hparams`), else none: a run trained alone reads
+  them as constants, the very program (and rounding) of a step that knows no traced hyperparameters."""
   return task.replace(lr=jnp.float32(phase.optim.lr), epochs=jnp.float32(int(phase.optim.epochs)),
-                      steps_per_epoch=jnp.float32(steps_per_epoch), seed=jnp.int32(seed))
+                      steps_per_epoch=jnp.float32(steps_per_epoch), seed=jnp.int32(seed),
+                      hparams={**(task.hparams or {}), **optim_hparams(phase.optim)} if traced else None)
 
 
 def make_chunk(step: Callable, group: bool, on_device: bool, mesh) -> Callable:
@@ -260,7 +268,7 @@ def phase_epochs(trainer: Trainer, runs: list, images, desc: str = '') -> Iterat
                                    f'of task {int(runs[0].task.index)} phase {phase.name!r}')
   run_steps = np.array([len(plan[0]) if plan else 1 for plan in plans])
   starts = np.array([int(r.start_epoch) for r in runs])
-  tasks = [_phase_task(r.task, phase, n, r.seed) for r, n in zip(runs, run_steps)]
+  tasks = [_phase_task(r.task, r.phase, n, r.seed, traced=group) for r, n in zip(runs, run_steps)]   # each run's own
   states = [r.state if r.start_epoch else trainer.phase_start(r.state, phase) for r in runs]
   has_teacher = runs[0].frozen is not None
   on_device = isinstance(images, pipeline.DeviceImages)

@@ -37,6 +37,10 @@ class TaskInfo:
     lr, epochs, steps_per_epoch: float32 scalars of the phase's learning-rate schedule.
     seed: the run's seed (int32 scalar): the augmentation of global step s uses
       `fold_in(key(seed), s)`; traced, so that runs trained together (`num_runs`) differ only in data.
+    hparams: the float hyperparameters the step reads, as float32 arrays so that runs trained together may differ
+      in them (a sweep): the optimiser's ('optim.weight_decay', 'optim.momentum', 'optim.gamma',
+      'optim.milestones' [M]; `step.optim_hparams`) and the method's (`Method.hyperparameters`, by field name).
+      None (a run trained alone) or a missing name: the step reads the config's value as a constant.
   """
   index: jax.Array
   old: jax.Array
@@ -47,6 +51,7 @@ class TaskInfo:
   epochs: jax.Array
   steps_per_epoch: jax.Array
   seed: jax.Array = 0
+  hparams: Any = None
 
   @property
   def num_old(self) -> jax.Array:

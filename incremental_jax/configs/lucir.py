@@ -23,6 +23,7 @@ UCIR rows (3 class orders). (c) With one new class per step the margin ranking l
 import ml_collections
 
 from incremental_jax import config as cfglib
+from incremental_jax import sweeps
 
 
 def lucir_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -60,8 +61,66 @@ def imagenet100_b50_s10(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
+PODNET_ORDERS = sweeps.axis('data.named_order', [f'podnet_cifar100:{k}' for k in range(3)])
+
+
+def podnet_table1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The UCIR rows of PODNet's Table 1 (`TABLES['podnet_table1']`): CIFAR-100 B50 in 50, 25, 10 and 5 steps, each
+  on PODNet's three class orders (12 runs; the 3 orders of a setting train as one group)."""
+  c = lucir_cifar(cfglib.cifar100(50, 10))(c)
+  c.sweep = sweeps.product(sweeps.axis('data.increment', (1, 2, 5, 10)), PODNET_ORDERS)
+  c.reference_table = 'lucir:podnet_table1'
+  return c
+
+
+def cifar100_table(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """LUCIR's own CIFAR-100 results (`TABLES['cifar100']`): B50 in 5, 10 and 25 phases on the class order of seed
+  1993 (3 runs; `--config.num_runs=3` adds the orders of seeds 1994 and 1995 to each setting)."""
+  c = lucir_cifar(cfglib.cifar100(50, 10))(c)
+  c.sweep = sweeps.axis('data.increment', (10, 5, 2))
+  c.reference_table = 'lucir:cifar100'
+  return c
+
+
+def digits_table(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The digits protocol as a small paper-style table (`TABLES['digits']`): 4 steps of 2 and 2 steps of 4 classes
+  after 2 base classes, each on 2 class orders (4 runs, two groups of 2)."""
+  c = lucir_digits(c)
+  c.sweep = sweeps.product(sweeps.axis('data.increment', (2, 4)), sweeps.axis('data.class_order_seed', (1993, 1994)))
+  c.reference_table = 'lucir:digits'
+  return c
+
+
+TABLES = {
+    'podnet_table1': sweeps.PaperTable(
+        title='UCIR on CIFAR-100 B50, as re-run by PODNet (mean of 3 class orders)',
+        citation='Douillard et al., PODNet, ECCV 2020, Table 1 (CIFAR100, rows "UCIR (CNN)" and "UCIR (NME)", '
+                 'columns 50 / 25 / 10 / 5 steps)',
+        rows=(sweeps.PaperRow({'data.increment': 1}, '50 steps', {'cnn': 49.30, 'nme': 48.57}),
+              sweeps.PaperRow({'data.increment': 2}, '25 steps', {'cnn': 57.57, 'nme': 56.82}),
+              sweeps.PaperRow({'data.increment': 5}, '10 steps', {'cnn': 61.22, 'nme': 60.83}),
+              sweeps.PaperRow({'data.increment': 10}, '5 steps', {'cnn': 64.01, 'nme': 63.63}))),
+    'cifar100': sweeps.PaperTable(
+        title='LUCIR on CIFAR-100 B50 (class order of seed 1993)',
+        citation='Hou et al., LUCIR, CVPR 2019, Fig. 5 (CIFAR-100, average incremental accuracy of "Ours-CNN" and '
+                 '"Ours-NME" for 5 and 10 phases, as copied into PODNet\'s Table 1); the 25-phase number was not '
+                 'found',
+        rows=(sweeps.PaperRow({'data.increment': 10}, '5 phases', {'cnn': 63.42, 'nme': 63.12}),
+              sweeps.PaperRow({'data.increment': 5}, '10 phases', {'cnn': 60.18, 'nme': 60.12}),
+              sweeps.PaperRow({'data.increment': 2}, '25 phases', {'cnn': None, 'nme': None}))),
+    'digits': sweeps.PaperTable(
+        title='LUCIR on the embedded digits (B2, mean of 2 class orders)',
+        citation='this project\'s own run of `python main.py --config=configs/lucir.py:digits_table` (30 epochs, '
+                 '2 CPU cores, jax 0.10.2; summary.json mean of class order seeds 1993 and 1994)',
+        rows=(sweeps.PaperRow({'data.increment': 2}, '4 steps of 2', {'cnn': 96.96, 'nme': 96.29}),
+              sweeps.PaperRow({'data.increment': 4}, '2 steps of 4', {'cnn': 98.14, 'nme': 97.09}))),
+}
+
 PRESETS = cfglib.preset_table({
     'digits': lucir_digits,
+    'digits_table': digits_table,
+    'podnet_table1': podnet_table1,
+    'cifar100_table': cifar100_table,
     'test': cfglib.test_preset,
     **{name: lucir_cifar(p) for name, p in cfglib.CIFAR100_B50_PRESETS.items()},
     'imagenet100_b50_s10': imagenet100_b50_s10,

@@ -28,6 +28,7 @@ ablation (`podnet_cnn_podFlat_podPixels_cifar100.yaml`: flat 5, pixel factor 2).
 import ml_collections
 
 from incremental_jax import config as cfglib
+from incremental_jax import sweeps
 
 
 def podnet_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -79,8 +80,31 @@ def podnet_test(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def table1(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """PODNet's Table 1 (`TABLES['table1']`): CIFAR-100 B50 in 50, 25, 10 and 5 steps, each on the three official
+  class orders at one seed, as `options/data/cifar100_3orders.yaml` (12 runs; the 3 orders of a setting train as
+  one group). The LUCIR rows of the same table: `configs/lucir.py:podnet_table1`."""
+  c = podnet_cifar(cfglib.cifar100(50, 10))(c)
+  c.sweep = sweeps.product(sweeps.axis('data.increment', (1, 2, 5, 10)),
+                           sweeps.axis('data.named_order', [f'podnet_cifar100:{k}' for k in range(3)]))
+  c.reference_table = 'podnet:table1'
+  return c
+
+
+TABLES = {
+    'table1': sweeps.PaperTable(
+        title='PODNet on CIFAR-100 B50 (mean of 3 class orders)',
+        citation='Douillard et al., PODNet, ECCV 2020, Table 1 (CIFAR100, rows "PODNet (CNN)" and "PODNet (NME)", '
+                 'columns 50 / 25 / 10 / 5 steps)',
+        rows=(sweeps.PaperRow({'data.increment': 1}, '50 steps', {'cnn': 57.98, 'nme': 61.40}),
+              sweeps.PaperRow({'data.increment': 2}, '25 steps', {'cnn': 60.72, 'nme': 62.71}),
+              sweeps.PaperRow({'data.increment': 5}, '10 steps', {'cnn': 63.19, 'nme': 64.03}),
+              sweeps.PaperRow({'data.increment': 10}, '5 steps', {'cnn': 64.83, 'nme': 64.48}))),
+}
+
 PRESETS = cfglib.preset_table({
     'digits': podnet_digits,
+    'table1': table1,
     'test': podnet_test,
     **{name: podnet_cifar(p) for name, p in cfglib.CIFAR100_B50_PRESETS.items()},
     'cifar100_b50_s10_pixel': cifar100_b50_s10_pixel,

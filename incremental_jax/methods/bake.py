@@ -16,9 +16,10 @@ from incremental_jax.methods.baselines import Finetune
 
 class BAKE(Finetune):
   """Cross-entropy over the seen classes + `weight` * the BAKE term; no memory, no teacher."""
+  hyperparameters = ('temperature', 'omega', 'weight')
 
   def loss(self, outputs, batch, task, teacher, params):
     ce, metrics = super().loss(outputs, batch, task, teacher, params)
-    kd = bake_term(outputs, batch, task, teacher, params, temperature=float(self.mcfg.temperature),
-                   omega=float(self.mcfg.omega))
-    return ce + float(self.mcfg.weight) * kd, {**metrics, 'bake': kd}
+    kd = bake_term(outputs, batch, task, teacher, params, temperature=self.hp(task, 'temperature'),
+                   omega=self.hp(task, 'omega'))
+    return ce + self.hp(task, 'weight') * kd, {**metrics, 'bake': kd}

@@ -127,6 +127,12 @@ class Method:
     uses_aux_losses: whether `config.method.aux_losses` are added to `loss`.
     state_format: the version of the layout of `method_state` (and of `frozen`) in checkpoints; a method that
       changes it raises this number, and the run then refuses its older checkpoints with a one-line message.
+    hyperparameters: the `method.*` float fields the traced loss reads through `hp` (loss weights, temperatures,
+      margins, the learning rates of the method's own phases): in runs trained together they travel as float32
+      values in `TaskInfo.hparams`, so runs that differ only in them train as one vmapped group with one
+      compilation (a sweep, `incremental_jax.sweeps`); a run trained alone reads them as constants. A field whose
+      value is 0 in one run and not in another still splits the group (a loss may skip a term whose weight is 0).
+      A method's own phase learning rates (set as `optim.lr` of its phases) are traced through `TaskInfo.lr`.
 
   Auxiliary loss terms named in `config.method.aux_losses` (e.g. BAKE, see `losses.auxiliary`) are added to
   `self.loss` when the method is built, so every phase that trains with the method's loss gets them; phases
@@ -138,6 +144,7 @@ class Method:
   freeze_old_classes: bool = False
   uses_aux_losses: bool = True
   state_format: int = 1
+  hyperparameters: tuple[str, ...] = ()
 
   def __init__(self, config, num_classes: int, image_shape: tuple[int, int, int]):
     self.config = config
@@ -169,7 +176,17 @@ class Method:
     Methods with extra trainable modules (IE-KD's encoders) or a teacher architecture override this."""
     return {'model': build_model(self.config.model, num_classes, image_shape, seed=self.config.seed)}
 
+  def hyperparameter_values(self) -> dict:
+    """{name: float32 value} of the method's `hyperparameters` in its config (`TaskInfo.hparams`)."""
+    return {name: jnp.float32(self.mcfg[name]) for name in self.hyperparameters}
+
   # ---- traced -------------------------------------------------------------------------------------
+  def hp(self, task: TaskInfo, name: str):
+    """The value of hyperparameter `name` (one of `hyperparameters`) in the step: the run's traced value from
+    `task.hparams`, or the config's (a constant) where the task carries none (a sub-network's phase)."""
+    values = task.hparams or {}
+    return values[name] if name in values else float(self.mcfg[name])
+
   def loss(self, outputs: dict, batch: dict, task: TaskInfo, teacher: Optional[dict], params: dict):
     raise NotImplementedError
 

@@ -28,14 +28,15 @@ class LwF(Method):
   over the new classes' logits plus `kd_weight` times the temperature-`kd_temperature` distillation of the
   previous model's old-class logits (Eq. 2 of the paper, T = 2). No exemplars."""
   teacher = 'last'
+  hyperparameters = ('kd_temperature', 'kd_weight')
 
   def loss(self, outputs, batch, task, teacher, params):
     logits, weights = outputs['logits'], batch.get('weight')
     ce = masked_mean(cross_entropy(logits, batch['label'], task.new), weights)
     if teacher is None:
       return ce, {'ce': ce}
-    kd = masked_mean(kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old), weights)
-    return ce + self.mcfg.kd_weight * kd, {'ce': ce, 'kd': kd}
+    kd = masked_mean(kd_kl(logits, teacher['logits'], self.hp(task, 'kd_temperature'), task.old), weights)
+    return ce + self.hp(task, 'kd_weight') * kd, {'ce': ce, 'kd': kd}
 
 
 class ICaRL(Method):
@@ -50,6 +51,7 @@ class ICaRL(Method):
   """
   uses_memory = True
   teacher = 'last'
+  hyperparameters = ('kd_temperature', 'kd_weight')
 
   def loss(self, outputs, batch, task, teacher, params):
     logits, weights = outputs['logits'], batch.get('weight')
@@ -61,5 +63,5 @@ class ICaRL(Method):
     ce = masked_mean(cross_entropy(logits, batch['label'], task.seen), weights)
     if teacher is None:
       return ce, {'ce': ce}
-    kd = masked_mean(kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old), weights)
-    return ce + self.mcfg.kd_weight * kd, {'ce': ce, 'kd': kd}
+    kd = masked_mean(kd_kl(logits, teacher['logits'], self.hp(task, 'kd_temperature'), task.old), weights)
+    return ce + self.hp(task, 'kd_weight') * kd, {'ce': ce, 'kd': kd}

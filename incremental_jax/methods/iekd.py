@@ -104,6 +104,7 @@ class KD(Method):
   CIFAR-100; T=20, alpha=0.95 for CIFAR-10 ResNet-56 -> ResNet-20). The teacher (`method.teacher_model`) may
   be another architecture than the student (`model`)."""
   teacher = 'pretrained'
+  hyperparameters = ('kd_temperature', 'kd_alpha')
 
   def build_networks(self, num_classes, image_shape):
     teacher = build_model(self.mcfg.teacher_model, num_classes, image_shape, seed=self.config.seed)
@@ -149,23 +150,26 @@ class KD(Method):
     ce = masked_mean(cross_entropy(outputs['logits'], batch['label'], task.seen), weights)
     if teacher is None:
       return ce, {'ce': ce}
-    t, alpha = float(self.mcfg.kd_temperature), float(self.mcfg.kd_alpha)
+    t, alpha = self.hp(task, 'kd_temperature'), self.hp(task, 'kd_alpha')
     kd = t * t * masked_mean(kd_kl(outputs['logits'], teacher['logits'], t, task.seen), weights)
     return (1.0 - alpha) * ce + alpha * kd, {'ce': ce, 'kd': kd}
 
 
 # ---- IE-KD -------------------------------------------------------------------------------------------
 def iekd_loss(mcfg, outputs: dict, labels: jax.Array, class_mask: jax.Array, teacher_factor,
-              weights: jax.Array | None = None) -> tuple:
+              weights: jax.Array | None = None, inherit_weight=None, explore_weight=None) -> tuple:
   """CE + inherit_weight * L_inh(F_inh, F_T) + explore_weight * L_exp(F_exp, F_T) (IE-KD, the student's total
   loss; `losses.iekd`), with the measures `method.inherit_measure` / `method.explore_measure`; each term the mean
-  over the batch's real examples (`weights` [B], 0 for padding; None: every example)."""
+  over the batch's real examples (`weights` [B], 0 for padding; None: every example); the weights default to the
+  config's (a method passes its traced values, `Method.hp`)."""
   ce = masked_mean(cross_entropy(outputs['logits'], labels, class_mask), weights)
   if teacher_factor is None:
     return ce, {'ce': ce}
   inh = masked_mean(inheritance_loss(outputs['factor_inherit'], teacher_factor, mcfg.inherit_measure), weights)
   exp = masked_mean(exploration_loss(outputs['factor_explore'], teacher_factor, mcfg.explore_measure), weights)
-  loss = ce + float(mcfg.inherit_weight) * inh + float(mcfg.explore_weight) * exp
+  inherit_weight = float(mcfg.inherit_weight) if inherit_weight is None else inherit_weight
+  explore_weight = float(mcfg.explore_weight) if explore_weight is None else explore_weight
+  loss = ce + inherit_weight * inh + explore_weight * exp
   return loss, {'ce': ce, 'inherit': inh, 'explore': exp}
 
 
@@ -183,6 +187,7 @@ class IEKD(KD):
   its inheritance and exploration halves are encoded by two trainable encoders (part of the student's
   parameters) and trained with `iekd_loss` against the teacher's factor (inference mode, no gradient).
   """
+  hyperparameters = KD.hyperparameters + ('inherit_weight', 'explore_weight')
 
   def student_networks(self, num_classes, image_shape, teacher) -> dict:
     """The student with its two encoders (`model`) and the teacher's factor autoencoder (`autoencoder`)."""
@@ -218,7 +223,7 @@ class IEKD(KD):
 
   def loss(self, outputs, batch, task, teacher, params):
     return iekd_loss(self.mcfg, outputs, batch['label'], task.seen, None if teacher is None else teacher['factor'],
-                     batch.get('weight'))
+                     batch.get('weight'), self.hp(task, 'inherit_weight'), self.hp(task, 'explore_weight'))
 
 
 # ---- IE-DML ------------------------------------------------------------------------------------------
@@ -252,6 +257,7 @@ class IEDML(Method):
   rate schedule for all four parts). `method.dml_kl_weight` > 0 adds DML's KL(peer || student) at T=1 to
   steps 2 and 4 (0 by default: IE-KD replaces it). The run evaluates peer `method.eval_peer`.
   """
+  hyperparameters = ('inherit_weight', 'explore_weight', 'dml_kl_weight')
 
   def build_networks(self, num_classes, image_shape):
     m = self.mcfg
@@ -271,15 +277,15 @@ class IEDML(Method):
   def loss(self, outputs, batch, task, teacher, params):
     """One peer's objective; `teacher` holds the other peer's `factor` and `logits`."""
     weights = batch.get('weight')
-    loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'], weights)
-    kl_weight = float(self.mcfg.dml_kl_weight)
-    if kl_weight:
+    loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'], weights,
+                              self.hp(task, 'inherit_weight'), self.hp(task, 'explore_weight'))
+    kl_weight = self.hp(task, 'dml_kl_weight')
+    if float(self.mcfg.dml_kl_weight):   # a weight of 0 skips the term (runs whose weight is 0 group apart)
       kl = masked_mean(kd_kl(outputs['logits'], teacher['logits'], 1.0, task.seen), weights)
       loss, metrics = loss + kl_weight * kl, {**metrics, 'kl': kl}
     return loss, metrics
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
-    tx = step_lib.make_optimizer(phase.optim)
     kind = self.mcfg.reconstruction
 
     def forward(params, stats, part, inputs, train, mask=None):
@@ -287,9 +293,10 @@ class IEDML(Method):
       out = getattr(module, part)(inputs, train=train, mask=mask)
       return out, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
 
-    def sgd_on_part(params, stats, opt_state, part, objective, lr):
+    def sgd_on_part(params, stats, opt_state, part, objective, lr, hparams):
       """One SGD step of params[part] (and of its optimiser state) on objective(params) -> (loss, (metrics,
       new_stats)); the other parts and their momentum buffers are untouched."""
+      tx = step_lib.make_optimizer(phase.optim, hparams)   # weight decay and momentum traced in a group
       grad_fn = jax.value_and_grad(lambda p: objective({**params, part: p}), has_aux=True)
       (_, (metrics, stats)), grads = grad_fn(params[part])
       updates, part_state = tx.update(grads, _part_of(opt_state, params, part), params[part])
@@ -311,7 +318,7 @@ class IEDML(Method):
           return rec, ({'reconstruction': rec}, new_stats)
 
         params, stats, opt_state, m_rec = sgd_on_part(params, stats, opt_state, f'autoencoder_{teacher}',
-                                                      reconstruct, lr)
+                                                      reconstruct, lr, task.hparams)
         factor = forward(params, stats, f'autoencoder_{teacher}', feature, False)[0]['factor']
         given = jax.lax.stop_gradient({'factor': factor, 'logits': teacher_out['logits']})
 
@@ -320,7 +327,8 @@ class IEDML(Method):
           loss, m = phase.loss(out, batch, task, given, p)
           return loss, ({**m, 'loss': loss}, new_stats)
 
-        params, stats, opt_state, m_peer = sgd_on_part(params, stats, opt_state, f'peer_{student}', learn, lr)
+        params, stats, opt_state, m_peer = sgd_on_part(params, stats, opt_state, f'peer_{student}', learn, lr,
+                                                       task.hparams)
         metrics.update({f'{k}_{student}': v for k, v in m_peer.items()})
         metrics[f'reconstruction_{teacher}'] = m_rec['reconstruction']
       metrics.update(loss=metrics['loss_a'] + metrics['loss_b'], lr=lr)

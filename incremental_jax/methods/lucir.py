@@ -61,6 +61,7 @@ class Lucir(Method):
   teacher = 'last'
   freeze_old_classes = True
   required_head = 'cosine'   # the margin ranking loss reads the unscaled cosines
+  hyperparameters = ('lambda_base', 'margin', 'mr_weight', 'cbf_lr')
 
   # ---- traced -------------------------------------------------------------------------------------
   def loss(self, outputs, batch, task, teacher, params):
@@ -71,16 +72,16 @@ class Lucir(Method):
     m = self.mcfg
     total, metrics = ce, {'ce': ce}
     if m.less_forget:
-      lam = adaptive_lambda(float(m.lambda_base), task.old, task.new) if m.adaptive_lambda \
-          else jnp.float32(m.lambda_base)
+      lam = adaptive_lambda(self.hp(task, 'lambda_base'), task.old, task.new) if m.adaptive_lambda \
+          else jnp.float32(self.hp(task, 'lambda_base'))
       lc = masked_mean(less_forget(outputs['embedding'], teacher['embedding']), weights)
       total = total + lam * lc
       metrics.update(lc=lc, lambda_lc=lam)
     if float(m.mr_weight) > 0:
       values, old_samples = margin_ranking(outputs['cosine'], labels, task.old, task.new,
-                                           int(m.num_hard_negatives), float(m.margin), weights)
+                                           int(m.num_hard_negatives), self.hp(task, 'margin'), weights)
       mr = masked_mean(values, old_samples)
-      total = total + float(m.mr_weight) * mr
+      total = total + self.hp(task, 'mr_weight') * mr
       metrics['mr'] = mr
     return total, metrics
 

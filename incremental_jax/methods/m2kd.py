@@ -137,6 +137,7 @@ class M2KD(Method):
   weight array a stored snapshot keeps; 1 = no pruning), and `aux_losses.feature_kd` {weight, stages}."""
   teacher = 'all'
   state_format = 2   # 2: the snapshots as a fixed stack of slots with a `valid` mask (1: a growing stack)
+  hyperparameters = ('kd_temperature', 'mm_weight', 'prune_finetune_lr')
 
   @classmethod
   def unversioned_state_format(cls, extra_structure) -> int:
@@ -175,9 +176,9 @@ class M2KD(Method):
     if teacher is None:
       return ce, {'ce': ce}
     mm = masked_mean(multi_model_kd(logits, teacher['snapshot_logits'], teacher['groups'],
-                                    float(self.mcfg.kd_temperature), self.mcfg.mm_domain, self.mcfg.mm_reduction,
+                                    self.hp(task, 'kd_temperature'), self.mcfg.mm_domain, self.mcfg.mm_reduction,
                                     teacher['valid']), weights)
-    return ce + float(self.mcfg.mm_weight) * mm, {'ce': ce, 'mm_kd': mm}
+    return ce + self.hp(task, 'mm_weight') * mm, {'ce': ce, 'mm_kd': mm}
 
   # ---- host-side hooks ----------------------------------------------------------------------------
   def after_task(self, ctx: TaskContext) -> TaskContext:

@@ -98,6 +98,7 @@ class PODNet(Method):
   teacher = 'last'
   freeze_old_classes = True
   required_head = 'lsc'      # the local similarity classifier
+  hyperparameters = ('nca_margin', 'pixel_weight', 'spatial_weight', 'flat_weight', 'finetune_lr')
 
   def check_config(self) -> None:
     if self.mcfg.pooling not in POOLINGS + ('pixel',):
@@ -112,7 +113,7 @@ class PODNet(Method):
     if m.nca == 'official':
       values = nca_official(outputs['logits'], batch['label'], task.seen, outputs['eta'])
     else:
-      values = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], float(m.nca_margin),
+      values = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], self.hp(task, 'nca_margin'),
                    bool(m.nca_exclude_positive), bool(m.nca_hinge))
     value = masked_mean(values, batch.get('weight'))
     return value, {'nca': value}
@@ -125,11 +126,11 @@ class PODNet(Method):
     factor = adaptive_factor(1.0, task.seen, task.new)
     flat = masked_mean(less_forget(outputs['embedding'], teacher['embedding']), weights)
     if m.pooling == 'pixel':   # the official pixel ablation: its own factor, no adaptive weight
-      pixel = perceptual_features(teacher['stages'], outputs['stages'], float(m.pixel_weight), weights)
-      total = total + factor * float(m.flat_weight) * flat + pixel
+      pixel = perceptual_features(teacher['stages'], outputs['stages'], self.hp(task, 'pixel_weight'), weights)
+      total = total + factor * self.hp(task, 'flat_weight') * flat + pixel
       return total, {**metrics, 'pod_flat': flat, 'pixel': pixel, 'pod_factor': factor}
     spatial = pod_spatial(teacher['stages'], outputs['stages'], m.pooling, weights)
-    total = total + factor * (float(m.flat_weight) * flat + float(m.spatial_weight) * spatial)
+    total = total + factor * (self.hp(task, 'flat_weight') * flat + self.hp(task, 'spatial_weight') * spatial)
     return total, {**metrics, 'pod_flat': flat, 'pod_spatial': spatial, 'pod_factor': factor}
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
