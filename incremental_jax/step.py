@@ -71,12 +71,13 @@ def make_optimizer(optim_cfg, hparams: Optional[dict] = None) -> optax.GradientT
 def multistep_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:
   """`gamma` to the number of `milestones` reached at `epoch` (PyTorch's MultiStepLR); both traced values of
   `task.hparams` when it has them."""
-  milestones = _hparam(task.hparams, 'optim.milestones', None)
+  hparams = getattr(task, 'hparams', None)
+  milestones = _hparam(hparams, 'optim.milestones', None)
   if milestones is not None:
     passed = jnp.sum((epoch >= milestones).astype(jnp.float32))
   else:
     passed = sum((epoch >= float(m)).astype(jnp.float32) for m in optim_cfg.milestones) if optim_cfg.milestones else 0.0
-  return jnp.power(_hparam(task.hparams, 'optim.gamma', float(optim_cfg.gamma)), passed)
+  return jnp.power(_hparam(hparams, 'optim.gamma', float(optim_cfg.gamma)), passed)
 
 
 def cosine_factor(optim_cfg, epoch: jax.Array, task: TaskInfo) -> jax.Array:

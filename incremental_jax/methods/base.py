@@ -184,7 +184,7 @@ class Method:
   def hp(self, task: TaskInfo, name: str):
     """The value of hyperparameter `name` (one of `hyperparameters`) in the step: the run's traced value from
     `task.hparams`, or the config's (a constant) where the task carries none (a sub-network's phase)."""
-    values = task.hparams or {}
+    values = getattr(task, 'hparams', None) or {}   # a task-like object without them (a test's): constants
     return values[name] if name in values else float(self.mcfg[name])
 
   def loss(self, outputs: dict, batch: dict, task: TaskInfo, teacher: Optional[dict], params: dict):
