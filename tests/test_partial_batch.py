@@ -112,6 +112,12 @@ def _perturbed(tree, seed: int, scale: float = 0.2):
 
 def _frozen(method, state, mesh):
   """The frozen pytree of the method's teacher kind: a snapshot that differs from the student."""
+  from incremental_jax.methods import iekd, m2kd
+  if isinstance(method, m2kd.PrunedSnapshotTraining):
+    dense = _perturbed(snapshot(state), 4)
+    return {'dense': dense, 'mask': m2kd.weight_masks(dense['params'], 0.5)}
+  if isinstance(method, iekd._ReconstructTeacherFeatures):
+    return _perturbed(dict(zip(('params', 'batch_stats'), method.teacher_model.init_variables())), 5)
   if method.teacher == 'last':
     return _perturbed(snapshot(state), 1)
   if method.teacher == 'all':   # M2KD: two stored (pruned) snapshots of a stack of 3 slots
@@ -141,6 +147,7 @@ CASES = {
     'icarl': ('icarl', ''), 'lucir': ('lucir', ''), 'podnet': ('podnet', ''), 'bake': ('bake', ''),
     'm2kd': ('m2kd', ''), 'iekd': ('iekd', ''), 'iekd_dml': ('iekd', 'iekd_dml'),
     'lucir_bake': ('bake', 'lucir_digits'),
+    'm2kd_pruned_snapshot': ('m2kd', ''), 'iekd_autoencoder': ('iekd', ''),
 }
 
 
@@ -155,7 +162,13 @@ def _method(case: str):
     cfg = _config(module, name, backbone='rebuffi', depth=14)
   else:
     cfg = _config(module, name)
-  return cfg, build_method(cfg, N_CLASSES, SHAPE)
+  method = build_method(cfg, N_CLASSES, SHAPE)
+  if case == 'm2kd_pruned_snapshot':   # the retraining of a pruned snapshot (a SubnetworkTrainer phase)
+    method = method.pruned_snapshot_training
+  elif case == 'iekd_autoencoder':     # IE-KD's teacher autoencoder, trained on the teacher's feature maps
+    from incremental_jax.methods.iekd import _ReconstructTeacherFeatures
+    method = _ReconstructTeacherFeatures(cfg, method.networks['teacher'], method.networks['autoencoder'], 'l1')
+  return cfg, method
 
 
 def _one_step(case: str, batch: dict):
@@ -166,7 +179,7 @@ def _one_step(case: str, batch: dict):
   phase = Phase('train', method.loss, np.arange(8), optim)
   state = train.init_train_state(model, mesh, train.make_optimizer(optim))
   frozen = _frozen(method, state, mesh)
-  single = method.teacher in ('pretrained', 'none') or case == 'iekd_dml'
+  single = method.teacher in ('pretrained', 'none')
   aug = augment.make_augment_fn(cfg.data.augment, (0.5,), (0.25,))
   step = jax.jit(method.make_train_step(model, phase, aug, has_teacher=frozen is not None))
   return step(state, frozen, _task(single), {k: jnp.asarray(v) for k, v in batch.items()})
