@@ -90,6 +90,10 @@ def main(argv):
   except preemption.Preempted as e:   # SIGTERM: checkpoint saved, exit code 75
     print(e, file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_CODE)
+  except preemption.ProcessLost as e:   # another process died: exit code 75 now, not at JAX's shutdown barrier
+    print(e, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(preemption.EXIT_CODE)
 
 
 def parse_flags(argv: list) -> list:
