@@ -23,7 +23,9 @@ preemption notice) makes the run checkpoint at its next epoch boundary, print on
 status 75 (`incremental_jax.preemption`); the same command resumes it. `main()` installs that SIGTERM handler
 before anything else (flag parsing, importing JAX, joining the distributed runtime, whose own preemption service
 is turned off so that it cannot take the signal), so a SIGTERM received while the run starts up is not lost: the
-run stops at its first boundary.
+run stops at its first boundary. When another process of the run dies, the survivors print one line (the lost
+process, the checkpoint the same command resumes from) and exit with status 75 at once (`os._exit`: JAX's
+shutdown barrier would wait for the dead process).
 """
 from __future__ import annotations
 
@@ -120,6 +122,10 @@ def run(argv: Sequence[str]) -> None:
   except preemption.Preempted as e:   # SIGTERM: checkpoint saved, exit status 75
     print(e, file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_CODE)
+  except preemption.ProcessLost as e:   # another process died: exit status 75 now, not at JAX's shutdown barrier
+    print(e, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(preemption.EXIT_CODE)
 
 
 def exit_with_error(message: str) -> None:

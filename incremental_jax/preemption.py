@@ -22,16 +22,31 @@ it starts (a notebook's next run after a `Preempted`). The run raises `Preempted
 complete; the command line prints its one-line message (where it stopped, how to resume) and exits with
 `EXIT_CODE`.
 Running the same command again resumes from that checkpoint to the results of an uninterrupted run.
+
+A process that dies without notice (SIGKILL, a lost host) cannot be waited for: the next collective of every other
+process fails (Gloo on CPU: `Connection reset by peer`). `lost_process` recognises that error; the run raises
+`ProcessLost`, whose one line names the lost process and the last checkpoint complete in storage (a save still in
+flight needs the dead process to finish, and is never read); `main.py` prints it and leaves with `EXIT_CODE` at
+once, skipping JAX's shutdown barrier, which would wait for the dead process until its heartbeat times out
+(100 s) and then abort. The same command on every process resumes from that checkpoint.
 """
 from __future__ import annotations
 
+import re
 import signal
+from typing import Optional
 
 EXIT_CODE = 75   # EX_TEMPFAIL (sysexits.h): stopped on purpose, run the same command again to continue
 
 
 class Preempted(Exception):
   """The run stopped after a preemption notice; its message says where and how to resume."""
+
+
+class ProcessLost(Exception):
+  """Another process of the run is gone (killed, its host lost): its collectives cannot complete. The message says
+  which and the checkpoint the same command resumes from; leave the interpreter with `os._exit(EXIT_CODE)`, as
+  `main.py` does: a normal exit waits at JAX's shutdown barrier for the dead process, then aborts."""
 
 
 class StopRequested(Exception):
@@ -95,3 +110,37 @@ def message(workdir: str, where: str, step: int) -> str:
             'to start it over.')
   return (f'preempted (SIGTERM): stopped {where} after saving checkpoint {step} in {workdir}; run the same command '
           f'again to resume from it.')
+
+
+# What a collective's error says when its peer went away: Gloo's (the CPU collectives; `Gloo all-reduce failed:`,
+# `Gloo AllGather failed:`, raised as a JaxRuntimeError or a ValueError), or the runtime's on a closed connection.
+# Other errors (out of memory, a bug, a bucket's connection) are no reason to requeue.
+_GLOO_FAILED = re.compile(r'\bGloo \S+ failed\b')
+_PEER_CLOSED = re.compile(r'Connection (reset|closed) by peer')
+_SOURCE = re.compile(r'\[[^\]]*\.cc:\d+\] ')   # Gloo's `[external/gloo/.../pair.cc:538] ` before the cause
+
+
+def lost_process(error: BaseException) -> Optional[str]:
+  """Which process `error` says is gone ('process 1'; with more than two processes, the peer's address that Gloo
+  names), when it is a failed collective whose peer went away in a multi-process run; None otherwise."""
+  if jax.process_count() == 1 or not isinstance(error, Exception):
+    return None
+  text = str(error).split('\n')[0]
+  if not (_GLOO_FAILED.search(text) or
+          (isinstance(error, jax.errors.JaxRuntimeError) and _PEER_CLOSED.search(text))):
+    return None
+  if jax.process_count() == 2:
+    return f'process {1 - jax.process_index()}'
+  peer = re.search(r'\[([0-9a-fA-F.:]+)\]:(\d+)', text)
+  return f'a process (the peer at {peer.group(1)}:{peer.group(2)})' if peer else 'a process'
+
+
+def lost_message(lost: str, error: BaseException, workdir: str, step: Optional[int]) -> str:
+  """The one line printed when process `lost` is gone: the collective's error, and the last complete checkpoint
+  `step` of `workdir` (None: none yet)."""
+  cause = _SOURCE.sub('', str(error).split('\n')[0]).removeprefix('UNKNOWN: ')
+  if step is None:
+    return (f'lost {lost} ({cause}); no checkpoint of {workdir} is complete: run the same command again on every '
+            'process to start it over.')
+  return (f'lost {lost} ({cause}); the last complete checkpoint is {step} in {workdir}: run the same command again '
+          'on every process to resume from it.')

@@ -139,7 +139,12 @@ def train_runs(configs: list, workdirs: list, root: str, show_progress: bool) ->
       store.publish_saved()
     where = root if group else specs[0].workdir
     raise preemption.Preempted(preemption.message(where, str(stop), stores[0].latest_step())) from None
-  except BaseException:
+  except BaseException as error:
+    lost = preemption.lost_process(error)
+    if lost is not None:   # a dead process: a save in flight cannot complete, so none is waited for
+      where = root if group else specs[0].workdir
+      raise preemption.ProcessLost(preemption.lost_message(lost, error, where, stores[0].latest_complete_step())) \
+          from error
     for store in stores:   # a task-end checkpoint may still be written: complete it, and report its task
       store.publish_saved()
     raise

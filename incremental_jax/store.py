@@ -134,6 +134,11 @@ class RunStore:
   def latest_step(self) -> Optional[int]:
     return self.checkpointer.latest_step()
 
+  def latest_complete_step(self) -> Optional[int]:
+    """The latest checkpoint complete in storage, asked without waiting for a save in flight."""
+    steps = self.checkpointer.complete_steps()
+    return steps[-1] if steps else None
+
   # ---- result files -------------------------------------------------------------------------------------
   def results(self, records, **extra) -> dict:
     spec = self.spec

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from configs import icarl
 from incremental_jax import checkpoint as ckpt_lib
 from incremental_jax import faults
 from incremental_jax import metrics as metrics_lib
+from incremental_jax import preemption
 from incremental_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,6 +289,67 @@ def test_two_processes_give_the_results_of_one(tmp_path, reference, close, compa
 
   resumed = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(workdir))  # nothing left to train
   close(comparable(resumed), comparable(ref_results))
+
+
+# ---- a lost process -------------------------------------------------------------------------------------------
+
+
+_GLOO_ERROR = ('UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error '
+               '[127.0.0.1]:8619: Connection reset by peer')
+
+
+def test_a_failed_collective_with_a_gone_peer_is_told_from_other_errors(monkeypatch):
+  import jax
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  assert preemption.lost_process(ValueError(_GLOO_ERROR)) is None   # one process: no peer to lose
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  assert preemption.lost_process(ValueError(_GLOO_ERROR)) == 'process 1'
+  assert preemption.lost_process(jax.errors.JaxRuntimeError('UNKNOWN: Gloo all-reduce failed: x')) == 'process 1'
+  assert preemption.lost_process(jax.errors.JaxRuntimeError('INTERNAL: Connection closed by peer')) == 'process 1'
+  for other in (OSError('Connection reset by peer'),   # e.g. a bucket's connection: not a collective
+                jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory'), MemoryError(), KeyboardInterrupt()):
+    assert preemption.lost_process(other) is None, other
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  assert preemption.lost_process(ValueError(_GLOO_ERROR)) == 'process 0'
+  monkeypatch.setattr(jax, 'process_count', lambda: 4)
+  assert preemption.lost_process(ValueError(_GLOO_ERROR)) == 'a process (the peer at 127.0.0.1:8619)'
+  assert preemption.lost_message('process 1', ValueError(_GLOO_ERROR), 'gs://b/run', 34) == (
+      'lost process 1 (Gloo AllGather failed: Read error [127.0.0.1]:8619: Connection reset by peer); the last '
+      'complete checkpoint is 34 in gs://b/run: run the same command again on every process to resume from it.')
+  assert 'no checkpoint of gs://b/run is complete' in preemption.lost_message('process 1', ValueError('x'),
+                                                                             'gs://b/run', None)
+
+
+LOST = {   # process 1's SIGKILL after task 0's checkpoint (step 34): during its exemplar selection of task 1 (no save
+           # in flight), and right after it started task 1's save (step 60), which cannot complete without it
+    'between_saves': 'exemplar_selection:5',
+    'save_in_flight': 'task_end:2',
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', list(LOST))
+def test_a_lost_process_stops_the_other_with_one_line_and_the_run_resumes(case, tmp_path, reference, close, comparable,
+                                                                          two_processes):
+  """Two processes, process 1 SIGKILLed after task 0's checkpoint: process 0's next collective fails, and it exits
+  at once with `preemption.EXIT_CODE` and one line naming process 1 and the checkpoint to resume from, instead of
+  a traceback and an abort (exit 134) at JAX's shutdown barrier once process 1's heartbeat times out (100 s; the
+  fixture's 900 s timeout is the failure bound). The same command on two processes then resumes to the
+  uninterrupted results."""
+  workdir = tmp_path / 'run'
+  (rc0, _, err0), (rc1, _, _) = two_processes(workdir, {faults.ENV_VAR: LOST[case]})
+  assert rc1 == -signal.SIGKILL
+  assert rc0 == preemption.EXIT_CODE, err0[-3000:]
+  lines = [line for line in err0.strip().splitlines() if not re.match(r'I\d{4} ', line)]   # JAX's start-up INFO logs
+  assert len(lines) == 1, err0[-3000:]
+  assert re.fullmatch(rf'lost process 1 \(Gloo \S+ failed: .*Connection (reset|closed) by peer\); the last complete '
+                      rf'checkpoint is 34 in {re.escape(str(workdir))}: run the same command again on every process '
+                      r'to resume from it\.', lines[0]), lines[0]
+  assert complete_steps(workdir) == [34]
+  for rc, _, err in two_processes(workdir):
+    assert rc == 0, err[-3000:]
+  close(comparable(json.loads((workdir / 'results.json').read_text())), comparable(reference.results))
 
 
 # ---- a failing disk -------------------------------------------------------------------------------------------

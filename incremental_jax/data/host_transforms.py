@@ -1,4 +1,8 @@
-"""Host-side random train transforms of decoded images (NumPy and PIL only: they run in Grain's worker processes).
+"""Host-side image decoding: the deterministic test view and the random train transforms (NumPy and PIL only: they
+run in Grain's worker processes). The lowest floor of the image-folder pipeline: `image_folder` imports it, never
+the other way round.
+
+The test view (`decode_image`) is torchvision's `Resize(resize)` + `CenterCrop(size)` on PIL images.
 
 `RandomResizedCrop` follows torchvision (`torchvision/transforms/transforms.py::RandomResizedCrop.get_params` and
 `functional.resized_crop` on PIL images), as the official ImageNet code of PODNet (`inclearn/lib/data/datasets.py::
@@ -22,6 +26,40 @@ from typing import Sequence
 import numpy as np
 
 from incremental_jax import paths as paths_lib
+from incremental_jax.errors import DataError
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+  """(width, height) after scaling the shorter side to `shorter`, keeping the aspect ratio (longer side floored)."""
+  if width <= height:
+    return shorter, max(shorter, int(shorter * height / width))
+  return max(shorter, int(shorter * width / height)), shorter
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+  """The PIL box (left, top, right, bottom) of the centred `size` x `size` crop."""
+  left = int(round((width - size) / 2.0))
+  top = int(round((height - size) / 2.0))
+  return left, top, left + size, top + size
+
+
+def decode_image(path: str, image_size: int, resize: int) -> np.ndarray:
+  """uint8 [image_size, image_size, 3]: RGB, shorter side resized to `resize` (bilinear), centre-cropped.
+
+  Raises DataError naming the file when it cannot be decoded.
+  """
+  from PIL import Image
+  try:
+    with paths_lib.open_file(path, 'rb') as f, Image.open(f) as img:
+      img = img.convert('RGB')
+      size = resized_size(img.width, img.height, resize)
+      if size != img.size:
+        img = img.resize(size, Image.BILINEAR)
+      img = img.crop(center_crop_box(img.width, img.height, image_size))
+      return np.asarray(img, dtype=np.uint8)
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
+    raise DataError(f'Cannot decode image {path}: {type(e).__name__}: {e}. Replace or delete the file '
+                    f'(and its line in the split list, if any).') from e
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
@@ -82,7 +120,7 @@ def item_rng(k0: int, k1: int, column: int) -> np.random.Generator:
 class TrainDecode:
   """Decodes train image `paths[i]` (RGB) and returns uint8 [size, size, 3]: with `random_resized_crop`, one
   RandomResizedCrop(size, scale, ratio) drawn from `item_rng(k0, k1, column)`; otherwise the deterministic test
-  view (shorter side to `resize`, centre crop `size`, `image_folder.decode_image`). Flip, brightness and
+  view (shorter side to `resize`, centre crop `size`, `decode_image`). Flip, brightness and
   normalisation follow on the device (`augment.augment_batch`). Called with an item (i, k0, k1, column)."""
   paths: tuple
   size: int
@@ -94,7 +132,6 @@ class TrainDecode:
   def __call__(self, item) -> np.ndarray:
     i, k0, k1, column = (int(v) for v in item)
     if not self.random_resized_crop:
-      from incremental_jax.data.image_folder import decode_image
       return decode_image(self.paths[i], self.size, self.resize)
     return decode_random_resized_crop(self.paths[i], self.size, item_rng(k0, k1, column), self.scale, self.ratio)
 
@@ -104,7 +141,6 @@ def decode_random_resized_crop(path: str, size: int, rng: np.random.Generator,
                                ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
   """uint8 [size, size, 3]: image `path` decoded to RGB, one RandomResizedCrop box drawn from `rng`, resized."""
   from PIL import Image
-  from incremental_jax.data.sources import DataError
   try:
     with paths_lib.open_file(path, 'rb') as f, Image.open(f) as img:
       img = img.convert('RGB')

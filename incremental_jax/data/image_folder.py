@@ -7,10 +7,10 @@ ImageNet-100 subsets are distributed, define the images and labels instead of th
 
 Images are never all loaded: the splits are `LazyImages`, which decode the requested indices on demand with PIL
 (RGB, shorter side resized to `resize`, centre crop `image_size`: the test view, as torchvision's `Resize(resize)` +
-`CenterCrop(image_size)`) in a thread pool. Train batches come from a Grain loader instead (`LazyImages.train_batches`,
-`grain.MapDataset` over the epochs' index rows, decoded in `data.workers` worker processes that serve every epoch,
-`grain_stream`): with `data.augment.random_resized_crop` each train image is a RandomResizedCrop of the full
-decoded image (`host_transforms`), else the test view.
+`CenterCrop(image_size)`, `host_transforms.decode_image`) in a thread pool. Train batches come from a Grain loader
+instead (`LazyImages.train_batches`, `grain.MapDataset` over the epochs' index rows, decoded in `data.workers`
+worker processes that serve every epoch, `grain_stream`): with `data.augment.random_resized_crop` each train image
+is a RandomResizedCrop of the full decoded image (`host_transforms`), else the test view.
 
 `data.classes` restricts a class-folder tree to a list of class folders: a packaged list of `class_lists/` by name
 (`imagenet100_podnet`, `imagenet100_lucir`) or a file, so ImageNet-100 runs from an ImageNet-1k tree.
@@ -27,7 +27,7 @@ import numpy as np
 
 from incremental_jax import paths as paths_lib
 from incremental_jax.data import grain_stream, host_transforms
-from incremental_jax.data.host_transforms import row_keys
+from incremental_jax.data.host_transforms import decode_image, row_keys
 from incremental_jax.data.sources import DataError, Dataset
 
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp', '.gif')
@@ -42,39 +42,6 @@ _MAX_NAMED = 10  # offending items named in one message
 
 # ---------------------------------------------------------------------------------------------------------
 # Decoding.
-
-
-def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
-  """(width, height) after scaling the shorter side to `shorter`, keeping the aspect ratio (longer side floored)."""
-  if width <= height:
-    return shorter, max(shorter, int(shorter * height / width))
-  return max(shorter, int(shorter * width / height)), shorter
-
-
-def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-  """The PIL box (left, top, right, bottom) of the centred `size` x `size` crop."""
-  left = int(round((width - size) / 2.0))
-  top = int(round((height - size) / 2.0))
-  return left, top, left + size, top + size
-
-
-def decode_image(path: str, image_size: int, resize: int) -> np.ndarray:
-  """uint8 [image_size, image_size, 3]: RGB, shorter side resized to `resize` (bilinear), centre-cropped.
-
-  Raises DataError naming the file when it cannot be decoded.
-  """
-  from PIL import Image
-  try:
-    with paths_lib.open_file(path, 'rb') as f, Image.open(f) as img:
-      img = img.convert('RGB')
-      size = resized_size(img.width, img.height, resize)
-      if size != img.size:
-        img = img.resize(size, Image.BILINEAR)
-      img = img.crop(center_crop_box(img.width, img.height, image_size))
-      return np.asarray(img, dtype=np.uint8)
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for damaged files
-    raise DataError(f'Cannot decode image {path}: {type(e).__name__}: {e}. Replace or delete the file '
-                    f'(and its line in the split list, if any).') from e
 
 
 def check_image(path: str) -> str:
