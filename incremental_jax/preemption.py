@@ -123,6 +123,7 @@ _SOURCE = re.compile(r'\[[^\]]*\.cc:\d+\] ')   # Gloo's `[external/gloo/.../pair
 def lost_process(error: BaseException) -> Optional[str]:
   """Which process `error` says is gone ('process 1'; with more than two processes, the peer's address that Gloo
   names), when it is a failed collective whose peer went away in a multi-process run; None otherwise."""
+  import jax   # imported where used: `install()` runs before JAX is imported
   if jax.process_count() == 1 or not isinstance(error, Exception):
     return None
   text = str(error).split('\n')[0]
