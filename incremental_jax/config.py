@@ -111,11 +111,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.schedule = 'multistep'  # 'multistep', 'cosine' or 'constant'
   c.optim.milestones = (80, 120)  # epochs (multistep)
   c.optim.gamma = 0.1
-  c.optim.warmup_epochs = 0
+  c.optim.warmup_epochs = 0       # linear warm-up over this many epochs (0 = none), multiplying the schedule
+  c.optim.warmup_start = 0.0      # the warm-up's first factor f: it rises linearly from f to 1 (pycls's
+                                  # OPTIM.WARMUP_FACTOR is 0.1); 0 = today's ramp from 0, bit for bit
+  c.optim.warmup_unit = 'step'    # 'step': the factor rises every step, min(1, (s + 1) / (warmup_epochs x steps
+                                  # per epoch)); 'epoch': once per epoch, f + (1 - f) e / warmup_epochs for epoch
+                                  # e < warmup_epochs (pycls/core/optimizer.py::get_epoch_lr) (step.learning_rate)
   c.optim.schedule_unit = 'epoch'  # 'epoch' (PyTorch-style per-epoch steps) or 'step'
   c.optim.schedule_offset = 0     # epoch e trains with the schedule's value at max(0, e + offset): 0 = step() after
                                   # each epoch (PyCIL), -1 = step(epoch) after each epoch (PODNet), +1 = step() at
                                   # the start of each epoch under PyTorch >= 1.1 (step.learning_rate)
+  c.optim.precise_bn_images = 0   # > 0: after each epoch of a phase that trains the backbone, BatchNorm's running
+                                  # statistics are recomputed from min(images // batch_size, steps) batches, the
+                                  # first ones of that epoch's sampler order, in training mode with the epoch's
+                                  # weights (pycls's precise BN, pycls/core/net.py::compute_precise_bn_stats,
+                                  # BN.NUM_SAMPLES_PRECISE = 8192); 0 = off (train.precise_bn_pass)
+  c.optim.precise_bn_mode = 'average'  # 'average': the running statistics become the mean over those batches of
+                                  # each batch's statistics (pycls on BatchNorm2d layers, momentum 1.0);
+                                  # 'running': each batch updates them as a train step does (momentum 0.1), what
+                                  # pycls's forward passes do to SyncBatchNorm layers, which it does not collect
   c.optim.clip_value = 0.0        # > 0: clamp each gradient element to [-clip_value, clip_value] (PODNet)
   c.optim.first_task_epochs = 0   # task 0 overrides (0/() = same as later tasks)
   c.optim.first_task_lr = 0.0

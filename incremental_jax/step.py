@@ -104,7 +104,8 @@ def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array
   """The learning rate at `phase_step`: task.lr times the schedule factor at the current epoch.
 
   Schedules (`optim.schedule`, `SCHEDULES`): 'multistep' (times `gamma` at each epoch of `milestones`), 'cosine'
-  (half cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
+  (half cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`
+  (`warmup_factor`: from `warmup_start`, per step or per epoch as `warmup_unit` says). With
   `schedule_unit='epoch'` (default) the factor changes once per epoch like PyTorch's epoch-stepped schedulers;
   'step' makes it continuous.
 
@@ -115,16 +116,38 @@ def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array
   after each epoch (PODNet's `inclearn/models/icarl.py::_training_step`: epochs 0 and 1 both train at the base
   lr) or the lr set after each epoch from that epoch (BAKE's `small_scale/train.py::adjust_learning_rate`);
   +1: `step()` at the start of each epoch under PyTorch >= 1.1. The warm-up is not shifted: its factor
-  min(1, (phase_step + 1) / (warmup_epochs * steps_per_epoch)) multiplies the shifted schedule's.
+  (`warmup_factor`) multiplies the shifted schedule's.
   """
   continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
   epoch = jnp.floor(continuous) if optim_cfg.schedule_unit == 'epoch' else continuous
   epoch = jnp.maximum(epoch + float(optim_cfg.schedule_offset), 0.0)
   factor = SCHEDULES.lookup(optim_cfg.schedule, 'optim.schedule')(optim_cfg, epoch, task)
-  warmup = float(optim_cfg.warmup_epochs or 0)
-  if warmup > 0:
-    factor = factor * jnp.minimum(1.0, (continuous + 1.0 / task.steps_per_epoch) / warmup)
+  if float(optim_cfg.warmup_epochs or 0) > 0:
+    factor = factor * warmup_factor(optim_cfg, continuous, task.steps_per_epoch)
   return task.lr * factor
+
+
+WARMUP_UNITS = ('step', 'epoch')
+
+
+def warmup_factor(optim_cfg, continuous: jax.Array, steps_per_epoch: jax.Array) -> jax.Array:
+  """The linear warm-up's factor of the learning rate at the continuous epoch `continuous` (phase_step /
+  steps_per_epoch) of a phase, rising from `optim.warmup_start` f to 1 over `optim.warmup_epochs` W:
+
+  - `warmup_unit='step'`: f + (1 - f) min(1, (phase_step + 1) / (W steps_per_epoch)), a new value every step
+    (with f = 0, the default, exactly the ramp the library has always had: the same operations);
+  - `warmup_unit='epoch'`: f (1 - e / W) + e / W for epoch e = floor(continuous) < W, else 1: the value is set
+    once per epoch, at its start, as pycls does (`imagenet/pycls/core/optimizer.py::get_epoch_lr`, lines 82-90
+    of yxgeee/BAKE: `alpha = cur_epoch / WARMUP_EPOCHS; warmup_factor = WARMUP_FACTOR * (1 - alpha) + alpha`,
+    called from `pycls/core/trainer.py::train_epoch` at the start of each epoch). BAKE's ImageNet runs
+    (WARMUP_EPOCHS 5, WARMUP_FACTOR 0.1, `pycls/core/config.py`) train epochs 0-4 at 0.1, 0.28, 0.46, 0.64 and
+    0.82 times the cosine value."""
+  start, warmup = float(optim_cfg.warmup_start or 0.0), float(optim_cfg.warmup_epochs)
+  if optim_cfg.warmup_unit == 'epoch':
+    alpha = jnp.minimum(jnp.floor(continuous) / warmup, 1.0)
+    return start * (1.0 - alpha) + alpha
+  ramp = jnp.minimum(1.0, (continuous + 1.0 / steps_per_epoch) / warmup)
+  return ramp if start == 0.0 else start + (1.0 - start) * ramp
 
 
 def augmented_batch(augment_fn: Callable, task: TaskInfo, state: TrainState, images: jax.Array) -> jax.Array:
@@ -177,6 +200,42 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
     return advanced(state, params, new_stats, opt_state), metrics
 
   return train_step
+
+
+PRECISE_BN_MODES = ('average', 'running')
+
+
+def make_precise_bn_step(model: Model, augment_fn: Callable, mode: str) -> Callable:
+  """One batch of precise BN (pycls, `imagenet/pycls/core/net.py::compute_precise_bn_stats` of yxgeee/BAKE):
+  `step(acc, frozen, task, batch) -> (acc, {})`, a step as `train.make_chunk` scans it, with no gradient and no
+  parameter update.
+
+  `acc` = {'batch_stats': the statistics so far, 'count': int32 batches taken}; `frozen` = {'params': the
+  epoch's final parameters, 'step': the run's global step}. The batch is augmented as a training batch, with the
+  key fold_in(fold_in(key(task.seed), step), count) (the train steps use fold_in(key(seed), step): a stream of
+  its own, the same on resume). `mode`:
+  - 'average': `acc['batch_stats']` becomes the mean of the batches' own statistics (`Model.batch_statistics`),
+    accumulated as m + (b - m) / (count + 1) (the first batch's taken as it is). pycls sets each BatchNorm2d's
+    momentum to 1.0 and averages its running mean and variance over the batches.
+  - 'running': the training-mode forward pass updates the running statistics as a train step does (momentum
+    0.1 in PyTorch's convention): what pycls's forward passes do to SyncBatchNorm layers (`TRAIN.SYNC_BN`),
+    which its `isinstance(m, torch.nn.BatchNorm2d)` does not collect.
+  The batch's padding (`batch['weight']` 0) is left out of the statistics (`example_mask`)."""
+  if mode not in PRECISE_BN_MODES:
+    raise ValueError(f'precise BN mode {mode!r}; valid: {PRECISE_BN_MODES}')
+
+  def precise_bn_step(acc: dict, frozen: dict, task: TaskInfo, batch: dict):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(task.seed), frozen['step']), acc['count'])
+    x, mask = augment_fn(key, batch['image']), example_mask(batch)
+    if mode == 'running':
+      _, stats = model.apply(frozen['params'], acc['batch_stats'], x, train=True, mask=mask)
+    else:
+      own = model.batch_statistics(frozen['params'], acc['batch_stats'], x, mask)
+      n = acc['count'].astype(jnp.float32)
+      stats = jax.tree.map(lambda m, b: jnp.where(n > 0, m + (b - m) / (n + 1.0), b), acc['batch_stats'], own)
+    return {'batch_stats': stats, 'count': acc['count'] + 1}, {}
+
+  return precise_bn_step
 
 
 def example_mask(batch: dict) -> Optional[jax.Array]:

@@ -22,8 +22,8 @@ import numpy as np
 from incremental_jax import faults, parallel, preemption
 from incremental_jax.data import pipeline
 from incremental_jax.step import (advanced, augmented_batch, check_finite, head_update_mask,  # noqa: F401
-                                  init_train_state, learning_rate, make_optimizer, make_task_info,
-                                  make_train_step, optim_hparams, TRACED_OPTIM)
+                                  init_train_state, learning_rate, make_optimizer, make_precise_bn_step,
+                                  make_task_info, make_train_step, optim_hparams, TRACED_OPTIM)
 from incremental_jax.types import Phase, TaskInfo, TrainState
 
 
@@ -123,6 +123,18 @@ class Trainer:
       repl = parallel.replicated(self.mesh)
       self._steps[key] = jax.jit(traced, donate_argnums=(0,), out_shardings=(repl, repl))
     return self._steps[key]
+
+  def compiled_precise_bn(self, phase: Phase, group: bool, on_device: bool):
+    """The jitted precise-BN pass of `phase`'s `optim.precise_bn_mode` (`make_precise_bn_step` scanned by
+    `make_chunk`, vmapped and masked with `group`): `(acc, frozen, task, source, xs, valid) -> (acc, {})`, `acc`
+    donated. One program per mode, run count and image placement, counted in `compile_count`."""
+    mode = str(phase.optim.precise_bn_mode)
+
+    def build():
+      step = make_precise_bn_step(self.model, self.augment_fn, mode)
+      return make_chunk(_masked_group_step(jax.vmap(step)) if group else step, group, on_device, self.mesh)
+
+    return self._compiled(('precise_bn', mode, group, on_device), build)
 
   def compiled_gather(self, group: bool, on_device: bool):
     """The jitted `(source, xs [1, ...]) -> batch` of a chunk of one step (`chunk_batch`), a program of its own
@@ -259,6 +271,9 @@ def phase_epochs(trainer: Trainer, runs: list, images, desc: str = '') -> Iterat
   dispatches, whose batches are gathered on the device from `images` when it is `pipeline.DeviceImages`
   (else loaded on the host a chunk ahead). Progress bars and the 'train_step' fault point advance per chunk.
 
+  With `optim.precise_bn_images` > 0, each epoch's steps are followed by the precise-BN pass (`precise_bn_pass`),
+  before the epoch's `EpochEnd`.
+
   Raises FloatingPointError, naming the global step (and the run, with several), when a loss is not finite;
   the check reads the epoch's metrics once at the epoch end, so it adds nothing to the compiled step.
   """
@@ -327,12 +342,61 @@ def phase_epochs(trainer: Trainer, runs: list, images, desc: str = '') -> Iterat
           end_step = int(jax.device_get(state.step[r] if group else state.step))
           message = _non_finite_message(desc, losses[:run_steps[r], r] if group else losses, end_step, e)
           raise FloatingPointError(f'run {r}: {message}' if group else message)
+      state = precise_bn_pass(trainer, phase, state, task, source, images, labels, [plan[e] for plan in plans],
+                              live, group)
       bar.set_postfix(epoch=e + 1, loss=' '.join(f"{h[-1]['loss']:.4f}" for h in histories if h), refresh=False)
       faults.reached('epoch_end')
       yield EpochEnd(epoch=e, live=live, histories=tuple(tuple(h) for h in histories),
                      states=lambda state=state: _unstack(state, len(runs)) if group else [state])
   finally:
     bar.close()
+
+
+def precise_bn_batches(phase: Phase, steps: int) -> int:
+  """How many batches the precise-BN pass after an epoch of `steps` steps of `phase` takes: min(precise_bn_images
+  // batch_size, steps), as pycls's `num_iter = min(int(NUM_SAMPLES_PRECISE / batch per GPU / NUM_GPUS),
+  len(loader))` (8192 images in batches of 512: 16); 0 when `optim.precise_bn_images` is 0 or the phase keeps
+  BatchNorm in inference mode (`train_backbone` False)."""
+  images = int(phase.optim.precise_bn_images or 0)
+  if images <= 0 or not phase.train_backbone:
+    return 0
+  return min(images // int(phase.optim.batch_size), int(steps))
+
+
+def precise_bn_pass(trainer: Trainer, phase: Phase, state: TrainState, task: TaskInfo, source, images,
+                    labels: np.ndarray, epoch_rows: list, live: np.ndarray, group: bool) -> TrainState:
+  """`state` (one run's, or R runs' stacked) with the BatchNorm running statistics recomputed after an epoch, as
+  pycls does after each epoch (`imagenet/pycls/core/trainer.py::train_model`, lines 292-294 of yxgeee/BAKE:
+  `compute_precise_bn_stats(model, train_loader)` when `BN.USE_PRECISE_STATS`, before the checkpoint); the
+  parameters, optimiser state and step counters are unchanged. Nothing happens when `precise_bn_batches` is 0.
+
+  Each run r that trained in the epoch (`live`) takes the first `precise_bn_batches` rows of its epoch's index rows
+  `epoch_rows[r]`: pycls iterates its train loader again without a new `set_epoch`, so its anchors are the
+  epoch's first ones (its partners and augmentations drawn again; here the augmentation is drawn again, the rows
+  are the epoch's). The rows come from the epoch plan, which is keyed by (seed, task, phase, epoch), and the
+  augmentation from the run's global step, so a resumed run takes the same batches. The pass runs in training
+  mode with the epoch's final parameters (`make_precise_bn_step`, one compiled program, `Trainer.chunk_length`
+  batches a dispatch, the images gathered as the epoch's: on the device, or loaded on the host), after the
+  epoch's steps and before its `EpochEnd`, so a checkpoint holds its statistics. With several devices the batch
+  statistics are global (the batch is sharded, BatchNorm synchronised), as pycls's averaged over GPUs."""
+  counts = np.array([precise_bn_batches(phase, len(rows)) for rows in epoch_rows]) * live
+  if not counts.any():
+    return state
+  mesh, on_device = trainer.mesh, isinstance(images, pipeline.DeviceImages)
+  k = trainer.chunk_length(on_device)
+  padded = -(-int(counts.max()) // k) * k
+  valid = (np.arange(padded)[:, None] < counts[None]).astype(np.float32)                       # [padded, R]
+  rows = np.stack([_padded(r[:max(int(c), 1)], padded) for r, c in zip(epoch_rows, counts)], 1).astype(np.int32)
+  chunks = [rows[c:c + k] for c in range(0, padded, k)]
+  inputs = (pipeline.host_chunks(images, labels, chunks, mesh) if not on_device else
+            (parallel.host_input(c, mesh) for c in chunks))
+  precise = trainer.compiled_precise_bn(phase, group, on_device)
+  acc = {'batch_stats': state.batch_stats,
+         'count': parallel.replicate(np.zeros((len(epoch_rows),) if group else (), np.int32), mesh)}
+  frozen = {'params': state.params, 'step': state.step}
+  for c, xs in enumerate(inputs):
+    acc, _ = precise(acc, frozen, task, source, xs, parallel.host_input(valid[c * k:(c + 1) * k], mesh))
+  return state.replace(batch_stats=acc['batch_stats'])
 
 
 def _padded(rows: np.ndarray, length: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from incremental_jax.memory import SELECTIONS
 from incremental_jax.method_store import require_network
 from incremental_jax.methods import METHODS
 from incremental_jax.models import BACKBONES, COMPUTE_DTYPES, HEADS
-from incremental_jax.step import SCHEDULES
+from incremental_jax.step import PRECISE_BN_MODES, SCHEDULES, WARMUP_UNITS
 
 
 def named_fields() -> dict:
@@ -58,6 +58,7 @@ def validate_config(config) -> None:
   _require(isinstance(offset, int) and not isinstance(offset, bool) and offset in (-1, 0, 1),
            f'optim.schedule_offset must be -1, 0 or 1 (epoch e trains with the schedule at e + offset); got '
            f'{offset!r}.')
+  _validate_warmup_and_precise_bn(optim)
   for name in ('lr', 'first_task_lr'):
     value = float(optim[name] or 0)
     _require(math.isfinite(value) and (value > 0 or (name != 'lr' and value == 0)),
@@ -94,6 +95,26 @@ def validate_against_data(config, dataset, scenario) -> None:
   _require(total > 0 or int(config.memory.per_class) >= 1,
            f'{config.method.name} keeps exemplars: set memory.per_class >= 1 or memory.total >= '
            f'{scenario.num_classes}.')
+
+
+def _validate_warmup_and_precise_bn(optim) -> None:
+  """`optim.warmup_*` and `optim.precise_bn_*` (`step.warmup_factor`, `train.precise_bn_pass`)."""
+  _require(math.isfinite(float(optim.warmup_epochs or 0)) and float(optim.warmup_epochs or 0) >= 0,
+           f'optim.warmup_epochs must be >= 0; got {optim.warmup_epochs}.')
+  _require(optim.warmup_unit in WARMUP_UNITS,
+           f'optim.warmup_unit={optim.warmup_unit!r}; valid: {list(WARMUP_UNITS)}.')
+  start = float(optim.warmup_start or 0.0)
+  _require(math.isfinite(start) and 0.0 <= start <= 1.0,
+           f'optim.warmup_start must be in [0, 1] (the warm-up\'s first factor of the learning rate); got '
+           f'{optim.warmup_start}.')
+  images = optim.precise_bn_images or 0
+  _require(isinstance(images, int) and not isinstance(images, bool) and images >= 0,
+           f'optim.precise_bn_images must be an integer >= 0 (0 = no precise BN); got {images!r}.')
+  _require(images == 0 or images >= int(optim.batch_size),
+           f'optim.precise_bn_images={images} is less than one batch (optim.batch_size={optim.batch_size}): the '
+           f'precise-BN pass takes images // batch_size batches; use 0 or at least {optim.batch_size}.')
+  _require(optim.precise_bn_mode in PRECISE_BN_MODES,
+           f'optim.precise_bn_mode={optim.precise_bn_mode!r}; valid: {list(PRECISE_BN_MODES)}.')
 
 
 def _validate_inputs(data) -> None:

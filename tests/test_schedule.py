@@ -207,12 +207,68 @@ def test_bake_small_scale_lr_is_set_after_each_epoch(preset):
   assert_lrs(epoch_lrs(optim), ref)
 
 
+def pycls_epoch_lr(cur_epoch, base_lr=0.4, max_epoch=100, warmup_epochs=5, warmup_factor=0.1):
+  """pycls `imagenet/pycls/core/optimizer.py::get_epoch_lr` with `lr_fun_cos` (yxgeee/BAKE), set by
+  `trainer.py::train_epoch` at the start of epoch `cur_epoch`: the cosine value, times
+  WARMUP_FACTOR (1 - alpha) + alpha, alpha = cur_epoch / WARMUP_EPOCHS, while cur_epoch < WARMUP_EPOCHS."""
+  lr = 0.5 * base_lr * (1.0 + np.cos(np.pi * cur_epoch / max_epoch))
+  if cur_epoch < warmup_epochs:
+    alpha = cur_epoch / warmup_epochs
+    lr *= warmup_factor * (1.0 - alpha) + alpha
+  return lr
+
+
 def test_bake_imagenet_cosine_is_set_at_the_start_of_each_epoch_with_the_warm_up_unshifted():
-  """pycls `get_epoch_lr(e)` for the cosine part; the warm-up factor is ours (linear per step from 0)."""
+  """pycls `get_epoch_lr(e)` for the cosine part (the warm-up switched off)."""
   optim = bake.get_config('imagenet').optim
   assert optim.schedule_offset == 0
   cos = [0.5 * 0.4 * (1 + math.cos(math.pi * e / 100)) for e in range(100)]
   assert_lrs(epoch_lrs(with_fields(optim, warmup_epochs=0)), cos)
+
+
+def test_bake_imagenet_lr_of_every_epoch_is_pycls_get_epoch_lr_warm_up_included():
+  """`optim.warmup_start=0.1, warmup_unit='epoch'`: one value per epoch (every step of it), epochs 0-4 at 0.1,
+  0.28, 0.46, 0.64, 0.82 times the cosine value (the ramp per step from 0 fails both)."""
+  optim = bake.get_config('imagenet').optim
+  ours = epoch_lrs(optim)
+  assert_lrs(ours, [pycls_epoch_lr(e) for e in range(100)])
+  cos = np.array([0.5 * 0.4 * (1 + math.cos(math.pi * e / 100)) for e in range(6)])
+  np.testing.assert_allclose(ours[:6] / cos, [0.1, 0.28, 0.46, 0.64, 0.82, 1.0], rtol=1e-6)
+
+
+def test_pycls_epoch_warm_up_with_other_lengths_and_factors():
+  for warmup, start in ((3, 0.25), (2, 0.0), (7, 0.5)):
+    optim = with_fields(bake.get_config('imagenet').optim, epochs=12, warmup_epochs=warmup, warmup_start=start)
+    assert_lrs(epoch_lrs(optim), [pycls_epoch_lr(e, 0.4, 12, warmup, start) for e in range(12)])
+
+
+def test_step_warm_up_from_a_start_factor():
+  """`warmup_unit='step'` with `warmup_start` f: f + (1 - f) min(1, (s + 1) / (W steps per epoch))."""
+  optim = with_fields(lucir.get_config('digits').optim, epochs=10, lr=0.1, schedule='constant', milestones=(),
+                      warmup_epochs=2, warmup_start=0.2)
+  task = phase_task(0.1, 10, steps_per_epoch=4)
+  for s in (0, 3, 4, 7, 8, 20):
+    want = 0.1 * (0.2 + 0.8 * min(1.0, (s + 1) / 8))
+    assert float(step_lib.learning_rate(optim, task, jnp.int32(s))) == pytest.approx(want, rel=1e-6)
+
+
+def test_default_warm_up_is_the_ramp_from_zero_bit_for_bit():
+  """`warmup_start=0, warmup_unit='step'` (the defaults) computes the ramp the library had before the fields, with
+  the same operations: the same float32 numbers."""
+  optim = with_fields(podnet.get_config('digits').optim, epochs=10, lr=0.1, warmup_epochs=2)
+  assert (optim.warmup_start, optim.warmup_unit) == (0.0, 'step')
+  task = phase_task(0.1, 10, steps_per_epoch=7)
+
+  def before(s):   # step.learning_rate before issue 33's warm-up fields
+    continuous = s.astype(jnp.float32) / task.steps_per_epoch
+    epoch = jnp.maximum(jnp.floor(continuous) + float(optim.schedule_offset), 0.0)
+    factor = step_lib.cosine_factor(optim, epoch, task)
+    factor = factor * jnp.minimum(1.0, (continuous + 1.0 / task.steps_per_epoch) / 2.0)
+    return task.lr * factor
+
+  steps = jnp.arange(70, dtype=jnp.int32)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(lambda s: step_lib.learning_rate(optim, task, s)))(steps),
+                                jax.jit(jax.vmap(before))(steps))
 
 
 def test_warm_up_multiplies_the_shifted_schedule():
@@ -253,6 +309,19 @@ def test_schedule_offset_outside_minus_one_to_one_is_a_config_error(value):
   c = podnet.get_config('test')
   c.optim.schedule_offset = value
   with pytest.raises(ConfigError, match=r'optim.schedule_offset must be -1, 0 or 1'):
+    validate.validate_config(c)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('warmup_unit', 'epochs', r"optim.warmup_unit='epochs'; valid: \['step', 'epoch'\]"),
+    ('warmup_start', 1.5, r'optim.warmup_start must be in \[0, 1\] .*; got 1.5'),
+    ('warmup_start', -0.1, r'optim.warmup_start must be in \[0, 1\] .*; got -0.1'),
+    ('warmup_epochs', -1, r'optim.warmup_epochs must be >= 0; got -1'),
+])
+def test_bad_warm_up_fields_are_config_errors(field, value, match):
+  c = bake.get_config('test')
+  c.optim[field] = value
+  with pytest.raises(ConfigError, match=match):
     validate.validate_config(c)
 
 

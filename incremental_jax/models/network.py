@@ -91,6 +91,24 @@ class Model:
     new_stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)) if train else batch_stats
     return out, new_stats
 
+  def batch_statistics(self, params: dict, batch_stats: dict, x: jax.Array,
+                       mask: Optional[jax.Array] = None) -> dict:
+    """Every BatchNorm layer's statistics of this batch alone, as a tree shaped like `batch_stats`: the mean and
+    the variance that a training-mode `apply` folds into the running statistics (the biased variance, flax's
+    convention and this library's; of the real examples with `mask`). They come from the training-mode forward
+    pass with every layer's momentum set to 0 (flax's convention; PyTorch's 1.0, as pycls's
+    `compute_precise_bn_stats` sets it), so each running statistic is replaced by the batch's own: exactly,
+    since 0 * running + 1 * batch is the batch's value whatever the (finite) running one."""
+    module = self.merge(params, batch_stats)
+    for _, layer in nnx.iter_modules(module):
+      if isinstance(layer, nnx.BatchNorm):
+        layer.momentum = 0.0
+    if mask is None:
+      module(x, train=True)
+    else:
+      module(x, train=True, mask=mask)
+    return nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
 
 def functional_model(construct: Callable[[], nnx.Module], head_class_axes: dict, num_classes: int,
                      embedding_dim: int) -> Model:
