@@ -22,8 +22,10 @@ def test_the_table_covers_every_cifar_and_imagenet_preset():
   assert len(rows) > 300
   covered = {(m, p) for m, p, _, _ in rows}
   for method in ('podnet', 'lucir'):
-    presets = importlib.import_module(f'configs.{method}').PRESETS
-    assert {(method, p) for p in presets if p.startswith(('cifar100', 'imagenet'))} <= covered
+    module = importlib.import_module(f'configs.{method}')
+    # a sweep preset (a paper table) trains presets of the table, so its rows are theirs
+    protocols = [p for p in module.PRESETS if p.startswith(('cifar100', 'imagenet')) and not module.get_config(p).sweep]
+    assert {(method, p) for p in protocols} <= covered
 
 
 @pytest.mark.parametrize('method', ['podnet', 'lucir', 'icarl', 'lwf', 'bake', 'iekd', 'train'])
