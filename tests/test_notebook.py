@@ -1,7 +1,6 @@
 """The example notebook `examples/quickstart.ipynb` runs in a fresh kernel and shows what the code computes: its
 report table holds the accuracies of the run's results.json, its plot is the report's report.png."""
 import base64
-import importlib.util
 import json
 import os
 import sys
@@ -10,8 +9,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'examples', 'quickstart.ipynb')
-# The sweep cells need config.sweep (incremental_jax.sweeps); a checkout without it runs the notebook without them.
-HAS_SWEEPS = importlib.util.find_spec('incremental_jax.sweeps') is not None
 
 
 def _outputs(nb, tag: str) -> list:
@@ -53,8 +50,6 @@ def test_quickstart_notebook_runs_and_shows_the_results(tmp_path, monkeypatch):
   monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
   monkeypatch.setenv('PYTHONPATH', ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  if not HAS_SWEEPS:
-    nb.cells = [c for c in nb.cells if 'sweep' not in c.metadata.get('tags', [])]
   nbclient.NotebookClient(nb, timeout=900, kernel_name='this_python',
                           resources={'metadata': {'path': str(tmp_path)}}).execute()
 
@@ -71,15 +66,13 @@ def test_quickstart_notebook_runs_and_shows_the_results(tmp_path, monkeypatch):
   assert table == (workdir / 'report' / 'report.md').read_text()
   assert all(cell in table for cell in _avg_cells(results))
   assert _png(outputs) == (workdir / 'report' / 'report.png').read_bytes()
-  if HAS_SWEEPS:
-    summary = json.loads((workdir / 'lambda_sweep' / 'summary.json').read_text())
-    assert sorted(s['name'] for s in summary['settings']) == ['lambda_base=1', 'lambda_base=5']
-    outputs = _outputs(nb, 'sweep')
-    table = _markdown(outputs)
-    assert len(table.strip().splitlines()) == 2 + 3      # header, rule, the single run and the two settings
-    for name, lam in (('lambda_base=1', 1.0), ('lambda_base=5', 5.0)):
-      swept = json.loads((workdir / 'lambda_sweep' / name / 'results.json').read_text())
-      assert swept['config']['method']['lambda_base'] == lam
-      assert all(cell in table for cell in _avg_cells(swept))
-    assert _png(outputs) == (workdir / 'sweep_report' / 'report.png').read_bytes()
-  print(f'sweep cells {"run" if HAS_SWEEPS else "left out (no incremental_jax.sweeps)"}', file=sys.stderr)
+  summary = json.loads((workdir / 'lambda_sweep' / 'summary.json').read_text())
+  assert sorted(s['name'] for s in summary['settings']) == ['lambda_base=1', 'lambda_base=5']
+  outputs = _outputs(nb, 'sweep')
+  table = _markdown(outputs)
+  assert len(table.strip().splitlines()) == 2 + 3      # header, rule, the single run and the two settings
+  for name, lam in (('lambda_base=1', 1.0), ('lambda_base=5', 5.0)):
+    swept = json.loads((workdir / 'lambda_sweep' / name / 'results.json').read_text())
+    assert swept['config']['method']['lambda_base'] == lam
+    assert all(cell in table for cell in _avg_cells(swept))
+  assert _png(outputs) == (workdir / 'sweep_report' / 'report.png').read_bytes()
