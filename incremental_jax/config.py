@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   # one epoch visits (M+1) times the data set (and has M+1 times the steps), as in the official BAKE code.
   c.data.same_class_per_anchor = 1
   c.data.sampler_kwargs = ml_collections.ConfigDict()   # extra keyword arguments of the sampler
+  c.data.drop_last = False        # False (PyTorch DataLoader's default, every official CIL code): an epoch's last
+                                  # partial batch is trained, padded to batch_size with weight 0 (BatchNorm and
+                                  # losses see its real examples only): ceil(n / batch_size) steps; True drops it
+                                  # (n // batch_size steps; a set smaller than one batch is repeated to fill one)
   c.data.sampler_kwargs.same_class_per_anchor = c.data.get_ref('same_class_per_anchor')  # follows the field
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.crop_padding = 4       # on the device: zero-pad and random crop back (RandomCrop(size, padding))
@@ -105,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.gamma = 0.1
   c.optim.warmup_epochs = 0
   c.optim.schedule_unit = 'epoch'  # 'epoch' (PyTorch-style per-epoch steps) or 'step'
+  c.optim.schedule_offset = 0     # epoch e trains with the schedule's value at max(0, e + offset): 0 = step() after
+                                  # each epoch (PyCIL), -1 = step(epoch) after each epoch (PODNet), +1 = step() at
+                                  # the start of each epoch under PyTorch >= 1.1 (step.learning_rate)
   c.optim.clip_value = 0.0        # > 0: clamp each gradient element to [-clip_value, clip_value] (PODNet)
   c.optim.first_task_epochs = 0   # task 0 overrides (0/() = same as later tasks)
   c.optim.first_task_lr = 0.0

@@ -82,14 +82,22 @@ def learning_rate(optim_cfg, task: TaskInfo, phase_step: jax.Array) -> jax.Array
   (half cosine from 1 to 0 over `task.epochs`), 'constant'; plus linear warm-up over `warmup_epochs`. With
   `schedule_unit='epoch'` (default) the factor changes once per epoch like PyTorch's epoch-stepped schedulers;
   'step' makes it continuous.
+
+  `optim.schedule_offset` (k in {-1, 0, 1}) is where in its loop the official code steps the scheduler: epoch e
+  trains with the schedule's value at max(0, e + k) (in step units the continuous epoch is shifted alike).
+  0: `scheduler.step()` after each epoch (PyCIL) or the schedule set at the start of epoch e from e (pycls, the
+  IE-KD release), and PyTorch < 1.1's `step()` at the start of each epoch (LUCIR); -1: `scheduler.step(epoch)`
+  after each epoch (PODNet's `inclearn/models/icarl.py::_training_step`: epochs 0 and 1 both train at the base
+  lr) or the lr set after each epoch from that epoch (BAKE's `small_scale/train.py::adjust_learning_rate`);
+  +1: `step()` at the start of each epoch under PyTorch >= 1.1. The warm-up is not shifted: its factor
+  min(1, (phase_step + 1) / (warmup_epochs * steps_per_epoch)) multiplies the shifted schedule's.
   """
-  epoch = phase_step.astype(jnp.float32) / task.steps_per_epoch
-  if optim_cfg.schedule_unit == 'epoch':
-    epoch = jnp.floor(epoch)
+  continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
+  epoch = jnp.floor(continuous) if optim_cfg.schedule_unit == 'epoch' else continuous
+  epoch = jnp.maximum(epoch + float(optim_cfg.schedule_offset), 0.0)
   factor = SCHEDULES.lookup(optim_cfg.schedule, 'optim.schedule')(optim_cfg, epoch, task)
   warmup = float(optim_cfg.warmup_epochs or 0)
   if warmup > 0:
-    continuous = phase_step.astype(jnp.float32) / task.steps_per_epoch
     factor = factor * jnp.minimum(1.0, (continuous + 1.0 / task.steps_per_epoch) / warmup)
   return task.lr * factor
 
@@ -112,7 +120,12 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
   loss, apply SGD with the scheduled learning rate, and mask updates (frozen classes, head-only phases).
 
   `model_input(images, teacher_outputs)`, when given, is what the trained model is applied to instead of the
-  augmented images (e.g. the frozen teacher's feature map, for an autoencoder trained on it)."""
+  augmented images (e.g. the frozen teacher's feature map, for an autoencoder trained on it).
+
+  A batch padded to its compiled size (the last partial batch of an epoch, `data.drop_last=False`) carries
+  `batch['weight']` [B] (1 real, 0 padding): BatchNorm's statistics come from the real examples
+  (`example_mask`), and the phase's loss reduces over them (`losses.masked_mean`); the frozen teacher runs in
+  inference mode and needs no mask."""
   tx = make_optimizer(phase.optim)
 
   def train_step(state: TrainState, frozen: Any, task: TaskInfo, batch: dict):
@@ -122,9 +135,10 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
       teacher_out = jax.lax.stop_gradient(method.teacher_forward(model, frozen, x))
 
     inputs = x if model_input is None else model_input(x, teacher_out)
+    mask = example_mask(batch)
 
     def loss_of(params):
-      outputs, new_stats = model.apply(params, state.batch_stats, inputs, train=phase.train_backbone)
+      outputs, new_stats = model.apply(params, state.batch_stats, inputs, train=phase.train_backbone, mask=mask)
       loss, metrics = phase.loss(outputs, batch, task, teacher_out, params)
       return loss, (metrics, new_stats)
 
@@ -138,6 +152,13 @@ def make_train_step(model: Model, method, phase: Phase, augment_fn: Callable, ha
     return advanced(state, params, new_stats, opt_state), metrics
 
   return train_step
+
+
+def example_mask(batch: dict) -> Optional[jax.Array]:
+  """The real examples of a batch, bool [B] (`batch['weight'] > 0`), for BatchNorm in training mode
+  (`Model.apply(..., mask=)`); None for a batch without weights (every example real)."""
+  weight = batch.get('weight')
+  return None if weight is None else weight > 0
 
 
 def masked_descent(updates, lr: jax.Array, mask) -> Any:

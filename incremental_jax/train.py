@@ -144,13 +144,14 @@ class Trainer:
     return 64 if on_device else 4
 
   def epoch_plan(self, phase: Phase, labels: np.ndarray, rng_seed: tuple) -> list:
-    """The sampler's index rows [steps, batch] of every epoch of `phase`; epoch e draws from
-    `np.random.default_rng(rng_seed + (e,))`."""
+    """The sampler's index rows [steps, batch] of every epoch of `phase` (-1 for the padding of a last partial
+    batch, `data.drop_last`); epoch e draws from `np.random.default_rng(rng_seed + (e,))`."""
     batch_size = int(phase.optim.batch_size)
     parallel.check_batch_divisible(batch_size)
     data_cfg = self.method.config.data
     sampler = pipeline.get_sampler(phase.sampler or data_cfg.sampler)
     sampler_kw = dict(data_cfg.sampler_kwargs or {})
+    sampler_kw.setdefault('drop_last', bool(data_cfg.drop_last))
     return [sampler(phase.indices, labels[phase.indices], batch_size, np.random.default_rng(rng_seed + (e,)),
                     **sampler_kw) for e in range(int(phase.optim.epochs))]
 
@@ -209,10 +210,13 @@ def make_chunk(step: Callable, group: bool, on_device: bool, mesh) -> Callable:
 
 def chunk_batch(source, x, group: bool, on_device: bool, mesh) -> dict:
   """One step's batch of a chunk: with `on_device`, gathered from `source` (the device images and the runs'
-  labels [R, N]) by the index rows `x` [R, B]; else `x` is the batch itself. Sharded along B over the mesh's
-  'data' axis: [R, B, ...] for a group, [B, ...] for one run."""
+  labels [R, N]) by the index rows `x` [R, B], a padding entry (-1) gathering example 0 with weight 0
+  (`batch['weight']`, float32: 1 for a real example); else `x` is the batch itself (weights included). Sharded
+  along B over the mesh's 'data' axis: [R, B, ...] for a group, [B, ...] for one run."""
   if on_device:
-    batch = {'image': source['image'][x], 'label': jnp.take_along_axis(source['label'], x, axis=1)}
+    idx = jnp.maximum(x, 0)
+    batch = {'image': source['image'][idx], 'label': jnp.take_along_axis(source['label'], idx, axis=1),
+             'weight': (x >= 0).astype(jnp.float32)}
   else:
     batch = x
   batch = jax.lax.with_sharding_constraint(

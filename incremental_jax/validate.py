@@ -54,6 +54,10 @@ def validate_config(config) -> None:
   _validate_inputs(config.data)
   optim = config.optim
   _require(int(optim.epochs) >= 1, f'optim.epochs must be >= 1; got {optim.epochs}.')
+  offset = optim.schedule_offset
+  _require(isinstance(offset, int) and not isinstance(offset, bool) and offset in (-1, 0, 1),
+           f'optim.schedule_offset must be -1, 0 or 1 (epoch e trains with the schedule at e + offset); got '
+           f'{offset!r}.')
   for name in ('lr', 'first_task_lr'):
     value = float(optim[name] or 0)
     _require(math.isfinite(value) and (value > 0 or (name != 'lr' and value == 0)),

@@ -78,6 +78,8 @@ CASES = [
      r'optim.lr must be a finite number > 0; got inf'),
     ('negative checkpoint interval', _set(checkpoint__every_epochs=-1), None, None, ConfigError,
      r'checkpoint.every_epochs must be >= 0; got -1'),
+    ('schedule offset out of range', _set(optim__schedule_offset=2), None, None, ConfigError,
+     r'optim.schedule_offset must be -1, 0 or 1 .*; got 2'),
 ]
 
 

@@ -134,9 +134,14 @@ def test_frozen_classes_and_head_only_phase():
 def test_shuffle_sampler_covers_each_example_once_per_epoch():
   from incremental_jax.data.pipeline import shuffle_sampler
   idx = np.arange(100, 150)
+  # drop_last=False (the default, PyTorch's): 50 = 3 * 16 + 2, the last row holds 2 examples and 14 padding (-1)
   rows = shuffle_sampler(idx, np.zeros(50), 16, np.random.default_rng(0))
-  assert rows.shape == (3, 16) and len(set(rows.ravel())) == 48 and set(rows.ravel()) <= set(idx)
-  small = shuffle_sampler(np.arange(5), np.zeros(5), 8, np.random.default_rng(0))
+  assert rows.shape == (4, 16) and sorted(rows[rows >= 0]) == list(idx) and (rows[-1] < 0).sum() == 14
+  # drop_last=True: the last partial batch dropped (3 steps, 48 examples); its full rows are the same draw
+  dropped = shuffle_sampler(idx, np.zeros(50), 16, np.random.default_rng(0), drop_last=True)
+  assert dropped.shape == (3, 16) and len(set(dropped.ravel())) == 48 and set(dropped.ravel()) <= set(idx)
+  np.testing.assert_array_equal(dropped, rows[:3])
+  small = shuffle_sampler(np.arange(5), np.zeros(5), 8, np.random.default_rng(0), drop_last=True)
   assert small.shape == (1, 8) and set(small.ravel()) == set(range(5))
   np.testing.assert_array_equal(rows, shuffle_sampler(idx, np.zeros(50), 16, np.random.default_rng(0)))
 

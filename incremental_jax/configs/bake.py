@@ -64,7 +64,8 @@ def imagenet(c):
   c.data.same_class_per_anchor = 1
   c.model.depth = 50
   c.optim.update(batch_size=512, lr=0.4, nesterov=True, weight_decay=5e-5, epochs=100, schedule='cosine',
-                 milestones=(), warmup_epochs=5)
+                 milestones=(), warmup_epochs=5,
+                 schedule_offset=0)   # pycls sets epoch e's lr from e at its start (pycls/core/trainer.py)
   return c
 
 
@@ -117,4 +118,6 @@ def get_config(arg=None):
   c = single_task(cfglib.base_config())
   c.method = cfglib.method_section('bake', temperature=4.0, omega=0.5, weight=1.0)
   c.data.sampler = 'intra_class'
+  c.optim.schedule_offset = -1    # small_scale/train.py sets the lr after each epoch from that epoch
+                                  # (adjust_learning_rate): epochs 0 and 1 train at 0.1, the drops come one late
   return cfglib.apply_preset(c, arg, PRESETS, default='cifar100')

@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.optim.first_task_epochs = 200
   c.optim.first_task_milestones = (60, 120, 170)
   c.optim.first_task_weight_decay = 5e-4
+  c.optim.schedule_offset = 0      # PyCIL: scheduler.step() after each epoch (epoch e trains with the value at e)
   c = cfglib.apply_preset(c, arg, cfglib.COMMON_PRESETS, default='cifar100_b50_s10')
   if c.data.name == 'cifar100':
     c = pycil_cifar100(c)

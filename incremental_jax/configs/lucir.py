@@ -90,4 +90,6 @@ def get_config(arg=None):
   c.model.shortcut = 'conv'        # 1x1 conv + BN downsampling shortcuts, as the official ResNets
   c.memory.per_class = 20
   c.memory.total = 0
+  c.optim.schedule_offset = 0      # MultiStepLR.step() at the start of each epoch under PyTorch 0.4.0 (the
+                                   # official code's): epoch e trains with the value at e
   return cfglib.apply_preset(c, arg, PRESETS, default='cifar100_b50_s10')

@@ -13,6 +13,7 @@ from incremental_jax.configs.icarl import pycil_cifar100
 def get_config(arg=None):
   c = cfglib.base_config()
   c.method = cfglib.method_section('lwf', kd_temperature=2.0, kd_weight=3.0)
+  c.optim.schedule_offset = 0      # PyCIL: scheduler.step() after each epoch (epoch e trains with the value at e)
   c = cfglib.apply_preset(c, arg, cfglib.COMMON_PRESETS, default='cifar100_b50_s10')
   if c.data.name == 'cifar100':
     c = pycil_cifar100(c)

@@ -118,6 +118,8 @@ def get_config(arg=None):
   c.optim.schedule = 'cosine'
   c.optim.milestones = ()
   c.optim.clip_value = 5.0         # element-wise gradient clamp of the official code
+  c.optim.schedule_offset = -1     # scheduler.step(epoch) after each epoch (inclearn/models/icarl.py::
+                                   # _training_step): epochs 0 and 1 both train at the base lr
   c.memory.per_class = 20
   c.memory.total = 0
   return cfglib.apply_preset(c, arg, PRESETS, default='cifar100_b50_s10')

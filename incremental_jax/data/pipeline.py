@@ -20,18 +20,41 @@ from incremental_jax.registry import Registry
 
 
 def shuffle_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
-                    **unused) -> np.ndarray:
-  """Reshuffles each epoch and drops the last partial batch (a set smaller than one batch is repeated to fill
-  one); steps per epoch = max(1, n // batch_size)."""
+                    drop_last: bool = False, **unused) -> np.ndarray:
+  """One reshuffled pass over `indices` in rows of `batch_size`, as PyTorch's `DataLoader(shuffle=True)`.
+
+  `drop_last` False (PyTorch's default): ceil(n / batch_size) rows, the last partial batch kept and padded with
+  -1 (`PAD`; a set smaller than one batch is one row of its n examples plus -1s). `drop_last` True: the last
+  partial batch is dropped, max(1, n // batch_size) rows (a set smaller than one batch is repeated to fill one).
+  Both draw the same permutation, so their full rows are equal."""
   del labels
   n = len(indices)
   if n == 0:
     raise ValueError('cannot sample batches from an empty set of examples.')
-  steps = max(1, n // batch_size)
   perm = rng.permutation(n)
+  if not drop_last:
+    steps = -(-n // batch_size)
+    rows = np.full(steps * batch_size, PAD, np.asarray(indices).dtype)
+    rows[:n] = np.asarray(indices)[perm]
+    return rows.reshape(steps, batch_size)
+  steps = max(1, n // batch_size)
   while len(perm) < steps * batch_size:
     perm = np.concatenate([perm, rng.permutation(n)])
   return np.asarray(indices)[perm[:steps * batch_size]].reshape(steps, batch_size)
+
+
+PAD = -1   # the index of a padding entry in a sampler's rows (weight 0, see `batch_weight`)
+
+
+def batch_weight(rows: np.ndarray) -> np.ndarray:
+  """float32 weights of index rows: 1 for an example, 0 for padding (`PAD`)."""
+  return (np.asarray(rows) >= 0).astype(np.float32)
+
+
+def loadable(rows: np.ndarray) -> np.ndarray:
+  """Index rows with every padding entry replaced by example 0's index, which can be loaded (its weight stays 0:
+  `batch_weight` of the original rows)."""
+  return np.maximum(rows, 0)
 
 
 def same_class_partners(labels: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -54,19 +77,21 @@ def same_class_partners(labels: np.ndarray, m: int, rng: np.random.Generator) ->
 
 
 def intra_class_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
-                        same_class_per_anchor: int = 1, **unused) -> np.ndarray:
+                        same_class_per_anchor: int = 1, drop_last: bool = False, **unused) -> np.ndarray:
   """BAKE's intra-class sampler (Ge et al. 2021): each batch of `batch_size` images holds
   batch_size / (M + 1) anchors, each followed by M other images of its class (`same_class_partners`),
-  M = `same_class_per_anchor`. The anchors are a reshuffled pass over the examples (as `shuffle_sampler`, the
-  last partial batch of anchors dropped), so every example is an anchor once per epoch and an epoch has
-  (M + 1) times the steps of a shuffled epoch, as in the official code. M = 0 gives plain shuffled batches."""
+  M = `same_class_per_anchor`. The anchors are a reshuffled pass over the examples (`shuffle_sampler` with
+  `drop_last`), so every example is an anchor once per epoch and an epoch has (M + 1) times the steps of a
+  shuffled epoch, as in the official code. With `drop_last` False the anchors' last partial batch is kept, with
+  their partners; its missing anchor groups are padding (-1). M = 0 gives plain shuffled batches."""
   group = int(same_class_per_anchor) + 1
   if group < 1 or batch_size % group:
     raise ValueError(f'batch_size={batch_size} must be a multiple of same_class_per_anchor + 1 = {group}.')
-  anchors = shuffle_sampler(np.arange(len(indices)), None, batch_size // group, rng)   # [steps, anchors]
+  anchors = shuffle_sampler(np.arange(len(indices)), None, batch_size // group, rng, drop_last)  # [steps, anchors]
   partners = same_class_partners(labels, group - 1, rng)
-  rows = np.concatenate([anchors[..., None], partners[anchors]], axis=-1)              # [steps, anchors, M+1]
-  return np.asarray(indices)[rows].reshape(len(anchors), batch_size)
+  rows = np.concatenate([anchors[..., None], partners[np.maximum(anchors, 0)]], axis=-1)    # [steps, anchors, M+1]
+  rows = np.where(anchors[..., None] >= 0, np.asarray(indices)[rows], PAD)
+  return rows.reshape(len(anchors), batch_size)
 
 
 SAMPLERS: Registry[Callable[..., np.ndarray]] = Registry('a sampler', {'shuffle': shuffle_sampler,
@@ -181,17 +206,21 @@ def device_batches(images, labels: np.ndarray, batches: Iterable[np.ndarray], me
 def host_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarray], mesh,
                 prefetch: int = 1) -> Iterator[dict]:
   """For host images: the batches of each chunk of index rows [K, R, B] (R runs, run k's labels `labels[k]`) as
-  one global batch {'image': [K, R, B, H, W, C], 'label': [K, R, B]} sharded over the 'data' axis along B; this
-  process loads only its slice of each row. Loading runs `prefetch` chunks ahead in a background thread."""
+  one global batch {'image': [K, R, B, H, W, C], 'label': [K, R, B], 'weight': [K, R, B]} sharded over the
+  'data' axis along B; a padding entry of the rows (-1) loads example 0 (`loadable`) with weight 0
+  (`batch_weight`). This process loads only its slice of each row. Loading runs `prefetch` chunks ahead in a
+  background thread."""
 
   if hasattr(images, 'train_batches'):
     return _loader_chunks(images, labels, chunks, mesh, prefetch)
 
   def load(rows):
     rows = np.asarray(rows)
-    local = rows if jax.process_count() == 1 else rows[..., parallel.process_rows(rows.shape[-1], mesh)]
+    mine = rows if jax.process_count() == 1 else rows[..., parallel.process_rows(rows.shape[-1], mesh)]
+    local = loadable(mine)
     batch = {'image': np.asarray(images[local.reshape(-1)]).reshape(local.shape + tuple(images.shape[1:])),
-             'label': np.stack([lab[local[:, k]] for k, lab in enumerate(labels)], 1).astype(np.int32)}
+             'label': np.stack([lab[local[:, k]] for k, lab in enumerate(labels)], 1).astype(np.int32),
+             'weight': batch_weight(mine)}
     return parallel.shard_batch(batch, mesh, rows.shape[-1], batch_axis=2)
 
   return _prefetched(load, chunks, prefetch)
@@ -200,21 +229,24 @@ def host_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarra
 def _loader_chunks(images, labels: Sequence[np.ndarray], chunks: Iterable[np.ndarray], mesh,
                    prefetch: int) -> Iterator[dict]:
   """`host_chunks` for images with a train loader (`image_folder.LazyImages.train_batches`, Grain): the
-  loader decodes and transforms every row of the epoch's chunks in its worker processes, in order; here its
-  batches are stacked into chunks and sharded, `prefetch` chunks ahead in a background thread."""
+  loader decodes and transforms every row of the epoch's chunks in its worker processes, in order (padding
+  entries as example 0, `loadable`); here its batches are stacked into chunks with their weights and sharded,
+  `prefetch` chunks ahead in a background thread."""
   chunks = [np.asarray(c) for c in chunks]
   if not chunks:
     return iter(())
   width = chunks[0].shape[-1]
   columns = np.arange(width) if jax.process_count() == 1 else np.arange(width)[parallel.process_rows(width, mesh)]
-  batches = images.train_batches(np.concatenate([c.reshape(-1, width) for c in chunks]), columns)
+  batches = images.train_batches(np.concatenate([loadable(c).reshape(-1, width) for c in chunks]), columns)
 
   def stacked():
     for rows in chunks:
-      local = rows[..., columns]
+      mine = rows[..., columns]
+      local = loadable(mine)
       image = np.stack([next(batches) for _ in range(local.shape[0] * local.shape[1])])
       yield {'image': image.reshape(local.shape + image.shape[2:]),
-             'label': np.stack([lab[local[:, k]] for k, lab in enumerate(labels)], 1).astype(np.int32)}
+             'label': np.stack([lab[local[:, k]] for k, lab in enumerate(labels)], 1).astype(np.int32),
+             'weight': batch_weight(mine)}
 
   return _prefetched(lambda batch: parallel.shard_batch(batch, mesh, width, batch_axis=2), stacked(), prefetch)
 

@@ -36,7 +36,7 @@ def hard_negative_cosines(cosine: jax.Array, new: jax.Array, k: int) -> tuple[ja
 
 
 def margin_ranking(cosine: jax.Array, labels: jax.Array, old: jax.Array, new: jax.Array, k: int = 2,
-                   margin: float = 0.5) -> tuple[jax.Array, jax.Array]:
+                   margin: float = 0.5, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Inter-class separation (Eq. 8), per example: for a sample of an old class, the mean over its top-`k`
   new-class cosines of max(0, m - <w_bar_y, f_bar(x)> + <w_bar_k, f_bar(x)>), on the unscaled cosines
   `cosine` [B, C].
@@ -44,9 +44,13 @@ def margin_ranking(cosine: jax.Array, labels: jax.Array, old: jax.Array, new: ja
   Returns (values [B], weights [B]): weights are 1 for samples whose label is an old class (`old` [C]) and 0
   otherwise (their value is 0 too). `masked_mean(values, weights)` is the official reduction: torch's
   MarginRankingLoss averaged over the (old-class sample, hard negative) pairs of the batch, 0 when the batch
-  has no old-class sample. Pairs beyond the number of new classes (k > |C_new|) are left out.
+  has no old-class sample. Pairs beyond the number of new classes (k > |C_new|) are left out. The input
+  `weights` [B] (0 for the padding of a last partial batch), when given, multiply the returned ones: padded
+  samples are no old-class samples of the batch.
   """
   is_old = jnp.take(old, labels).astype(cosine.dtype)
+  if weights is not None:
+    is_old = is_old * (weights > 0).astype(cosine.dtype)
   positive = jnp.take_along_axis(cosine, labels[:, None], axis=-1)
   negatives, valid = hard_negative_cosines(cosine, new, k)
   pairs = jax.nn.relu(margin - positive + negatives) * valid

@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from incremental_jax.losses.classification import masked_mean
 from incremental_jax.losses.distillation import kd_kl
 from incremental_jax.models.heads import l2_normalize
 
@@ -77,10 +78,11 @@ def feature_distillation(student_stages: Sequence[jax.Array], teacher_stages: Se
 
 
 def feature_kd_term(outputs: dict, batch: dict, task, teacher, params, *, stages: Sequence[int] = ()) -> jax.Array:
-  """Auxiliary loss term (`losses.auxiliary`, name 'feature_kd'): the batch mean of `feature_distillation`
-  between the model's `stages` and the teacher's (the previous model's for M2KD; the last snapshot for any method
-  with a 'last' teacher); 0 while there is no teacher (the first task)."""
-  del batch, task, params
+  """Auxiliary loss term (`losses.auxiliary`, name 'feature_kd'): the mean over the batch's real examples
+  (`batch['weight']`, when present) of `feature_distillation` between the model's `stages` and the teacher's (the
+  previous model's for M2KD; the last snapshot for any method with a 'last' teacher); 0 while there is no teacher
+  (the first task)."""
+  del task, params
   if teacher is None:
     return jnp.zeros((), jnp.float32)
-  return feature_distillation(outputs['stages'], teacher['stages'], stages).mean()
+  return masked_mean(feature_distillation(outputs['stages'], teacher['stages'], stages), batch.get('weight'))

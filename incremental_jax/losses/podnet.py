@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from incremental_jax.losses.classification import masked_logits
+from incremental_jax.losses.classification import masked_logits, masked_mean
 from incremental_jax.models.heads import l2_normalize
 
 POOLINGS = ('pod_pixel', 'channel', 'gap', 'width', 'height', 'spatial')
@@ -61,16 +61,19 @@ def pod_distance(old: jax.Array, new: jax.Array, pooling: str = 'spatial') -> ja
   return jnp.sqrt(jnp.maximum(jnp.square(a - b).sum(-1), 1e-24))
 
 
-def pod_spatial(old_stages: Sequence[jax.Array], new_stages: Sequence[jax.Array], pooling: str = 'spatial') -> jax.Array:
+def pod_spatial(old_stages: Sequence[jax.Array], new_stages: Sequence[jax.Array], pooling: str = 'spatial',
+                weights: jax.Array | None = None) -> jax.Array:
   """POD over all stages (scalar): the mean over stages of the batch mean of `pod_distance` (the official
-  `pod(...)`: sum over stages of the batch mean, divided by the number of stages); every example counts."""
+  `pod(...)`: sum over stages of the batch mean, divided by the number of stages); every example counts, or with
+  `weights` [B] (0 for padding) the real ones (`masked_mean`)."""
   if len(old_stages) != len(new_stages):
     raise ValueError(f'old and new models give {len(old_stages)} and {len(new_stages)} stage maps.')
-  return sum(pod_distance(a, b, pooling).mean() for a, b in zip(old_stages, new_stages)) / len(new_stages)
+  return sum(masked_mean(pod_distance(a, b, pooling), weights)
+             for a, b in zip(old_stages, new_stages)) / len(new_stages)
 
 
 def perceptual_features(old_stages: Sequence[jax.Array], new_stages: Sequence[jax.Array],
-                        factor: float = 1.0) -> jax.Array:
+                        factor: float = 1.0, weights: jax.Array | None = None) -> jax.Array:
   """The official pixel-level distillation (scalar; arthurdouillard/incremental_learning.pytorch,
   `inclearn/lib/losses/distillation.py::perceptual_features_reconstruction`, the `podPixels` ablation of
   `options/podnet/ablations/perceptual_losses/`): per map of shape [B, H, W, C], with n the per-example L2
@@ -78,7 +81,8 @@ def perceptual_features(old_stages: Sequence[jax.Array], new_stages: Sequence[ja
 
       d = || n(old) - n(new) + 1e-6 ||_2^2 / (C H W)      (the 1e-6 is torch's pairwise_distance eps)
 
-  averaged over the batch, then over the maps, times `factor`. Unlike POD there is no squaring of the
+  averaged over the batch (its real examples with `weights` [B], 0 for padding), then over the maps, times
+  `factor`. Unlike POD there is no squaring of the
   activations and no pooling, the distance is squared and divided by the map size, and the official code adds
   it without the adaptive weight sqrt(N/T)."""
   if len(old_stages) != len(new_stages):
@@ -88,7 +92,7 @@ def perceptual_features(old_stages: Sequence[jax.Array], new_stages: Sequence[ja
     b = new.shape[0]
     a = l2_normalize(jax.lax.stop_gradient(old).reshape(b, -1))
     n = l2_normalize(new.reshape(b, -1))
-    total = total + (jnp.square(a - n + 1e-6).sum(-1) / a.shape[-1]).mean()
+    total = total + masked_mean(jnp.square(a - n + 1e-6).sum(-1) / a.shape[-1], weights)
   return factor * total / len(new_stages)
 
 

@@ -2,7 +2,7 @@
 iCaRL."""
 from __future__ import annotations
 
-from incremental_jax.losses import cross_entropy, kd_kl, sigmoid_bce
+from incremental_jax.losses import cross_entropy, kd_kl, masked_mean, sigmoid_bce
 from incremental_jax.methods.base import Method, TaskContext
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ class Finetune(Method):
   """Lower bound: cross-entropy over all seen classes on the new task's data only; no memory, no teacher."""
 
   def loss(self, outputs, batch, task, teacher, params):
-    ce = cross_entropy(outputs['logits'], batch['label'], task.seen).mean()
+    ce = masked_mean(cross_entropy(outputs['logits'], batch['label'], task.seen), batch.get('weight'))
     return ce, {'ce': ce}
 
 
@@ -30,11 +30,11 @@ class LwF(Method):
   teacher = 'last'
 
   def loss(self, outputs, batch, task, teacher, params):
-    logits = outputs['logits']
-    ce = cross_entropy(logits, batch['label'], task.new).mean()
+    logits, weights = outputs['logits'], batch.get('weight')
+    ce = masked_mean(cross_entropy(logits, batch['label'], task.new), weights)
     if teacher is None:
       return ce, {'ce': ce}
-    kd = kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old).mean()
+    kd = masked_mean(kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old), weights)
     return ce + self.mcfg.kd_weight * kd, {'ce': ce, 'kd': kd}
 
 
@@ -52,14 +52,14 @@ class ICaRL(Method):
   teacher = 'last'
 
   def loss(self, outputs, batch, task, teacher, params):
-    logits = outputs['logits']
+    logits, weights = outputs['logits'], batch.get('weight')
     if self.mcfg.loss == 'bce':
       onehot = jax.nn.one_hot(batch['label'], logits.shape[-1])
       targets = onehot if teacher is None else jnp.where(task.old[None] > 0, jax.nn.sigmoid(teacher['logits']), onehot)
-      bce = sigmoid_bce(logits, targets, task.seen).mean()
+      bce = masked_mean(sigmoid_bce(logits, targets, task.seen), weights)
       return bce, {'bce': bce}
-    ce = cross_entropy(logits, batch['label'], task.seen).mean()
+    ce = masked_mean(cross_entropy(logits, batch['label'], task.seen), weights)
     if teacher is None:
       return ce, {'ce': ce}
-    kd = kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old).mean()
+    kd = masked_mean(kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old), weights)
     return ce + self.mcfg.kd_weight * kd, {'ce': ce, 'kd': kd}

@@ -28,7 +28,7 @@ from flax import nnx
 from incremental_jax import checkpoint as ckpt_lib
 from incremental_jax import method_store
 from incremental_jax import step as step_lib
-from incremental_jax.losses import cross_entropy, kd_kl
+from incremental_jax.losses import cross_entropy, kd_kl, masked_mean
 from incremental_jax.losses.iekd import exploration_loss, inheritance_loss, reconstruction_loss
 from incremental_jax.methods.base import Method, TaskContext, snapshot
 from incremental_jax.methods.baselines import Finetune
@@ -88,7 +88,8 @@ class _ReconstructTeacherFeatures(Method):
     return {'feature': self.teacher_model.apply(frozen['params'], frozen['batch_stats'], images)[0]['stages'][-1]}
 
   def loss(self, outputs, batch, task, teacher, params):
-    rec = reconstruction_loss(outputs['reconstruction'], teacher['feature'], self.kind).mean()
+    rec = masked_mean(reconstruction_loss(outputs['reconstruction'], teacher['feature'], self.kind),
+                      batch.get('weight'))
     return rec, {'reconstruction': rec}
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
@@ -144,23 +145,26 @@ class KD(Method):
     return snapshot(state)
 
   def loss(self, outputs, batch, task, teacher, params):
-    ce = cross_entropy(outputs['logits'], batch['label'], task.seen).mean()
+    weights = batch.get('weight')
+    ce = masked_mean(cross_entropy(outputs['logits'], batch['label'], task.seen), weights)
     if teacher is None:
       return ce, {'ce': ce}
     t, alpha = float(self.mcfg.kd_temperature), float(self.mcfg.kd_alpha)
-    kd = t * t * kd_kl(outputs['logits'], teacher['logits'], t, task.seen).mean()
+    kd = t * t * masked_mean(kd_kl(outputs['logits'], teacher['logits'], t, task.seen), weights)
     return (1.0 - alpha) * ce + alpha * kd, {'ce': ce, 'kd': kd}
 
 
 # ---- IE-KD -------------------------------------------------------------------------------------------
-def iekd_loss(mcfg, outputs: dict, labels: jax.Array, class_mask: jax.Array, teacher_factor) -> tuple:
+def iekd_loss(mcfg, outputs: dict, labels: jax.Array, class_mask: jax.Array, teacher_factor,
+              weights: jax.Array | None = None) -> tuple:
   """CE + inherit_weight * L_inh(F_inh, F_T) + explore_weight * L_exp(F_exp, F_T) (IE-KD, the student's total
-  loss; `losses.iekd`), with the measures `method.inherit_measure` / `method.explore_measure`."""
-  ce = cross_entropy(outputs['logits'], labels, class_mask).mean()
+  loss; `losses.iekd`), with the measures `method.inherit_measure` / `method.explore_measure`; each term the mean
+  over the batch's real examples (`weights` [B], 0 for padding; None: every example)."""
+  ce = masked_mean(cross_entropy(outputs['logits'], labels, class_mask), weights)
   if teacher_factor is None:
     return ce, {'ce': ce}
-  inh = inheritance_loss(outputs['factor_inherit'], teacher_factor, mcfg.inherit_measure).mean()
-  exp = exploration_loss(outputs['factor_explore'], teacher_factor, mcfg.explore_measure).mean()
+  inh = masked_mean(inheritance_loss(outputs['factor_inherit'], teacher_factor, mcfg.inherit_measure), weights)
+  exp = masked_mean(exploration_loss(outputs['factor_explore'], teacher_factor, mcfg.explore_measure), weights)
   loss = ce + float(mcfg.inherit_weight) * inh + float(mcfg.explore_weight) * exp
   return loss, {'ce': ce, 'inherit': inh, 'explore': exp}
 
@@ -213,7 +217,8 @@ class IEKD(KD):
     return {'logits': teacher['logits'], 'factor': factor}
 
   def loss(self, outputs, batch, task, teacher, params):
-    return iekd_loss(self.mcfg, outputs, batch['label'], task.seen, None if teacher is None else teacher['factor'])
+    return iekd_loss(self.mcfg, outputs, batch['label'], task.seen, None if teacher is None else teacher['factor'],
+                     batch.get('weight'))
 
 
 # ---- IE-DML ------------------------------------------------------------------------------------------
@@ -265,10 +270,11 @@ class IEDML(Method):
 
   def loss(self, outputs, batch, task, teacher, params):
     """One peer's objective; `teacher` holds the other peer's `factor` and `logits`."""
-    loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'])
+    weights = batch.get('weight')
+    loss, metrics = iekd_loss(self.mcfg, outputs, batch['label'], task.seen, teacher['factor'], weights)
     kl_weight = float(self.mcfg.dml_kl_weight)
     if kl_weight:
-      kl = kd_kl(outputs['logits'], teacher['logits'], 1.0, task.seen).mean()
+      kl = masked_mean(kd_kl(outputs['logits'], teacher['logits'], 1.0, task.seen), weights)
       loss, metrics = loss + kl_weight * kl, {**metrics, 'kl': kl}
     return loss, metrics
 
@@ -276,9 +282,9 @@ class IEDML(Method):
     tx = step_lib.make_optimizer(phase.optim)
     kind = self.mcfg.reconstruction
 
-    def forward(params, stats, part, inputs, train):
+    def forward(params, stats, part, inputs, train, mask=None):
       module = model.merge(params, stats)
-      out = getattr(module, part)(inputs, train=train)
+      out = getattr(module, part)(inputs, train=train, mask=mask)
       return out, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
 
     def sgd_on_part(params, stats, opt_state, part, objective, lr):
@@ -293,14 +299,15 @@ class IEDML(Method):
     def train_step(state, frozen, task, batch):
       x = step_lib.augmented_batch(augment_fn, task, state, batch['image'])
       lr = step_lib.learning_rate(phase.optim, task, state.phase_step)
+      mask, weights = step_lib.example_mask(batch), batch.get('weight')
       params, stats, opt_state, metrics = state.params, state.batch_stats, state.opt_state, {}
       for student, teacher in (('a', 'b'), ('b', 'a')):
-        teacher_out, stats = forward(params, stats, f'peer_{teacher}', x, True)
+        teacher_out, stats = forward(params, stats, f'peer_{teacher}', x, True, mask)
         feature = jax.lax.stop_gradient(teacher_out['stages'][-1])
 
         def reconstruct(p, ae=f'autoencoder_{teacher}', feature=feature, stats=stats):
-          out, new_stats = forward(p, stats, ae, feature, True)
-          rec = reconstruction_loss(out['reconstruction'], feature, kind).mean()
+          out, new_stats = forward(p, stats, ae, feature, True, mask)
+          rec = masked_mean(reconstruction_loss(out['reconstruction'], feature, kind), weights)
           return rec, ({'reconstruction': rec}, new_stats)
 
         params, stats, opt_state, m_rec = sgd_on_part(params, stats, opt_state, f'autoencoder_{teacher}',
@@ -309,7 +316,7 @@ class IEDML(Method):
         given = jax.lax.stop_gradient({'factor': factor, 'logits': teacher_out['logits']})
 
         def learn(p, peer=f'peer_{student}', given=given, stats=stats):
-          out, new_stats = forward(p, stats, peer, x, True)
+          out, new_stats = forward(p, stats, peer, x, True, mask)
           loss, m = phase.loss(out, batch, task, given, p)
           return loss, ({**m, 'loss': loss}, new_stats)
 

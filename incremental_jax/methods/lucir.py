@@ -64,8 +64,8 @@ class Lucir(Method):
 
   # ---- traced -------------------------------------------------------------------------------------
   def loss(self, outputs, batch, task, teacher, params):
-    labels = batch['label']
-    ce = cross_entropy(outputs['logits'], labels, task.seen).mean()
+    labels, weights = batch['label'], batch.get('weight')
+    ce = masked_mean(cross_entropy(outputs['logits'], labels, task.seen), weights)
     if teacher is None:
       return ce, {'ce': ce}
     m = self.mcfg
@@ -73,13 +73,13 @@ class Lucir(Method):
     if m.less_forget:
       lam = adaptive_lambda(float(m.lambda_base), task.old, task.new) if m.adaptive_lambda \
           else jnp.float32(m.lambda_base)
-      lc = less_forget(outputs['embedding'], teacher['embedding']).mean()
+      lc = masked_mean(less_forget(outputs['embedding'], teacher['embedding']), weights)
       total = total + lam * lc
       metrics.update(lc=lc, lambda_lc=lam)
     if float(m.mr_weight) > 0:
-      values, weights = margin_ranking(outputs['cosine'], labels, task.old, task.new,
-                                       int(m.num_hard_negatives), float(m.margin))
-      mr = masked_mean(values, weights)
+      values, old_samples = margin_ranking(outputs['cosine'], labels, task.old, task.new,
+                                           int(m.num_hard_negatives), float(m.margin), weights)
+      mr = masked_mean(values, old_samples)
       total = total + float(m.mr_weight) * mr
       metrics['mr'] = mr
     return total, metrics

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from incremental_jax import parallel, pruning
 from incremental_jax.step import make_train_step
-from incremental_jax.losses import cross_entropy, kd_kl
+from incremental_jax.losses import cross_entropy, kd_kl, masked_mean
 from incremental_jax.losses.m2kd import multi_model_kd
 from incremental_jax.errors import ConfigError
 from incremental_jax.methods.base import Method, TaskContext, snapshot
@@ -79,7 +79,7 @@ class PrunedSnapshotTraining(Method):
 
   def loss(self, outputs, batch, task, teacher, params):
     t = float(self.mcfg.kd_temperature)
-    kd = t * t * kd_kl(outputs['logits'], teacher['logits'], t, task.seen).mean()
+    kd = t * t * masked_mean(kd_kl(outputs['logits'], teacher['logits'], t, task.seen), batch.get('weight'))
     return kd, {'reconstruction_kd': kd}
 
   def make_train_step(self, model, phase, augment_fn, has_teacher):
@@ -169,13 +169,14 @@ class M2KD(Method):
             'logits': out['logits'][last], 'stages': tuple(s[last] for s in out['stages'])}
 
   def loss(self, outputs, batch, task, teacher, params):
-    logits = outputs['logits']
+    logits, weights = outputs['logits'], batch.get('weight')
     ce_mask = task.new if self.mcfg.ce_classes == 'new' else task.seen
-    ce = cross_entropy(logits, batch['label'], ce_mask).mean()
+    ce = masked_mean(cross_entropy(logits, batch['label'], ce_mask), weights)
     if teacher is None:
       return ce, {'ce': ce}
-    mm = multi_model_kd(logits, teacher['snapshot_logits'], teacher['groups'], float(self.mcfg.kd_temperature),
-                        self.mcfg.mm_domain, self.mcfg.mm_reduction, teacher['valid']).mean()
+    mm = masked_mean(multi_model_kd(logits, teacher['snapshot_logits'], teacher['groups'],
+                                    float(self.mcfg.kd_temperature), self.mcfg.mm_domain, self.mcfg.mm_reduction,
+                                    teacher['valid']), weights)
     return ce + float(self.mcfg.mm_weight) * mm, {'ce': ce, 'mm_kd': mm}
 
   # ---- host-side hooks ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import dataclasses
 import numpy as np
 
 from incremental_jax import memory as memory_lib
+from incremental_jax.losses import masked_mean
 from incremental_jax.losses.lucir import less_forget
 from incremental_jax.losses.podnet import (POOLINGS, adaptive_factor, nca, nca_official, perceptual_features,
                                            pod_spatial)
@@ -85,24 +86,25 @@ class PODNet(Method):
     del teacher, params
     m = self.mcfg
     if m.nca == 'official':
-      value = nca_official(outputs['logits'], batch['label'], task.seen, outputs['eta']).mean()
+      values = nca_official(outputs['logits'], batch['label'], task.seen, outputs['eta'])
     else:
-      value = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], float(m.nca_margin),
-                  bool(m.nca_exclude_positive), bool(m.nca_hinge)).mean()
+      values = nca(outputs['logits'], batch['label'], task.seen, outputs['eta'], float(m.nca_margin),
+                   bool(m.nca_exclude_positive), bool(m.nca_hinge))
+    value = masked_mean(values, batch.get('weight'))
     return value, {'nca': value}
 
   def loss(self, outputs, batch, task, teacher, params):
     total, metrics = self.classification_loss(outputs, batch, task, teacher, params)
     if teacher is None:
       return total, metrics
-    m = self.mcfg
+    m, weights = self.mcfg, batch.get('weight')
     factor = adaptive_factor(1.0, task.seen, task.new)
-    flat = less_forget(outputs['embedding'], teacher['embedding']).mean()
+    flat = masked_mean(less_forget(outputs['embedding'], teacher['embedding']), weights)
     if m.pooling == 'pixel':   # the official pixel ablation: its own factor, no adaptive weight
-      pixel = perceptual_features(teacher['stages'], outputs['stages'], float(m.pixel_weight))
+      pixel = perceptual_features(teacher['stages'], outputs['stages'], float(m.pixel_weight), weights)
       total = total + factor * float(m.flat_weight) * flat + pixel
       return total, {**metrics, 'pod_flat': flat, 'pixel': pixel, 'pod_factor': factor}
-    spatial = pod_spatial(teacher['stages'], outputs['stages'], m.pooling)
+    spatial = pod_spatial(teacher['stages'], outputs['stages'], m.pooling, weights)
     total = total + factor * (float(m.flat_weight) * flat + float(m.spatial_weight) * spatial)
     return total, {**metrics, 'pod_flat': flat, 'pod_spatial': spatial, 'pod_factor': factor}
 

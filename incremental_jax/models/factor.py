@@ -23,7 +23,7 @@ The modules are NHWC like the backbones; factors are [B, H, W, rate*C].
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from incremental_jax.models.network import Classifier
-from incremental_jax.models.resnet import Layers
+from incremental_jax.models.resnet import Layers, batch_norm
 from incremental_jax.errors import ConfigError
 
 LEAKY_SLOPE = 0.1
@@ -55,11 +55,11 @@ class ConvStack(nnx.Module):
     self.conv1, self.bn1 = layers.conv(c[1], c[2], 3, 1, rngs), layers.bn(c[2], rngs)
     self.conv2, self.bn2 = layers.conv(c[2], c[3], 3, 1, rngs), layers.bn(c[3], rngs)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None) -> jax.Array:
     x = jax.nn.leaky_relu(x, LEAKY_SLOPE)   # the release's leading activation (see the module docstring)
     for i in range(3):
       conv, bn = getattr(self, f'conv{i}'), getattr(self, f'bn{i}')
-      x = jax.nn.leaky_relu(bn(conv(x), use_running_average=not train), LEAKY_SLOPE)
+      x = jax.nn.leaky_relu(batch_norm(bn, conv(x), train, mask), LEAKY_SLOPE)
     return x
 
 
@@ -77,9 +77,9 @@ class FactorAutoencoder(nnx.Module):
     self.encoder = factor_encoder(in_channels, f, rngs=rngs)
     self.decoder = ConvStack((f, f, in_channels, in_channels), rngs=rngs)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    factor = self.encoder(x, train)
-    return {'factor': factor, 'reconstruction': self.decoder(factor, train)}
+  def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None) -> dict:
+    factor = self.encoder(x, train, mask)
+    return {'factor': factor, 'reconstruction': self.decoder(factor, train, mask)}
 
 
 def channel_split(num_channels: int, mode: str = 'natural', seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -124,11 +124,11 @@ class IEStudent(Classifier):
     self.inherit_encoder = factor_encoder(len(inherit), factor_dim, rngs=rngs)
     self.explore_encoder = factor_encoder(len(explore), factor_dim, rngs=rngs)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    out = super().__call__(x, train)
+  def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None) -> dict:
+    out = super().__call__(x, train, mask)
     feature = out['stages'][-1]
-    out['factor_inherit'] = self.inherit_encoder(take_channels(feature, self.inherit_index), train)
-    out['factor_explore'] = self.explore_encoder(take_channels(feature, self.explore_index), train)
+    out['factor_inherit'] = self.inherit_encoder(take_channels(feature, self.inherit_index), train, mask)
+    out['factor_explore'] = self.explore_encoder(take_channels(feature, self.explore_index), train, mask)
     return out
 
 
@@ -149,5 +149,5 @@ class MutualPeers(nnx.Module):
     self.autoencoder_b = FactorAutoencoder(cb, rate, rngs=rngs)
     self.eval_peer = eval_peer
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    return getattr(self, f'peer_{self.eval_peer}')(x, train)
+  def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None) -> dict:
+    return getattr(self, f'peer_{self.eval_peer}')(x, train, mask)

@@ -41,8 +41,8 @@ class Classifier(nnx.Module):
   def __init__(self, backbone: nnx.Module, head: nnx.Module):
     self.backbone, self.head = backbone, head
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    out = dict(self.backbone(x, train=train))
+  def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None) -> dict:
+    out = dict(self.backbone(x, train=train) if mask is None else self.backbone(x, train=train, mask=mask))
     out.update(self.head(out['embedding']))
     return out
 
@@ -78,10 +78,16 @@ class Model:
     nnx.replace_by_pure_dict(s, batch_stats)
     return nnx.merge(self.graphdef, p, s, copy=True)
 
-  def apply(self, params: dict, batch_stats: dict, x: jax.Array, train: bool = False) -> tuple[dict, dict]:
-    """Forward pass. In training mode BatchNorm uses batch statistics and returns the updated running ones."""
+  def apply(self, params: dict, batch_stats: dict, x: jax.Array, train: bool = False,
+            mask: Optional[jax.Array] = None) -> tuple[dict, dict]:
+    """Forward pass. In training mode BatchNorm uses batch statistics and returns the updated running ones.
+
+    `mask` [B] (bool), training mode only: the real examples of a batch padded to its compiled size (PyTorch's
+    last partial batch); BatchNorm's batch statistics, and the running ones, come from them alone
+    (`resnet.batch_norm`). None (every example real) calls the module without it, the same program as before
+    masks existed; a module given a mask must take `mask` in its `__call__(x, train, mask)`."""
     module = self.merge(params, batch_stats)
-    out = module(x, train=train)
+    out = module(x, train=train) if mask is None else module(x, train=train, mask=mask)
     new_stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)) if train else batch_stats
     return out, new_stats
 
@@ -138,7 +144,8 @@ def build_model(model_cfg, num_classes: int, image_shape: tuple[int, int, int], 
   Backbone fields: `depth`, `width`, `last_relu`, `shortcut`, `stem` (resnet only), `dtype`. Head options come
   from `model_cfg.head_kwargs` (a dict). `extend(classifier, rngs)`, when given, returns the module actually
   trained (the classifier's `backbone` and `head` plus extra trainable modules, e.g. IE-KD's encoders); its
-  `__call__(x, train)` must return the classifier's outputs (and may add its own).
+  `__call__(x, train, mask=None)` must return the classifier's outputs (and may add its own), passing `mask` on to
+  its BatchNorm layers (`resnet.batch_norm`).
   """
   backbone_fn = BACKBONES.lookup(model_cfg.backbone, 'model.backbone')
   kw = _backbone_kwargs(model_cfg)

@@ -20,12 +20,14 @@ With n = (depth - 2) / 6 (5 for ResNet-32) and width w (16):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from incremental_jax.errors import ConfigError
-from incremental_jax.models.resnet import BasicBlock, Layers
+from incremental_jax.models.resnet import BasicBlock, Layers, batch_norm
 
 
 class RebuffiResNet(nnx.Module):
@@ -51,12 +53,13 @@ class RebuffiResNet(nnx.Module):
         cin = planes
     self.embedding_dim = cin
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+  def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None) -> dict:
+    """`mask` [B]: in training mode, the real examples of a padded batch (`resnet.batch_norm`); None: all."""
+    x = jax.nn.relu(batch_norm(self.stem_bn, self.stem_conv(x), train, mask))
     stages = []
     for s, (_, blocks, _) in enumerate(self.layout):
       for b in range(blocks):
-        x = getattr(self, f'stage{s}_block{b}')(x, train)
+        x = getattr(self, f'stage{s}_block{b}')(x, train, mask)
         if b == blocks - 1:
           stages.append(x.astype(jnp.float32))
         if self.block_relu and s < 3:

@@ -40,6 +40,17 @@ class Layers:
     return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
 
 
+def batch_norm(bn: nnx.BatchNorm, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
+  """`bn(x)` with batch statistics (`train`) or the running ones. In training mode with `mask` [B] (True for a
+  real example, False for the padding of a last partial batch) the batch mean and (biased) variance are those of
+  the real examples only, and the running statistics are updated from them (flax's masked statistics: the
+  padding changes nothing, as if the batch held the real examples alone); every example is normalised by them.
+  Without `mask` it is flax's plain call."""
+  if mask is None or not train:
+    return bn(x, use_running_average=not train)
+  return bn(x, use_running_average=False, mask=mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)))
+
+
 class Shortcut(nnx.Module):
   """Projection when shape changes: 1x1 conv + BN ('conv', option B), or subsample + zero channel padding
   ('pad', option A of He et al., the CIFAR ResNet of the original paper and of PODNet)."""
@@ -52,17 +63,18 @@ class Shortcut(nnx.Module):
     elif kind != 'pad':
       raise ConfigError(f"shortcut must be 'conv' or 'pad'; got {kind!r}.")
 
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
     if self.kind == 'conv':
-      return self.bn(self.conv(x), use_running_average=not train)
+      return batch_norm(self.bn, self.conv(x), train, mask)
     x = x[:, ::self.stride, ::self.stride, :]
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.pad)))
 
 
-def _add_shortcut(y: jax.Array, shortcut: Optional[Shortcut], x: jax.Array, train: bool, relu: bool) -> jax.Array:
+def _add_shortcut(y: jax.Array, shortcut: Optional[Shortcut], x: jax.Array, train: bool, relu: bool,
+                  mask: Optional[jax.Array] = None) -> jax.Array:
   """A block's output: its last BatchNorm's output `y` plus the shortcut of its input `x` (the identity when
   `shortcut` is None), then a ReLU unless `relu` is False."""
-  y = y + (x if shortcut is None else shortcut(x, train))
+  y = y + (x if shortcut is None else shortcut(x, train, mask))
   return jax.nn.relu(y) if relu else y
 
 
@@ -79,10 +91,10 @@ class BasicBlock(nnx.Module):
     self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs, layers) if (stride != 1 or cin != cout) else None
     self.relu_out = relu_out
 
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    y = self.bn2(self.conv2(y), use_running_average=not train)
-    return _add_shortcut(y, self.shortcut, x, train, self.relu_out)
+  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
+    y = jax.nn.relu(batch_norm(self.bn1, self.conv1(x), train, mask))
+    y = batch_norm(self.bn2, self.conv2(y), train, mask)
+    return _add_shortcut(y, self.shortcut, x, train, self.relu_out, mask)
 
 
 class Bottleneck(nnx.Module):
@@ -98,11 +110,11 @@ class Bottleneck(nnx.Module):
     self.shortcut = Shortcut(cin, cout, stride, shortcut, rngs, layers) if (stride != 1 or cin != cout) else None
     self.relu_out = relu_out
 
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=not train))
-    y = self.bn3(self.conv3(y), use_running_average=not train)
-    return _add_shortcut(y, self.shortcut, x, train, self.relu_out)
+  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
+    y = jax.nn.relu(batch_norm(self.bn1, self.conv1(x), train, mask))
+    y = jax.nn.relu(batch_norm(self.bn2, self.conv2(y), train, mask))
+    y = batch_norm(self.bn3, self.conv3(y), train, mask)
+    return _add_shortcut(y, self.shortcut, x, train, self.relu_out, mask)
 
 
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -146,14 +158,15 @@ class ResNet(nnx.Module):
         cin = planes * block_cls.expansion
     self.embedding_dim = cin
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict:
-    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+  def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None) -> dict:
+    """`mask` [B]: in training mode, the real examples of a padded batch (`batch_norm`); None: all."""
+    x = jax.nn.relu(batch_norm(self.stem_bn, self.stem_conv(x), train, mask))
     if self.stem_kind == 'imagenet':
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages = []
     for s, n in enumerate(self.layout):
       for b in range(n):
-        x = getattr(self, f'stage{s}_block{b}')(x, train)
+        x = getattr(self, f'stage{s}_block{b}')(x, train, mask)
       stages.append(x.astype(jnp.float32))
     return {'stages': tuple(stages), 'embedding': x.astype(jnp.float32).mean(axis=(1, 2))}
 
