@@ -72,7 +72,7 @@ def bench(method_name: str, args) -> dict:
   step_s = (time.perf_counter() - t0) / args.steps
   out = {'method': method_name, 'compile_s': compile_s, 'step_s': step_s, 'images_per_s': args.batch / step_s}
   if args.loop:
-    rows = pipeline.shuffle_sampler(np.arange(n_images), labels, args.batch, rng)
+    rows = pipeline.shuffle_sampler(np.arange(n_images), labels, args.batch, rng, drop_last=True)   # full batches
     rows = np.concatenate([rows] * (args.steps // len(rows) + 1))[:args.steps]
     t0 = time.perf_counter()
     for b in pipeline.device_batches(images, labels, rows, mesh):

@@ -40,7 +40,9 @@ RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'data.workers', 'data.pre
                   'progress', 'workdir', 'compilation_cache', 'data.on_device', 'data.chunk_steps')
 # Fields added with a default that changes results: a checkpoint written before them ran with this value (a
 # resume under today's default is a config difference, not a silent change of protocol).
-LEGACY_DEFAULTS = {'data.augment.brightness_mode': 'add'}
+LEGACY_DEFAULTS = {'data.augment.brightness_mode': 'add', 'optim.schedule_offset': 0,
+                   'method.finetune_bn_train': False,
+                   'data.drop_last': True}   # before it, every epoch dropped its last partial batch
 # Fields that change nothing while another field is 0 (no jitter, no jitter mode).
 USED_ONLY_WITH = {'data.augment.brightness_mode': 'data.augment.brightness'}
 # Config fields removed from the library that did not change results (kernel choices): a checkpoint whose config

@@ -185,8 +185,9 @@ def make_chunk(step: Callable, group: bool, on_device: bool, mesh) -> Callable:
   one `lax.scan` whose iteration i takes step i of the chunk (one dispatch for K steps).
 
   `xs` holds per step the index rows [K, R, B] of R runs (R = 1 for one run) into `source` (the images and the
-  runs' labels [R, N] on the device), from which each iteration gathers its batch; with `on_device` False, `xs`
-  is the gathered batches {'image': [K, R, B, ...], 'label': [K, R, B]} themselves and `source` is unused.
+  runs' labels [R, N] on the device), from which each iteration gathers its batch (-1: padding of an epoch's last
+  partial batch, weight 0; `chunk_batch`); with `on_device` False, `xs` is the gathered batches
+  {'image': [K, R, B, ...], 'label': [K, R, B], 'weight': [K, R, B]} themselves and `source` is unused.
   `valid` [K, R]: 1 where run r takes step i. A step no run takes (the padded tail of an epoch shorter than a
   multiple of K) is skipped (`lax.cond`, its metrics 0), so epochs of any length reuse one program; with R > 1
   `step` is the vmapped, masked group step, which keeps the state of runs whose `valid` is 0.

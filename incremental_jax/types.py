@@ -61,7 +61,9 @@ class TaskInfo:
     return self.seen.sum()
 
 
-# loss(outputs, batch, task, teacher_outputs, params) -> (scalar loss, {name: scalar metric})
+# loss(outputs, batch, task, teacher_outputs, params) -> (scalar loss, {name: scalar metric}); `batch` holds 'image',
+# 'label' and, in the train loop, 'weight' [B] (0 for the padding of an epoch's last partial batch): every term
+# averaged over the batch reduces over the real examples (`losses.masked_mean`).
 LossFn = Callable[[dict, dict, TaskInfo, Optional[dict], dict], tuple[jax.Array, dict]]
 
 

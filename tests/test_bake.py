@@ -179,12 +179,15 @@ def test_intra_class_sampler_batches_hold_anchors_with_same_class_partners():
   M, B = 3, 32
   rows = pipeline.intra_class_sampler(indices, labels, B, np.random.default_rng(7), same_class_per_anchor=M)
   n_anchor = B // (M + 1)
-  assert rows.shape == (len(labels) // n_anchor, B)
+  # drop_last=False (the default): ceil(78 / 8) = 10 batches, the last with 6 anchor groups and 2 of padding (-1)
+  assert rows.shape == (-(-len(labels) // n_anchor), B)
   label_of = dict(zip(indices, labels))
   size_of = np.bincount(labels)
   groups = rows.reshape(-1, n_anchor, M + 1)
+  assert (groups[-1, 6:] == -1).all() and (rows[rows < 0] == -1).all() and (rows < 0).sum() == 2 * (M + 1)
+  groups = groups[groups[..., 0] >= 0]
   anchors = groups[..., 0].ravel()
-  assert len(np.unique(anchors)) == len(anchors)                # each example an anchor at most once per epoch
+  assert sorted(anchors) == sorted(indices)                     # each example an anchor exactly once per epoch
   for g in groups.reshape(-1, M + 1):
     a, partners = g[0], g[1:]
     assert all(label_of[p] == label_of[a] for p in partners)
@@ -195,6 +198,9 @@ def test_intra_class_sampler_batches_hold_anchors_with_same_class_partners():
   again = pipeline.intra_class_sampler(indices, labels, B, np.random.default_rng(7), same_class_per_anchor=M)
   other = pipeline.intra_class_sampler(indices, labels, B, np.random.default_rng(8), same_class_per_anchor=M)
   assert np.array_equal(rows, again) and not np.array_equal(rows, other)
+  dropped = pipeline.intra_class_sampler(indices, labels, B, np.random.default_rng(7), same_class_per_anchor=M,
+                                         drop_last=True)   # the old loop: the anchors' last partial batch dropped
+  np.testing.assert_array_equal(dropped, rows[:len(labels) // n_anchor])
   with pytest.raises(ValueError, match='multiple of'):
     pipeline.intra_class_sampler(indices, labels, 30, np.random.default_rng(0), same_class_per_anchor=3)
 

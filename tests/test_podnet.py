@@ -201,6 +201,47 @@ def test_method_needs_the_lsc_head_and_keeps_memory_and_the_last_model():
     build_method(c2, 10, (8, 8, 1))
 
 
+@pytest.mark.parametrize('bn_train', [True, False])
+def test_balanced_finetuning_batchnorm_mode(bn_train):
+  """The official finetuning loop leaves the network in training mode (`inclearn/models/podnet.py::_train_task`,
+  `inclearn/lib/utils.py::extract_features` restores it): the NCA loss sees batch-normalised features and the
+  running statistics move, while the backbone's parameters stay fixed; `finetune_bn_train=False` is inference
+  mode."""
+  from types import SimpleNamespace
+  from incremental_jax import parallel, step as step_lib
+  from incremental_jax.data import augment
+  from incremental_jax.data.scenario import Scenario
+  from incremental_jax.memory import Memory
+  config = podnet_config.get_config('test')
+  config.method.finetune_bn_train = bn_train
+  method = build_method(config, 6, (8, 8, 1))
+  model = method.model
+  scenario = Scenario(np.arange(6), (4, 2))
+  ctx = SimpleNamespace(task=1, config=config, memory=Memory({c: np.array([c]) for c in range(6)}), scenario=scenario)
+  (phase,) = method.balancing_phases(ctx)
+  assert not phase.train_backbone and not phase.use_teacher
+  aug = augment.make_augment_fn(config.data.augment, (0.5,), (0.25,))
+  state = step_lib.init_train_state(model, parallel.make_mesh(), step_lib.make_optimizer(phase.optim))
+  task = step_lib.make_task_info(scenario, 1, phase.trainable_classes).replace(lr=jnp.float32(0.05))
+  rng = np.random.default_rng(3)
+  batch = {'image': jnp.asarray(rng.integers(0, 255, (8, 8, 8, 1)), jnp.uint8),
+           'label': jnp.array([0, 1, 2, 3, 4, 5, 4, 5])}
+  after, metrics = jax.jit(method.make_train_step(model, phase, aug, has_teacher=False))(state, None, task, batch)
+  x = step_lib.augmented_batch(aug, task, state, batch['image'])
+  loss_in = lambda train: float(method.classification_loss(
+      model.apply(state.params, state.batch_stats, x, train=train)[0], batch, task, None, None)[0])
+  assert float(metrics['loss']) == pytest.approx(loss_in(bn_train), rel=1e-5)
+  assert float(metrics['loss']) != pytest.approx(loss_in(not bn_train), rel=1e-3)
+  stats0, stats1 = jax.device_get((state.batch_stats, after.batch_stats))
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stats0), jax.tree.leaves(stats1))]
+  assert all(moved) if bn_train else not any(moved)
+  p0, p1 = jax.device_get((state.params, after.params))
+  for a, b in zip(jax.tree.leaves(p0['backbone']), jax.tree.leaves(p1['backbone'])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(p0['head']['kernel'], p1['head']['kernel'])
+  np.testing.assert_array_equal(p0['head']['eta'], p1['head']['eta'])
+
+
 @pytest.mark.slow
 def test_podnet_beats_finetune_on_digits(digits_run):
   podnet = digits_run('podnet')

@@ -26,7 +26,7 @@ def test_the_table_covers_every_cifar_and_imagenet_preset():
     assert {(method, p) for p in presets if p.startswith(('cifar100', 'imagenet'))} <= covered
 
 
-@pytest.mark.parametrize('method', ['podnet', 'lucir', 'icarl', 'lwf'])
+@pytest.mark.parametrize('method', ['podnet', 'lucir', 'icarl', 'lwf', 'bake', 'iekd', 'train'])
 def test_each_preset_matches_the_protocol_table(method):
   module = importlib.import_module(f'configs.{method}')
   for m, preset, field, value in _rows():

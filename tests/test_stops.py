@@ -229,3 +229,18 @@ def test_config_fields_added_since_a_checkpoint():
   old, new = old_and_new(finetune.get_config('digits'))   # no jitter
   new['data'].update(workers=4, prefetch=8)
   assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []
+  # before `data.drop_last`, every epoch dropped its last partial batch: today's default (keep it) differs
+  del old['data']['drop_last']
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == [
+      'data.drop_last: checkpoint has True, config has False']
+  new['data']['drop_last'] = True
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []
+  # issue 33: checkpoints before `optim.schedule_offset` and `method.finetune_bn_train` ran with 0 and False
+  new = json.loads(podnet.get_config('cifar100_b50_s10').to_json_best_effort())
+  old = json.loads(json.dumps(new))
+  del old['optim']['schedule_offset'], old['method']['finetune_bn_train']
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == [
+      'method.finetune_bn_train: checkpoint has False, config has True',
+      'optim.schedule_offset: checkpoint has 0, config has -1']
+  new['optim']['schedule_offset'], new['method']['finetune_bn_train'] = 0, False
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []

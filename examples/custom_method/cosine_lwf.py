@@ -12,7 +12,7 @@ Loss: cross-entropy over the new classes' scaled cosines (`logits` = sigma * cos
 `kd_weight` times the temperature-`kd_temperature` distillation of the previous model's old-class logits.
 """
 from incremental_jax import register_method
-from incremental_jax.losses import cross_entropy, kd_kl
+from incremental_jax.losses import cross_entropy, kd_kl, masked_mean
 from incremental_jax.methods import Method
 
 
@@ -21,11 +21,11 @@ class CosineLwF(Method):
   required_head = 'cosine'   # checked when the method is built: model.head must be 'cosine'
 
   def loss(self, outputs, batch, task, teacher, params):
-    logits = outputs['logits']
-    ce = cross_entropy(logits, batch['label'], task.new).mean()
+    logits, weights = outputs['logits'], batch.get('weight')   # weight 0: padding of a last partial batch
+    ce = masked_mean(cross_entropy(logits, batch['label'], task.new), weights)
     if teacher is None:      # the first task has no previous model
       return ce, {'ce': ce}
-    kd = kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old).mean()
+    kd = masked_mean(kd_kl(logits, teacher['logits'], self.mcfg.kd_temperature, task.old), weights)
     return ce + self.mcfg.kd_weight * kd, {'ce': ce, 'kd': kd}
 
 

@@ -109,6 +109,7 @@ def get_config(arg=None):
       'imprint': True,             # k-means proxy imprinting of new classes
       'finetune_epochs': 20,       # class-balanced finetuning of the classifier (0 disables it)
       'finetune_lr': 0.05,         # constant (CIFAR 0.05, ImageNet 0.01)
+      'finetune_bn_train': True,   # BatchNorm in training mode during the finetuning, as the official loop
   })
   c.model.head = 'lsc'
   c.model.head_kwargs = ml_collections.ConfigDict({'proxies_per_class': 10, 'gamma': 1.0, 'eta_init': 1.0})

@@ -11,15 +11,15 @@ podnet.py` with `options/podnet/podnet_cnn_cifar100.yaml`) define it:
 - before each task t >= 1, the new classes' proxies are imprinted from k-means clusters of their normalised
   embeddings (`imprinted_proxies`); old classes' proxies get no update while the task trains;
 - after the main training of a task t >= 1, class-balanced finetuning of all proxies (not eta, not the
-  backbone) with NCA on the balanced exemplar memory, at a constant learning rate;
+  backbone) with NCA on the balanced exemplar memory, at a constant learning rate, with BatchNorm in training
+  mode as the official code leaves it (`method.finetune_bn_train`);
 - herding exemplars (20 per class), CNN and NME evaluation.
 
 Deviations, each documented at its place: the POD maps are the outputs of our ResNet's stages (the CIFAR
 ResNet-32 has 3 stages of 5 blocks; the official Rebuffi network splits the last block into a 4th stage and
-drops every post-addition ReLU, ours only the last one); the balanced finetuning runs the backbone in inference
-mode (the official code leaves BatchNorm in training mode, so its running statistics drift on the memory);
-the official NCA form is the default because the paper's (margin and hinge with a learned scale) collapses:
-the gradient drives eta below 0 (measured on digits, see configs/podnet.py).
+drops every post-addition ReLU, ours only the last one); the official NCA form is the default because the
+paper's (margin and hinge with a learned scale) collapses: the gradient drives eta below 0 (measured on digits,
+see configs/podnet.py).
 """
 from __future__ import annotations
 
@@ -34,6 +34,23 @@ from incremental_jax.losses.podnet import (POOLINGS, adaptive_factor, nca, nca_o
                                            pod_spatial)
 from incremental_jax.errors import ConfigError
 from incremental_jax.methods.base import Method, Phase, TaskContext, with_imprinted_head
+from incremental_jax.models import Model
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _TrainModeModel(Model):
+  """The same network, every forward pass in training mode: BatchNorm normalises with the batch's statistics and
+  returns updated running ones, whatever `train` the caller asks for (the update masks, not the mode, keep the
+  backbone's parameters fixed)."""
+
+  def apply(self, params, batch_stats, x, train: bool = False, **kwargs):
+    del train
+    return super().apply(params, batch_stats, x, train=True, **kwargs)
+
+
+def in_train_mode(model: Model) -> Model:
+  """`model` whose `apply` always runs in training mode (`_TrainModeModel`)."""
+  return _TrainModeModel(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
 
 
 def imprinted_proxies(kernel: np.ndarray, features: np.ndarray, labels: np.ndarray, new_classes: np.ndarray,
@@ -57,6 +74,9 @@ def imprinted_proxies(kernel: np.ndarray, features: np.ndarray, labels: np.ndarr
   return kernel
 
 
+FINETUNE = 'balanced_finetune'   # the class-balanced finetuning phase's name
+
+
 class PODNet(Method):
   """PODNet. `method` config fields:
 
@@ -68,7 +88,11 @@ class PODNet(Method):
       nca_exclude_positive, nca_hinge: 0.6, True, True); learn_scale: train eta (True);
     imprint: imprint new proxies with k-means before each task t >= 1;
     finetune_epochs, finetune_lr: class-balanced finetuning after each task t >= 1 (20 epochs at 0.05 on
-      CIFAR, 0.01 on ImageNet; 0 epochs disables it).
+      CIFAR, 0.01 on ImageNet; 0 epochs disables it);
+    finetune_bn_train: BatchNorm in training mode during that finetuning (True, as the official code: its
+      `_train_task` puts the network in training mode and the finetuning loop never leaves it, so the classifier
+      learns from batch-normalised features and the running statistics follow the memory's batches; the
+      backbone's parameters stay fixed); False runs the backbone in inference mode.
   """
   uses_memory = True
   teacher = 'last'
@@ -108,6 +132,13 @@ class PODNet(Method):
     total = total + factor * (float(m.flat_weight) * flat + float(m.spatial_weight) * spatial)
     return total, {**metrics, 'pod_flat': flat, 'pod_spatial': spatial, 'pod_factor': factor}
 
+  def make_train_step(self, model, phase, augment_fn, has_teacher):
+    """The default step; the balanced finetuning's (which runs no teacher) with the model in training mode when
+    `method.finetune_bn_train`."""
+    if phase.name == FINETUNE and self.mcfg.finetune_bn_train:
+      model = in_train_mode(model)
+    return super().make_train_step(model, phase, augment_fn, has_teacher)
+
   # ---- host-side hooks ----------------------------------------------------------------------------
   def phases(self, ctx: TaskContext) -> list[Phase]:
     if self.mcfg.learn_scale:
@@ -129,6 +160,6 @@ class PODNet(Method):
     with optim.unlocked():
       optim.update(epochs=epochs, lr=float(self.mcfg.finetune_lr), schedule='constant', milestones=(),
                    warmup_epochs=0)
-    return [Phase('balanced_finetune', self.classification_loss, ctx.memory.indices(), optim,
+    return [Phase(FINETUNE, self.classification_loss, ctx.memory.indices(), optim,
                   train_backbone=False, use_teacher=False,
                   trainable_classes=ctx.scenario.class_masks(ctx.task)['seen'], frozen_params=('head/eta',))]
