@@ -70,9 +70,9 @@ def test_epoch_plan_follows_data_drop_last():
 # ---- BatchNorm -----------------------------------------------------------------------------------------------
 def test_masked_batch_norm_uses_the_real_examples_statistics():
   """NumPy reference: normalisation by the real examples' mean and biased variance (as PyTorch's BatchNorm2d in
-  training mode); the running statistics updated from them with momentum 0.1. The running variance takes the
-  biased variance, flax's convention, which the project has always used (PyTorch takes the unbiased one,
-  n / (n - 1) times larger): the same as a batch of the real examples alone."""
+  training mode); the running statistics updated from them with momentum 0.1, the running variance from their
+  unbiased variance, n / (n - 1) times the biased one with n the real values per channel (PyTorch's update,
+  `resnet.TorchBatchNorm`; flax's own takes the biased one): the same as a batch of the real examples alone."""
   rng = np.random.default_rng(0)
   bn = Layers().bn(3, nnx.Rngs(0))
   bn.scale[...] = jnp.asarray(rng.normal(size=3), jnp.float32)
@@ -86,7 +86,8 @@ def test_masked_batch_norm_uses_the_real_examples_statistics():
   ref = (x - mean) / np.sqrt(var + 1e-5) * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.1 * mean, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 + 0.1 * var, rtol=1e-5)
+  n = real.size // real.shape[-1]
+  np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
   # inference mode ignores the mask: the running statistics, unchanged
   before = np.asarray(bn.var[...])
   batch_norm(bn, jnp.asarray(x), False, jnp.asarray(mask))
