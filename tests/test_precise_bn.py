@@ -36,19 +36,19 @@ class _OneBatchNorm(nnx.Module):
 
 
 def test_batch_statistics_of_a_batch_norm_layer_are_its_inputs_mean_and_variance():
-  """NumPy: the mean and biased variance over batch, height and width of the layer's input (the real examples'
-  with a mask), whatever the running statistics it starts from."""
+  """NumPy: the mean and unbiased variance (PyTorch's running update, `resnet.TorchBatchNorm`) over batch, height
+  and width of the layer's input (the real examples' with a mask), whatever the running statistics it starts from."""
   model = functional_model(lambda: _OneBatchNorm(nnx.Rngs(0)), {}, 0, 0)
   params, stats = model.init_variables()
   stats = jax.tree.map(lambda s: s + 3.0, stats)                # running statistics far from the batch's
   x = np.random.default_rng(0).normal(size=(6, 4, 4, 3)).astype(np.float32) * 2 + 1
   got = model.batch_statistics(params, stats, jnp.asarray(x))
   np.testing.assert_allclose(got['bn']['mean'], x.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got['bn']['var'], x.var((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(got['bn']['var'], x.var((0, 1, 2), ddof=1), rtol=1e-5)
   mask = np.array([1, 1, 0, 1, 0, 1], bool)
   got = model.batch_statistics(params, stats, jnp.asarray(x), jnp.asarray(mask))
   np.testing.assert_allclose(got['bn']['mean'], x[mask].mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got['bn']['var'], x[mask].var((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(got['bn']['var'], x[mask].var((0, 1, 2), ddof=1), rtol=1e-5)
 
 
 def _own_statistics(model, params, stats, x, mask=None):

@@ -94,8 +94,8 @@ class Model:
   def batch_statistics(self, params: dict, batch_stats: dict, x: jax.Array,
                        mask: Optional[jax.Array] = None) -> dict:
     """Every BatchNorm layer's statistics of this batch alone, as a tree shaped like `batch_stats`: the mean and
-    the variance that a training-mode `apply` folds into the running statistics (the biased variance, flax's
-    convention and this library's; of the real examples with `mask`). They come from the training-mode forward
+    the variance that a training-mode `apply` folds into the running statistics (the unbiased variance for layers
+    that update as PyTorch's BatchNorm2d does, `resnet.TorchBatchNorm`; of the real examples with `mask`). They come from the training-mode forward
     pass with every layer's momentum set to 0 (flax's convention; PyTorch's 1.0, as pycls's
     `compute_precise_bn_stats` sets it), so each running statistic is replaced by the batch's own: exactly,
     since 0 * running + 1 * batch is the batch's value whatever the (finite) running one."""
