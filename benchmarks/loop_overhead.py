@@ -95,7 +95,10 @@ def loop_overhead(model_name: str, steps: int, repeats: int) -> dict:
     loop.append((time.perf_counter() - t0) / steps)
   # the compiled step alone, on the epoch's batches already on the device
   rows = trainer.epoch_plan(phase, labels, (0, 0, 0))[0]
-  batches = [parallel.shard_batch(pipeline.gather(images, labels, r), mesh, len(r)) for r in rows]
+  weighted = hasattr(pipeline, 'batch_weight')   # checkouts whose loop gives the step per-example weights
+  batches = [parallel.shard_batch({**pipeline.gather(images, labels, r),
+                                   **({'weight': pipeline.batch_weight(r)} if weighted else {})}, mesh, len(r))
+             for r in rows]
   step = trainer.compiled_step(phase, False)
   info = parallel.replicate(train._phase_task(task, phase, len(rows), 0), mesh)
   state = trainer.phase_start(res.state, phase)

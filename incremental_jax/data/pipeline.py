@@ -19,6 +19,9 @@ from incremental_jax import parallel
 from incremental_jax.registry import Registry
 
 
+PAD = -1   # the index of a padding entry in a sampler's rows (weight 0, see `batch_weight`)
+
+
 def shuffle_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
                     drop_last: bool = False, **unused) -> np.ndarray:
   """One reshuffled pass over `indices` in rows of `batch_size`, as PyTorch's `DataLoader(shuffle=True)`.
@@ -43,17 +46,14 @@ def shuffle_sampler(indices: np.ndarray, labels: np.ndarray, batch_size: int, rn
   return np.asarray(indices)[perm[:steps * batch_size]].reshape(steps, batch_size)
 
 
-PAD = -1   # the index of a padding entry in a sampler's rows (weight 0, see `batch_weight`)
-
-
 def batch_weight(rows: np.ndarray) -> np.ndarray:
   """float32 weights of index rows: 1 for an example, 0 for padding (`PAD`)."""
   return (np.asarray(rows) >= 0).astype(np.float32)
 
 
 def loadable(rows: np.ndarray) -> np.ndarray:
-  """Index rows with every padding entry replaced by example 0's index, which can be loaded (its weight stays 0:
-  `batch_weight` of the original rows)."""
+  """Index rows with every padding entry replaced by 0, an index that can be loaded (the data set's first
+  example; its weight stays 0: `batch_weight` of the original rows)."""
   return np.maximum(rows, 0)
 
 
