@@ -43,7 +43,8 @@ RUNTIME_FIELDS = ('data.data_dir', 'data.num_workers', 'data.workers', 'data.pre
 # resume under today's default is a config difference, not a silent change of protocol).
 LEGACY_DEFAULTS = {'data.augment.brightness_mode': 'add', 'optim.schedule_offset': 0,
                    'method.finetune_bn_train': False,
-                   'data.drop_last': True}   # before it, every epoch dropped its last partial batch
+                   'data.drop_last': True,   # before it, every epoch dropped its last partial batch
+                   'model.bn_running_var': 'biased'}   # before it, flax's BatchNorm update
 # Fields that change nothing while another field is 0 (no jitter, no jitter mode).
 USED_ONLY_WITH = {'data.augment.brightness_mode': 'data.augment.brightness'}
 # Config fields removed from the library that did not change results (kernel choices): a checkpoint whose config

@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stem = 'imagenet'       # resnet only: 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1)
   c.model.head = 'linear'
   c.model.dtype = 'float32'       # compute dtype: 'float32', or 'bfloat16' (parameters stay float32; accelerators)
+  c.model.bn_running_var = 'unbiased'  # BatchNorm's running variance from the batch's unbiased variance, as PyTorch
+                                  # ('unbiased'), or its biased one, as flax ('biased'; before issue 33)
   c.model.head_kwargs = ml_collections.ConfigDict()
 
   c.optim = ml_collections.ConfigDict()

@@ -244,3 +244,9 @@ def test_config_fields_added_since_a_checkpoint():
       'optim.schedule_offset: checkpoint has 0, config has -1']
   new['optim']['schedule_offset'], new['method']['finetune_bn_train'] = 0, False
   assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []
+  # before `model.bn_running_var`, BatchNorm's running variance took the batch's biased variance (flax's update)
+  del old['model']['bn_running_var']
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == [
+      "model.bn_running_var: checkpoint has 'biased', config has 'unbiased'"]
+  new['model']['bn_running_var'] = 'biased'
+  assert ckpt_lib.config_differences(old, new, cfglib.flat_defaults()) == []

@@ -130,11 +130,13 @@ COMPUTE_DTYPES: Registry[Any] = Registry('a compute dtype', {'float32': None, 'b
 
 def layers_of(model_cfg, backend: Optional[str] = None) -> resnet.Layers:
   """The backbone's `Layers`: `model.dtype` (compute dtype 'float32' or 'bfloat16'; parameters, batch
-  statistics, heads and losses stay float32) and the convolution lowering `backend_tuning` gives the backend
-  (default: JAX's default backend)."""
+  statistics, heads and losses stay float32), `model.bn_running_var` (BatchNorm's running-variance update,
+  `resnet.BATCH_NORMS`) and the convolution lowering `backend_tuning` gives the backend (default: JAX's default
+  backend)."""
   dtype = COMPUTE_DTYPES.lookup(str(model_cfg.dtype), 'model.dtype')
+  resnet.BATCH_NORMS.lookup(str(model_cfg.bn_running_var), 'model.bn_running_var')
   lowering = backend_tuning.conv_lowering(backend or jax.default_backend())
-  return resnet.Layers(conv_lowering=lowering, dtype=dtype)
+  return resnet.Layers(conv_lowering=lowering, dtype=dtype, bn_running_var=str(model_cfg.bn_running_var))
 
 
 def _backbone_kwargs(model_cfg) -> dict:

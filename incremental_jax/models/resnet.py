@@ -17,6 +17,7 @@ from flax import nnx
 
 from incremental_jax.errors import ConfigError
 from incremental_jax.models import conv as conv_lib
+from incremental_jax.registry import Registry
 
 # PyTorch ResNets initialise convolutions with kaiming_normal(mode='fan_out', nonlinearity='relu').
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -29,6 +30,7 @@ class Layers:
   bfloat16 for mixed precision). Parameters are always float32."""
   conv_lowering: str = 'xla'
   dtype: Optional[Any] = None
+  bn_running_var: str = 'unbiased'   # `model.bn_running_var`: BatchNorm's running-variance update (BATCH_NORMS)
 
   def conv(self, cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
@@ -37,7 +39,8 @@ class Layers:
 
   def bn(self, c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) in Flax's convention.
-    return TorchBatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
+    kind = BATCH_NORMS.lookup(self.bn_running_var, 'model.bn_running_var')
+    return kind(c, momentum=0.9, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
 
 
 class TorchBatchNorm(nnx.BatchNorm):
@@ -60,6 +63,12 @@ class TorchBatchNorm(nnx.BatchNorm):
     after = self.var[...]   # momentum * before + (1 - momentum) * biased variance
     self.var[...] = jax.lax.stop_gradient(after + (after - self.momentum * before) / jnp.maximum(n - 1.0, 1.0))
     return y
+
+
+# model.bn_running_var -> the BatchNorm class: 'unbiased' (PyTorch's update, every official code's) or 'biased'
+# (flax's, the library's before issue 33; the value of checkpoints written before the field).
+BATCH_NORMS: Registry[type] = Registry('a BatchNorm running-variance update', {'unbiased': TorchBatchNorm,
+                                                                              'biased': nnx.BatchNorm})
 
 
 def batch_norm(bn: nnx.BatchNorm, x: jax.Array, train: bool, mask: Optional[jax.Array] = None) -> jax.Array:
