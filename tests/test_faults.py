@@ -321,8 +321,8 @@ def test_a_failed_collective_with_a_gone_peer_is_told_from_other_errors(monkeypa
                                                                              'gs://b/run', None)
 
 
-LOST = {   # process 1's SIGKILL after task 0's checkpoint (step 34): during its exemplar selection of task 1 (no save
-           # in flight), and right after it started task 1's save (step 60), which cannot complete without it
+LOST = {   # process 1's SIGKILL after task 0's checkpoint (step 36): during its exemplar selection of task 1 (no save
+           # in flight), and right after it started task 1's save (step 64), which cannot complete without it
     'between_saves': 'exemplar_selection:5',
     'save_in_flight': 'task_end:2',
 }
@@ -344,9 +344,9 @@ def test_a_lost_process_stops_the_other_with_one_line_and_the_run_resumes(case, 
   lines = [line for line in err0.strip().splitlines() if not re.match(r'I\d{4} ', line)]   # JAX's start-up INFO logs
   assert len(lines) == 1, err0[-3000:]
   assert re.fullmatch(rf'lost process 1 \(Gloo \S+ failed: .*Connection (reset|closed) by peer\); the last complete '
-                      rf'checkpoint is 34 in {re.escape(str(workdir))}: run the same command again on every process '
+                      rf'checkpoint is 36 in {re.escape(str(workdir))}: run the same command again on every process '
                       r'to resume from it\.', lines[0]), lines[0]
-  assert complete_steps(workdir) == [34]
+  assert complete_steps(workdir) == [36]
   for rc, _, err in two_processes(workdir):
     assert rc == 0, err[-3000:]
   close(comparable(json.loads((workdir / 'results.json').read_text())), comparable(reference.results))

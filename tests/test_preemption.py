@@ -87,14 +87,14 @@ def test_sigterm_at_a_random_step_checkpoints_exits_and_resumes_identically(tmp_
 def test_sigterm_while_the_command_starts_stops_the_run_at_its_first_boundary(tmp_path):
   """SIGTERM during the command's start-up, where a multi-process run has just joined the distributed runtime
   (`distributed_init`, before the config is read): the stop handler is installed first of all, so the run is not
-  killed but stops at its first boundary (task 0's first epoch end, checkpoint 17) with exit status 75."""
+  killed but stops at its first boundary (task 0's first epoch end, checkpoint 18) with exit status 75."""
   workdir = str(tmp_path / 'run')
   out = run_main(workdir, fault='distributed_init:1:term')
   assert out.returncode == preemption.EXIT_CODE, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1] == (
-      f"preempted (SIGTERM): stopped in step 0 (phase 'train', epoch 1) after saving checkpoint 17 in {workdir}; "
+      f"preempted (SIGTERM): stopped in step 0 (phase 'train', epoch 1) after saving checkpoint 18 in {workdir}; "
       'run the same command again to resume from it.')
-  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['17']
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['18']
 
 
 @pytest.fixture(scope='module')
@@ -103,14 +103,15 @@ def reference(tmp_path_factory):
   return incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path_factory.mktemp('reference')))
 
 
-STOPS = {   # fault of process 1, extra flags -> where both processes stop, checkpoint step (17 train steps per
-            # epoch in task 0, 13 in task 1, 2 epochs each: task ends at 34 and 60, epoch 1 ends at 17 and 47)
-    'right_after_distributed_init': ('distributed_init:1:term', (), "in step 0 (phase 'train', epoch 1)", 17),
-    'before_any_save': ('train_step:5:term', (), "in step 0 (phase 'train', epoch 1)", 17),
-    'after_task_end_save': ('task_end:1:term', (), 'after step 0', 34),
+STOPS = {   # fault of process 1, extra flags -> where both processes stop, checkpoint step (18 train steps per
+            # epoch in task 0, 14 in task 1 (last partial batches kept), 2 epochs each: task ends at 36 and 64, epoch 1
+            # ends at 18 and 50)
+    'right_after_distributed_init': ('distributed_init:1:term', (), "in step 0 (phase 'train', epoch 1)", 18),
+    'before_any_save': ('train_step:5:term', (), "in step 0 (phase 'train', epoch 1)", 18),
+    'after_task_end_save': ('task_end:1:term', (), 'after step 0', 36),
     'every_epoch_saved': ('train_step:40:term', ('--config.checkpoint.every_epochs=1',),
-                          "in step 1 (phase 'train', epoch 1)", 47),
-    'while_save_finalizes': ('checkpoint_write:3:term', ('--config.checkpoint.every_epochs=1',), 'after step 1', 60),
+                          "in step 1 (phase 'train', epoch 1)", 50),
+    'while_save_finalizes': ('checkpoint_write:3:term', ('--config.checkpoint.every_epochs=1',), 'after step 1', 64),
 }
 
 
@@ -120,7 +121,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_checkpoint(case,
                                                                            reference, two_processes):
   """Two processes; process 1 alone gets SIGTERM: right after `jax.distributed.initialize` (whose preemption
   service, were it on, would have replaced the stop handler and swallowed it), before any checkpoint, right after
-  a task-end checkpoint, after train step 40 when every epoch is saved (checkpoints 17 and 34 written before), or
+  a task-end checkpoint, after train step 40 when every epoch is saved (checkpoints 18 and 36 written before), or
   right after the third save started (`checkpoint_write`, while process 0 finalizes it in the background; the
   next boundary ends the phase, so the stop passes to the task end). Orbax drives JAX's preemption sync point with the train step on
   every save, so the stop must not depend on it: both processes save the same checkpoint, print the same line
@@ -146,7 +147,7 @@ def test_a_run_after_a_preempted_one_in_the_same_process_trains(tmp_path):
   preemption.install()
   faults.configure('train_step:5:term')
   try:
-    with pytest.raises(preemption.Preempted, match='after saving checkpoint 17 '):
+    with pytest.raises(preemption.Preempted, match='after saving checkpoint 18 '):
       incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path))
     faults.configure('')
     results = incremental_jax.train_and_evaluate(icarl.get_config('test'), str(tmp_path))
