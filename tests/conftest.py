@@ -215,3 +215,17 @@ def two_processes():
     return [(p.returncode, *out) for p, out in zip(procs, outs)]
 
   return run
+
+
+@pytest.fixture(scope='session')
+def two_process_reference(two_processes, tmp_path_factory):
+  """The uninterrupted iCaRL `test` run on two processes (`two_processes`), its results.json: what a run stopped
+  and resumed on two processes must equal. (Two processes reduce in another order than one, and over a whole run
+  the rounding can grow past `close`'s tolerance, e.g. through a ReLU input near 0 or a last partial batch of a few
+  examples; README, "Multi-process and multi-host runs".)"""
+  import json
+  workdir = tmp_path_factory.mktemp('two_process_reference') / 'run'
+  for rc, _, err in two_processes(workdir):
+    assert rc == 0, err[-3000:]
+  return json.loads((workdir / 'results.json').read_text())
+

@@ -330,13 +330,13 @@ LOST = {   # process 1's SIGKILL after task 0's checkpoint (step 36): during its
 
 @pytest.mark.slow
 @pytest.mark.parametrize('case', list(LOST))
-def test_a_lost_process_stops_the_other_with_one_line_and_the_run_resumes(case, tmp_path, reference, close, comparable,
-                                                                          two_processes):
+def test_a_lost_process_stops_the_other_with_one_line_and_the_run_resumes(case, tmp_path, two_process_reference, close,
+                                                                          comparable, two_processes):
   """Two processes, process 1 SIGKILLed after task 0's checkpoint: process 0's next collective fails, and it exits
   at once with `preemption.EXIT_CODE` and one line naming process 1 and the checkpoint to resume from, instead of
   a traceback and an abort (exit 134) at JAX's shutdown barrier once process 1's heartbeat times out (100 s; the
   fixture's 900 s timeout is the failure bound). The same command on two processes then resumes to the
-  uninterrupted results."""
+  uninterrupted two-process results."""
   workdir = tmp_path / 'run'
   (rc0, _, err0), (rc1, _, _) = two_processes(workdir, {faults.ENV_VAR: LOST[case]})
   assert rc1 == -signal.SIGKILL
@@ -349,7 +349,7 @@ def test_a_lost_process_stops_the_other_with_one_line_and_the_run_resumes(case, 
   assert complete_steps(workdir) == [36]
   for rc, _, err in two_processes(workdir):
     assert rc == 0, err[-3000:]
-  close(comparable(json.loads((workdir / 'results.json').read_text())), comparable(reference.results))
+  close(comparable(json.loads((workdir / 'results.json').read_text())), comparable(two_process_reference))
 
 
 # ---- a failing disk -------------------------------------------------------------------------------------------
