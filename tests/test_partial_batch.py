@@ -198,9 +198,9 @@ def _batches(labels=(0, 4, 4, 1, 5, 6, 2, 5), n: int = 5, seed: int = 0):
   return real, padded
 
 
-def _assert_same(a, b, what: str):
+def _assert_same(a, b, what: str, rtol: float = 1e-5):
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5,
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-5,
                                err_msg=f'{what} {jax.tree_util.keystr(path)}')
 
 
@@ -216,9 +216,12 @@ def test_padded_step_equals_the_step_on_the_real_examples(case):
               for x, y in zip(jax.tree.leaves(s_real.params), jax.tree.leaves(s_init.params)))
   assert moved > 1e-4                                           # the step really trained
   assert float(m_real['loss']) != 0.0
-  _assert_same(m_pad, m_real, 'metric')
-  _assert_same(s_pad.params, s_real.params, 'params')
-  _assert_same(s_pad.batch_stats, s_real.batch_stats, 'batch_stats')
+  # IE-DML's second peer is trained after the first one's update, so its loss carries that update's rounding too
+  # (1.3e-5 relative with jax 0.12; a padded example counted as real moves it by percents)
+  rtol = 5e-5 if case == 'iekd_dml' else 1e-5
+  _assert_same(m_pad, m_real, 'metric', rtol)
+  _assert_same(s_pad.params, s_real.params, 'params', rtol)
+  _assert_same(s_pad.batch_stats, s_real.batch_stats, 'batch_stats', rtol)
 
 
 def test_weights_of_one_are_the_unweighted_batch():
